@@ -1,0 +1,382 @@
+"""Closed-form pseudo-label selection of CBST (Zou et al., ECCV 2018), exact and streaming.
+
+Self-training picks, for every target pixel, the label minimising
+``-sum_c y_c log(q_c p_c) - k_c y_c`` over ``y in {one-hot} U {0}``. The minimiser is
+``argmax_c q_c p_c / lambda_c`` when that ratio is at least 1, else "ignore", with
+``lambda_c = exp(-k_c)``. The class-balanced thresholds ``lambda_c`` are set from the
+portion ``p`` of the most confident pixels of each class (CBST), of all pixels pooled
+(``policy="st"``), or with a spatial prior ``q`` multiplied into the scores (CBST-SP).
+
+Threshold (reference semantics): for class ``c``, sort descending the confidences
+``max_c' (q p)_c'`` of the pixels whose argmax is ``c``; ``lambda_c`` is the element at
+index ``floor(N_c p) - 1``; ``lambda_c = 1`` when ``floor(N_c p) == 0`` (also for empty
+classes). ``floor(N_c p)`` is computed on the host in float64, as the reference does
+(``int(np.floor(n * p))``), from exact integer counts; device code never multiplies by
+``p`` (float32 rounding of ``N_c p`` can move the rank by one).
+
+Exact thresholds without sorting or storing the confidences (radix select): non-negative
+float32 values order like their uint32 bit patterns, and a sign fold makes that hold for
+negative values too (a prior with small negative entries). Pass 1 counts, per class, the
+high 16 bits of each confidence's key (``C x 65536`` counts); from those counts the host
+picks the bin holding rank ``floor(N_c p)`` and the rank inside it. Pass 2 counts the low
+16 bits of the confidences inside that bin, which pins down the exact float32 value. The
+result is bit-identical to the sort definition, and both passes are sums over pixels, so
+they stream over a dataset batch by batch and merge across devices and hosts by addition.
+
+Counts: each jitted histogram is int32 (a batch must hold fewer than 2**30 pixels).
+Running sums over a dataset are kept on device as an int32 pair
+``count = hi * 2**30 + lo`` (:class:`HistogramAccumulator`, exact to 2**61 pixels, no
+host sync per batch) and turned into int64 on the host once per pass.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cbst_jax import sharding as shd
+
+POLICIES = ("cbst", "st")
+KEY_HALF_BITS = 16
+NUM_BINS = 1 << KEY_HALF_BITS  # bins per class in each pass
+_LO_BITS = 30  # accumulator split: count = hi * 2**30 + lo
+MAX_BATCH_PIXELS = 1 << _LO_BITS
+
+
+# ------------------------------------------------------------------------ per-pixel scores
+
+
+def confidence(probs, prior=None):
+    """Confidence ``max_c (q p)_c`` (float32) and prediction ``argmax_c (q p)_c`` (int32).
+
+    ``probs`` has the class axis last; ``prior`` (e.g. (H, W, C)) broadcasts against it and
+    is multiplied in float32 (CBST-SP). Ties go to the lowest class, as ``np.argmax``.
+    """
+    scores = _scores(probs, prior)
+    return jnp.max(scores, axis=-1), jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def _scores(probs, prior):
+    scores = jnp.asarray(probs, jnp.float32)
+    if prior is not None:
+        scores = jnp.asarray(prior, jnp.float32) * scores
+    return scores
+
+
+def _sort_key(conf):
+    """float32 -> uint32 with the same order (sign fold; -0.0 counted as +0.0)."""
+    conf = jnp.where(conf == 0, jnp.float32(0), conf)
+    bits = jax.lax.bitcast_convert_type(conf, jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _key_to_float(key) -> np.ndarray:
+    """Inverse of :func:`_sort_key`, on the host."""
+    key = np.asarray(key, np.uint32)
+    bits = np.where(key >> 31 == 1, key & np.uint32(0x7FFFFFFF), ~key).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def subsample_mask(pred, num_classes: int, subsample: int = 1, valid=None):
+    """Pixels kept in the reference's ``conf_c[0::subsample]`` lists.
+
+    The reference builds, per image, the row-major list of each class's confidences and
+    keeps every ``subsample``-th element. Images are the leading axis when ``pred`` has
+    rank >= 3 ((B, H, W)); otherwise the whole array is one list. Pixels outside ``valid``
+    are not in any list. Returns ``valid`` unchanged for ``subsample == 1``.
+    """
+    if subsample == 1:
+        return valid
+    if subsample < 1:
+        raise ValueError(f"subsample must be >= 1, got {subsample}")
+    lists = pred.reshape((pred.shape[0] if pred.ndim >= 3 else 1), -1)
+    member = lists[..., None] == jnp.arange(num_classes, dtype=lists.dtype)
+    if valid is not None:
+        member &= jnp.asarray(valid, bool).reshape(lists.shape)[..., None]
+    position = jnp.cumsum(member, axis=1, dtype=jnp.int32) - 1  # index inside its class list
+    position = jnp.take_along_axis(position, jnp.clip(lists, 0, num_classes - 1)[..., None], -1)[..., 0]
+    keep = member.any(-1) & (position % subsample == 0)
+    return keep.reshape(pred.shape)
+
+
+# ------------------------------------------------------------------------------ histograms
+
+
+def _scatter_count(index, size: int):
+    """``bincount(index, length=size)`` in int32; indices >= size are dropped.
+
+    On CPU the pixels are split into a few independent scatters that XLA runs concurrently
+    (XLA's CPU scatter is a serial loop); on accelerators one scatter.
+    """
+    index = index.reshape(-1)
+    splits = 4 if jax.default_backend() == "cpu" and index.size >= (1 << 20) else 1
+    bounds = np.linspace(0, index.size, splits + 1).astype(int)
+    parts = [
+        jnp.zeros(size, jnp.int32).at[index[a:b]].add(1, mode="drop")
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return functools.reduce(jnp.add, parts)
+
+
+def _check_batch(n: int):
+    if n > MAX_BATCH_PIXELS:
+        raise ValueError(f"a batch holds {n} pixels; histograms need at most 2**30 per batch")
+
+
+def coarse_histogram_from_confidence(conf, pred, num_classes: int, valid=None):
+    """Pass 1: per-class counts of the high 16 key bits of ``conf``, (C, 65536) int32.
+
+    ``pred`` gives each pixel's class; pixels outside ``valid`` (padding) are not counted.
+    Row sums are the per-class predicted-pixel counts.
+    """
+    _check_batch(conf.size)
+    key = _sort_key(jnp.asarray(conf, jnp.float32))
+    index = jnp.asarray(pred).astype(jnp.uint32) * NUM_BINS + (key >> KEY_HALF_BITS)
+    if valid is not None:
+        index = jnp.where(valid, index, jnp.uint32(num_classes * NUM_BINS))
+    return _scatter_count(index, num_classes * NUM_BINS).reshape(num_classes, NUM_BINS)
+
+
+def fine_histogram_from_confidence(conf, pred, bins, valid=None):
+    """Pass 2: per-class counts of the low 16 key bits among pixels whose high bits equal
+    ``bins[class]`` (``RefinementTarget.bins``; -1 counts nothing), (C, 65536) int32."""
+    _check_batch(conf.size)
+    bins = jnp.asarray(bins, jnp.int32)
+    num_classes = bins.shape[0]
+    pred = jnp.asarray(pred).astype(jnp.int32)
+    key = _sort_key(jnp.asarray(conf, jnp.float32))
+    hit = (key >> KEY_HALF_BITS).astype(jnp.int32) == bins[jnp.clip(pred, 0, num_classes - 1)]
+    hit &= (pred >= 0) & (pred < num_classes)
+    if valid is not None:
+        hit &= jnp.asarray(valid, bool)
+    index = pred.astype(jnp.uint32) * NUM_BINS + (key & jnp.uint32(NUM_BINS - 1))
+    index = jnp.where(hit, index, jnp.uint32(num_classes * NUM_BINS))
+    return _scatter_count(index, num_classes * NUM_BINS).reshape(num_classes, NUM_BINS)
+
+
+def coarse_histogram(probs, prior=None, valid=None, subsample: int = 1):
+    """Pass 1 from class probabilities (..., C): see :func:`coarse_histogram_from_confidence`.
+
+    For ``policy="st"`` use the same counts; :func:`plan_refinement` pools the classes.
+    """
+    conf, pred = confidence(probs, prior)
+    valid = subsample_mask(pred, probs.shape[-1], subsample, valid)
+    return coarse_histogram_from_confidence(conf, pred, probs.shape[-1], valid)
+
+
+def fine_histogram(probs, bins, prior=None, valid=None, subsample: int = 1):
+    """Pass 2 from class probabilities (..., C); ``bins`` is ``RefinementTarget.bins``."""
+    conf, pred = confidence(probs, prior)
+    valid = subsample_mask(pred, probs.shape[-1], subsample, valid)
+    return fine_histogram_from_confidence(conf, pred, bins, valid)
+
+
+# ----------------------------------------------------------------------- host-side ranking
+
+
+class RefinementTarget(NamedTuple):
+    """Where each threshold lies after pass 1.
+
+    bins: (C,) int32, the high-16-bit bin holding rank ``floor(N_c p)``; -1 where
+      ``lambda_c = 1`` (no rank). Pass this array to the fine histogram.
+    ranks: (C,) int64, the 1-based rank, from the top, inside that bin.
+    pooled: ``policy="st"``: one rank over all classes (bins and ranks repeated per class).
+    """
+
+    bins: np.ndarray
+    ranks: np.ndarray
+    pooled: bool
+
+
+def selection_rank(count: int, portion: float) -> int:
+    """``floor(N p)`` exactly as the reference computes it (float64 product on the host)."""
+    return int(np.floor(int(count) * float(portion)))
+
+
+def class_pixel_counts(coarse_counts) -> np.ndarray:
+    """Per-class predicted-pixel counts (int64), the row sums of pass 1 (rare-class mining)."""
+    return np.asarray(coarse_counts, np.int64).sum(-1)
+
+
+def _descending_select(rows: np.ndarray, ranks: np.ndarray):
+    """Per row, the bin holding the ``rank``-th largest element (1-based) and the rank in it."""
+    above = np.cumsum(rows[:, ::-1], axis=1)[:, ::-1]  # above[r, h] = #elements in bins >= h
+    bins = (above >= ranks[:, None]).sum(1) - 1
+    above_next = np.concatenate([above[:, 1:], np.zeros_like(above[:, :1])], 1)
+    return bins, ranks - above_next[np.arange(len(rows)), bins]
+
+
+def plan_refinement(coarse_counts, portion: float, policy: str = "cbst") -> RefinementTarget:
+    """Host step between the passes: the bin and in-bin rank of each class's threshold."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not 0.0 < portion <= 1.0:
+        raise ValueError(f"portion must lie in (0, 1], got {portion}")
+    counts = np.asarray(coarse_counts, np.int64)
+    num_classes = counts.shape[0]
+    rows = counts.sum(0, keepdims=True) if policy == "st" else counts
+    ranks = np.array([selection_rank(n, portion) for n in rows.sum(1)], np.int64)
+    active = ranks > 0
+    bins, in_bin = _descending_select(rows, np.maximum(ranks, 1))
+    bins = np.where(active, bins, -1).astype(np.int32)
+    in_bin = np.where(active, in_bin, 0).astype(np.int64)
+    if policy == "st":
+        bins, in_bin = np.repeat(bins, num_classes), np.repeat(in_bin, num_classes)
+    return RefinementTarget(bins, in_bin, policy == "st")
+
+
+def finish_thresholds(fine_counts, target: RefinementTarget) -> np.ndarray:
+    """Host step after pass 2: the exact thresholds ``lambda`` (C,) float32."""
+    fine = np.asarray(fine_counts, np.int64)
+    num_classes = fine.shape[0]
+    rows, bins, ranks = fine, target.bins, target.ranks
+    if target.pooled:
+        rows, bins, ranks = fine.sum(0, keepdims=True), bins[:1], ranks[:1]
+    active = bins >= 0
+    lo, _ = _descending_select(rows, np.maximum(ranks, 1))
+    key = (np.maximum(bins, 0).astype(np.uint32) << KEY_HALF_BITS) | lo.astype(np.uint32)
+    lam = np.where(active, _key_to_float(key), np.float32(1.0)).astype(np.float32)
+    return np.broadcast_to(lam, (num_classes,)).copy()
+
+
+# ------------------------------------------------------------------------- exact, in memory
+
+_coarse = jax.jit(coarse_histogram, static_argnames="subsample")
+_fine = jax.jit(fine_histogram, static_argnames="subsample")
+_coarse_conf = jax.jit(coarse_histogram_from_confidence, static_argnames="num_classes")
+_fine_conf = jax.jit(fine_histogram_from_confidence)
+
+
+def class_thresholds(probs, portion: float, policy: str = "cbst", prior=None, valid=None,
+                     subsample: int = 1) -> np.ndarray:
+    """Thresholds ``lambda`` (C,) float32 of CBST / ST / CBST-SP on an in-memory array.
+
+    Two jitted histogram passes with a host step between them (the rank ``floor(N_c p)`` is
+    taken in float64 there), so the function itself is not traced; it works on sharded
+    arrays as well. Equals :func:`streaming_class_thresholds` over any batching.
+    """
+    target = plan_refinement(_coarse(probs, prior, valid, subsample=subsample), portion, policy)
+    return finish_thresholds(_fine(probs, target.bins, prior, valid, subsample=subsample), target)
+
+
+def thresholds_from_confidence(conf, pred, num_classes: int, portion: float,
+                               policy: str = "cbst", valid=None, subsample: int = 1) -> np.ndarray:
+    """:func:`class_thresholds` from precomputed confidence and prediction maps."""
+    valid = subsample_mask(jnp.asarray(pred), num_classes, subsample, valid)
+    coarse = _coarse_conf(conf, pred, num_classes, valid)
+    target = plan_refinement(coarse, portion, policy)
+    return finish_thresholds(_fine_conf(conf, pred, target.bins, valid), target)
+
+
+@functools.partial(jax.jit, static_argnames="ignore_index")
+def select_pseudo_labels(probs, thresholds, prior=None, ignore_index: int = 255):
+    """Pseudo-labels (uint8, pixel shape): ``argmax_c (q p)_c / lambda_c`` where that ratio
+    is >= 1, else ``ignore_index``; the minimiser of the self-training objective."""
+    ratio = _scores(probs, prior) / jnp.asarray(thresholds, jnp.float32)
+    label = jnp.argmax(ratio, axis=-1)
+    return jnp.where(jnp.max(ratio, axis=-1) >= 1, label, ignore_index).astype(jnp.uint8)
+
+
+# ------------------------------------------------------------------------------- streaming
+
+
+class HistogramAccumulator(NamedTuple):
+    """Exact running counts ``hi * 2**30 + lo`` (int32 pair, (C, 65536) each) on device.
+
+    Size ``2 * C * 65536 * 4`` bytes (9.5 MiB for 19 classes), whatever the pixel count.
+    """
+
+    hi: jax.Array
+    lo: jax.Array
+
+    @classmethod
+    def zeros(cls, num_classes: int, sharding=None) -> "HistogramAccumulator":
+        z = jnp.zeros((num_classes, NUM_BINS), jnp.int32, device=sharding)
+        return cls(z, z.copy())
+
+    @property
+    def nbytes(self) -> int:
+        return self.hi.nbytes + self.lo.nbytes
+
+    def counts(self) -> np.ndarray:
+        """Host int64 totals (fetched, one sync)."""
+        hi, lo = (np.asarray(shd.to_host(x), np.int64) for x in (self.hi, self.lo))
+        return (hi << _LO_BITS) + lo
+
+
+def accumulate(acc: HistogramAccumulator, counts) -> HistogramAccumulator:
+    """Adds one batch's int32 counts (< 2**30 each) with an exact carry; jittable."""
+    lo = acc.lo + counts
+    return HistogramAccumulator(acc.hi + (lo >> _LO_BITS), lo & ((1 << _LO_BITS) - 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_pass(mesh: Mesh | None, refine: bool, subsample: int):
+    """Jitted ``(acc, probs, valid, prior, bins) -> acc`` for one batch of either pass.
+
+    With a mesh, each device counts its shard of the batch and ``psum`` over ``'data'``
+    merges the counts (``valid``/``prior`` may be None: an empty pytree matches any spec).
+    """
+
+    def counts(probs, valid, prior, bins):
+        if refine:
+            return fine_histogram(probs, bins, prior, valid, subsample)
+        return coarse_histogram(probs, prior, valid, subsample)
+
+    if mesh is not None:
+        local, data, rep = counts, P(shd.DATA_AXIS), P()
+        counts = jax.shard_map(
+            lambda *a: jax.lax.psum(local(*a), shd.DATA_AXIS),
+            mesh=mesh, in_specs=(data, data, rep, rep), out_specs=rep)
+
+    def step(acc, probs, valid, prior, bins):
+        return accumulate(acc, counts(probs, valid, prior, bins))
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def _put(x, mesh: Mesh | None, spec):
+    if x is None:
+        return None
+    if mesh is None:
+        return jnp.asarray(x)
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, NamedSharding(mesh, spec))
+    return shd.to_global(x, mesh) if spec == P(shd.DATA_AXIS) else jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _stream(batches: Iterable, num_classes: int, prior, mesh, subsample, bins=None) -> np.ndarray:
+    acc = HistogramAccumulator.zeros(num_classes, shd.replicated(mesh) if mesh is not None else None)
+    prior = _put(prior, mesh, P())
+    bins_arr = _put(np.full(num_classes, -1, np.int32) if bins is None else bins, mesh, P())
+    for probs, valid in batches:
+        _check_batch(int(np.prod(np.shape(probs)[:-1])))
+        step = _batch_pass(mesh, bins is not None, subsample)
+        data = P(shd.DATA_AXIS)
+        acc = step(acc, _put(probs, mesh, data), _put(valid, mesh, data), prior, bins_arr)
+    return acc.counts()
+
+
+def streaming_class_thresholds(make_batches: Callable[[], Iterable], num_classes: int,
+                               portion: float, policy: str = "cbst", prior=None,
+                               mesh: Mesh | None = None, subsample: int = 1,
+                               return_counts: bool = False):
+    """Exact thresholds ``lambda`` (C,) float32 over a whole target set, in two passes.
+
+    ``make_batches()`` returns a fresh iterator of ``(probs, valid)`` batches: probs
+    (..., C) as jax or numpy arrays (host-local numpy rows when ``mesh`` spans hosts),
+    ``valid`` a boolean pixel mask or None. With ``mesh`` (a ``('data',)`` mesh) batches are
+    sharded on their leading axis and counts are summed over devices. Device memory for the
+    statistics is one :class:`HistogramAccumulator`, independent of the number of pixels.
+    With ``return_counts``, also returns the per-class predicted-pixel counts (int64).
+    """
+    coarse = _stream(make_batches(), num_classes, prior, mesh, subsample)
+    target = plan_refinement(coarse, portion, policy)
+    fine = _stream(make_batches(), num_classes, prior, mesh, subsample, target.bins)
+    lam = finish_thresholds(fine, target)
+    return (lam, class_pixel_counts(coarse)) if return_counts else lam

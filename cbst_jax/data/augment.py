@@ -1,0 +1,107 @@
+"""Joint image/label transforms in numpy (reference §4): random rescale, crop to a fixed size
+with 255-padded labels, horizontal flip, and rare-class patch mining (crops centred on a pixel
+of a rare class with probability ``p_mine``).
+
+Images stay uint8 (normalisation happens on the device); labels are resized with nearest
+neighbour and never subsampled here (the loss does that). Every random draw comes from the
+caller's ``np.random.Generator``, so a record's augmentation is a pure function of its seed.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from cbst_jax.labels import IGNORE_INDEX
+
+# ImageNet mean colour in uint8 RGB: the "mean" image padding of the CBST reference loader.
+MEAN_RGB = (124, 116, 104)
+
+
+def fill_value(image_fill) -> np.ndarray:
+    """(3,) uint8 padding colour from 0 / an int / an RGB triple / "mean"."""
+    if isinstance(image_fill, str):
+        if image_fill != "mean":
+            raise ValueError(f"image_fill must be a number, an RGB triple or 'mean', got {image_fill!r}")
+        return np.asarray(MEAN_RGB, np.uint8)
+    return np.broadcast_to(np.asarray(image_fill, np.uint8), (3,)).copy()
+
+
+def rescale(image: np.ndarray, label: np.ndarray | None, scale: float):
+    """Resizes by ``scale``: image bilinear (PIL), label nearest neighbour (pixel centres)."""
+    h, w = image.shape[:2]
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    if (nh, nw) == (h, w):
+        return image, label
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    if label is not None:
+        ry = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
+        rx = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
+        label = label[ry[:, None], rx[None, :]]
+    return image, label
+
+
+def crop(image: np.ndarray, label: np.ndarray, y0: int, x0: int, height: int, width: int,
+         image_fill=0, label_fill: int = IGNORE_INDEX):
+    """The (height, width) window at (y0, x0); parts outside the image are padding
+    (``image_fill`` colour, ``label_fill`` labels). Offsets may be negative."""
+    h, w = image.shape[:2]
+    out_i = np.empty((height, width, 3), np.uint8)
+    out_i[:] = fill_value(image_fill)
+    out_l = np.full((height, width), label_fill, np.uint8)
+    sy0, sy1 = max(y0, 0), min(y0 + height, h)
+    sx0, sx1 = max(x0, 0), min(x0 + width, w)
+    if sy1 > sy0 and sx1 > sx0:
+        out_i[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+        out_l[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = label[sy0:sy1, sx0:sx1]
+    return out_i, out_l
+
+
+def hflip(image: np.ndarray, label: np.ndarray):
+    return image[:, ::-1], label[:, ::-1]
+
+
+def _offset_range(size: int, crop_size: int) -> tuple[int, int]:
+    """Allowed window offsets: inside the image when it is larger than the crop, otherwise
+    the image lies wholly inside the (padded) window."""
+    return min(0, size - crop_size), max(0, size - crop_size)
+
+
+def crop_offsets(rng: np.random.Generator, label: np.ndarray, crop_size: tuple[int, int],
+                 mine_classes=(), p_mine: float = 0.8) -> tuple[int, int, int]:
+    """Window offsets (y0, x0) and the mined class (-1 if none).
+
+    With probability ``p_mine``, a class of ``mine_classes`` present in ``label`` is chosen
+    uniformly and the window is centred on a random pixel of it, clamped so that the window
+    stays on the image; the pixel is always inside the window. Otherwise the offset is uniform.
+    """
+    h, w = label.shape
+    ch, cw = crop_size
+    ylo, yhi = _offset_range(h, ch)
+    xlo, xhi = _offset_range(w, cw)
+    mined = -1
+    if len(mine_classes) and rng.random() < p_mine:
+        counts = np.bincount(label.ravel(), minlength=256)
+        present = [int(c) for c in mine_classes if c != IGNORE_INDEX and counts[c] > 0]
+        if present:
+            mined = present[rng.integers(len(present))]
+            ys, xs = np.nonzero(label == mined)
+            j = rng.integers(len(ys))
+            y0 = int(np.clip(ys[j] - ch // 2, ylo, yhi))
+            x0 = int(np.clip(xs[j] - cw // 2, xlo, xhi))
+            return y0, x0, mined
+    return int(rng.integers(ylo, yhi + 1)), int(rng.integers(xlo, xhi + 1)), mined
+
+
+def augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, *,
+            crop_size: tuple[int, int], scale_range=(0.5, 1.5), flip: bool = True,
+            mine_classes=(), p_mine: float = 0.8, image_fill=0) -> tuple[np.ndarray, np.ndarray]:
+    """Training transform of one record: rescale by U(scale_range), crop ``crop_size``
+    (rare-class mining, 255-padding), flip with p=0.5. Returns uint8 image and label."""
+    lo, hi = scale_range
+    scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+    image, label = rescale(image, label, scale)
+    y0, x0, _ = crop_offsets(rng, label, crop_size, mine_classes, p_mine)
+    image, label = crop(image, label, y0, x0, *crop_size, image_fill=image_fill)
+    if flip and rng.random() < 0.5:
+        image, label = hflip(image, label)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)

@@ -1,0 +1,348 @@
+"""Host input pipeline: the mixed source/target training stream of a self-training round, and
+fixed-shape evaluation / pseudo-labelling batches.
+
+Why our own numpy pipeline rather than grain: grain and tfds are absent from the GPU image,
+and the sources here (synthetic scenes, image folders, per-round pseudo-label stores) are
+random-access anyway. Every batch is a pure function of (seed, round, epoch, step): a record's
+augmentation is drawn from a ``np.random.Generator`` seeded by (seed, round, epoch, domain,
+record index, repeat), so the iterator state is two integers (epoch, step), resuming is exact,
+and each host can build just its own rows of a global batch (``jax.process_index()``), which
+``cbst_jax.sharding.to_global`` assembles into one batch-sharded array.
+
+Batches are dicts of numpy arrays; images stay uint8 until they reach the device.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+
+from cbst_jax.data import augment as aug
+from cbst_jax.labels import IGNORE_INDEX
+
+SOURCE, TARGET = 0, 1
+
+
+# ----------------------------------------------------------------- source-subset schedule
+def source_portion(round_idx: int, s0: float = 0.03, ds: float = 0.0025, s_max: float = 0.06) -> float:
+    """Portion of the source set used in round ``round_idx`` (reference §3): min(s0 + r·ds, s_max)."""
+    return min(s0 + round_idx * ds, s_max)
+
+
+def source_subset(num_source: int, round_idx: int, *, s0: float = 0.03, ds: float = 0.0025,
+                  s_max: float = 0.06, seed: int = 0, schedule: str = "cumulative") -> np.ndarray:
+    """Sorted source indices of round ``round_idx``.
+
+    ``"cumulative"`` (CBST): one permutation from ``seed``; round r takes its first
+    ``portion·N`` entries, so the subsets are nested and grow. ``"fresh"`` (CRST): a new random
+    subset per round (seed + r).
+    """
+    n = max(1, min(num_source, int(num_source * source_portion(round_idx, s0, ds, s_max))))
+    if schedule == "cumulative":
+        perm = np.random.default_rng(seed).permutation(num_source)
+    elif schedule == "fresh":
+        perm = np.random.default_rng(seed + round_idx).permutation(num_source)
+    else:
+        raise ValueError(f"unknown source-subset schedule {schedule!r} (cumulative | fresh)")
+    return np.sort(perm[:n])
+
+
+# ----------------------------------------------------------------- mixed sampler
+@dataclasses.dataclass(frozen=True)
+class MixedSampler:
+    """Which (domain, index) rows make up global batch ``step`` of ``epoch``.
+
+    ``"pooled"`` (CBST): each epoch is a permutation of the union of the source subset and the
+    target set, cut into batches (remainder dropped); batches may be source-only, target-only or
+    mixed. ``"paired"``: each batch has ``source_per_batch`` source rows and the rest target;
+    an epoch is one pass over the target set, the source subset is cycled (reshuffled each
+    pass), and rows are interleaved so any contiguous host slice gets its share of both.
+    """
+    source_indices: tuple
+    num_target: int
+    batch_size: int
+    mode: str = "pooled"
+    source_per_batch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "source_indices", tuple(int(i) for i in self.source_indices))
+        if self.mode not in ("pooled", "paired"):
+            raise ValueError(f"unknown sampler mode {self.mode!r} (pooled | paired)")
+        if self.mode == "paired":
+            ns = self.batch_size // 2 if self.source_per_batch is None else self.source_per_batch
+            object.__setattr__(self, "source_per_batch", int(ns))
+            if not 0 <= ns <= self.batch_size:
+                raise ValueError("source_per_batch must be within [0, batch_size]")
+            if (ns and not self.source_indices) or (ns < self.batch_size and not self.num_target):
+                raise ValueError("paired batches need both a source subset and a target set")
+        if self.batches_per_epoch() < 1:
+            raise ValueError("fewer records than one batch")
+
+    @property
+    def num_source(self) -> int:
+        return len(self.source_indices)
+
+    def batches_per_epoch(self) -> int:
+        if self.mode == "pooled":
+            return (self.num_source + self.num_target) // self.batch_size
+        nt = self.batch_size - self.source_per_batch
+        return self.num_target // nt if nt else self.num_source // self.source_per_batch
+
+    def _epoch_rows(self, epoch: int):
+        """(domain int8, index int32, repeat int32) arrays of the epoch, batch-major."""
+        bpe, b = self.batches_per_epoch(), self.batch_size
+        src = np.asarray(self.source_indices, np.int64)
+        if self.mode == "pooled":
+            dom = np.concatenate([np.zeros(len(src), np.int8), np.ones(self.num_target, np.int8)])
+            idx = np.concatenate([src, np.arange(self.num_target)])
+            perm = np.random.default_rng([self.seed, epoch, 0]).permutation(len(idx))[:bpe * b]
+            return dom[perm], idx[perm].astype(np.int32), np.zeros(len(perm), np.int32)
+        ns, nt = self.source_per_batch, b - self.source_per_batch
+        need = bpe * ns
+        passes = math.ceil(need / len(src)) if need else 0
+        s_idx = np.concatenate([src[np.random.default_rng([self.seed, epoch, 1, j]).permutation(len(src))]
+                                for j in range(passes)] or [np.zeros(0, np.int64)])[:need]
+        s_rep = np.repeat(np.arange(passes, dtype=np.int32), len(src))[:need]
+        t_idx = np.random.default_rng([self.seed, epoch, 2]).permutation(self.num_target)[:bpe * nt]
+        # Interleave rows evenly: source k sits at key (k + 0.5) / ns, target k at (k + 0.5) / nt.
+        keys = np.concatenate([(np.arange(ns) + 0.5) / max(ns, 1), (np.arange(nt) + 0.5) / max(nt, 1)])
+        order = np.argsort(keys, kind="stable")
+        dom = np.concatenate([np.zeros(ns, np.int8), np.ones(nt, np.int8)])[order]
+        idx = np.concatenate([s_idx.reshape(bpe, ns), t_idx.reshape(bpe, nt)], axis=1)[:, order]
+        rep = np.concatenate([s_rep.reshape(bpe, ns), np.zeros((bpe, nt), np.int32)], axis=1)[:, order]
+        return np.tile(dom, bpe), idx.reshape(-1).astype(np.int32), rep.reshape(-1)
+
+    def batch(self, epoch: int, step: int):
+        """(domain, index, repeat) arrays of global batch ``step`` of ``epoch``."""
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache[0] != epoch:
+            cache = (epoch, self._epoch_rows(epoch))
+            object.__setattr__(self, "_cache", cache)
+        sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+        return tuple(a[sl] for a in cache[1])
+
+
+def round_sampler(num_source: int, num_target: int, round_idx: int, *, batch_size: int,
+                  mode: str = "pooled", source_per_batch: int | None = None, s0: float = 0.03,
+                  ds: float = 0.0025, s_max: float = 0.06, subset_schedule: str = "cumulative",
+                  seed: int = 0) -> MixedSampler:
+    """The sampler of self-training round ``round_idx``: its source subset (schedule above)
+    and a shuffling seed distinct per round."""
+    subset = source_subset(num_source, round_idx, s0=s0, ds=ds, s_max=s_max, seed=seed,
+                           schedule=subset_schedule) if num_source else np.zeros(0, np.int64)
+    return MixedSampler(tuple(subset), num_target, batch_size, mode, source_per_batch,
+                        seed=int(np.random.SeedSequence([seed, round_idx]).generate_state(1)[0]))
+
+
+def _host_rows(global_batch: int, process_index, process_count) -> slice:
+    import jax  # only here: the pipeline itself never touches devices
+
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    if global_batch % pc:
+        raise ValueError(f"global batch {global_batch} does not split over {pc} processes")
+    n = global_batch // pc
+    return slice(pi * n, (pi + 1) * n)
+
+
+class _Prefetcher:
+    """Builds batches ``make(key)`` ahead on a thread pool, returned strictly in key order."""
+
+    def __init__(self, make: Callable, depth: int, workers: int):
+        self._make, self._depth = make, max(0, int(depth))
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if self._depth else None
+        self._queue = collections.deque()
+
+    def get(self, keys):
+        """The batch of ``keys[0]``; ``keys[1:]`` are the keys that will be asked for next."""
+        if self._pool is None:
+            return self._make(keys[0])
+        if not self._queue or self._queue[0][0] != keys[0]:
+            self.reset()
+        for k in keys[len(self._queue):self._depth + 1]:
+            self._queue.append((k, self._pool.submit(self._make, k)))
+        return self._queue.popleft()[1].result()
+
+    def reset(self):
+        for _, f in self._queue:
+            f.cancel()
+        self._queue.clear()
+
+    def close(self):
+        self.reset()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+# ----------------------------------------------------------------- training iterator
+class MixedIterator:
+    """Infinite training stream of host batches for one self-training round.
+
+    Yields ``{"image": uint8 (b, ch, cw, 3), "label": uint8 (b, ch, cw) (255 = ignore),
+    "domain": int8 (b,) (0 source, 1 target), "index": int32 (b,) record index}``, where b is
+    this host's share of ``sampler.batch_size``. Source labels come from the records, target
+    labels from ``target_labels(index)`` (the round's pseudo-labels). ``get_state()`` /
+    ``set_state()`` give ``{"epoch": int, "step": int}``, the position of the next batch.
+    """
+
+    def __init__(self, source, target, sampler: MixedSampler, *, crop_size: tuple[int, int],
+                 target_labels: Callable[[int], np.ndarray] | None = None, scale_range=(0.5, 1.5),
+                 flip: bool = True, mine_classes=(), p_mine: float = 0.8, mine_domains=(SOURCE, TARGET),
+                 image_fill=0, process_index: int | None = None, process_count: int | None = None,
+                 prefetch: int = 2, workers: int = 2):
+        if sampler.num_target and target_labels is None:
+            raise ValueError("target records need a target_labels(index) pseudo-label lookup")
+        self.source, self.target, self.sampler = source, target, sampler
+        self.target_labels = target_labels
+        self.crop_size = tuple(int(c) for c in crop_size)
+        self.scale_range, self.flip = tuple(scale_range), flip
+        self.mine_classes, self.p_mine = tuple(int(c) for c in mine_classes), p_mine
+        self.mine_domains, self.image_fill = tuple(mine_domains), image_fill
+        self.rows = _host_rows(sampler.batch_size, process_index, process_count)
+        self._epoch, self._step = 0, 0
+        self._prefetch = _Prefetcher(self._make, prefetch, workers)
+
+    def record(self, domain: int, index: int, epoch: int, repeat: int = 0):
+        """One augmented (image, label) pair: a pure function of its arguments and the seeds."""
+        if domain == SOURCE:
+            rec = self.source[index]
+            image, label = rec["image"], rec["label"]
+        else:
+            image = self.target[index]["image"]
+            label = np.asarray(self.target_labels(index), np.uint8)
+            if label.shape != image.shape[:2]:
+                raise ValueError(f"pseudo-label of target {index} has shape {label.shape}, image {image.shape[:2]}")
+        rng = np.random.default_rng([self.sampler.seed, epoch, domain, index, repeat])
+        mine = self.mine_classes if domain in self.mine_domains else ()
+        return aug.augment(rng, image, label, crop_size=self.crop_size, scale_range=self.scale_range,
+                           flip=self.flip, mine_classes=mine, p_mine=self.p_mine, image_fill=self.image_fill)
+
+    def _make(self, key):
+        epoch, step = key
+        dom, idx, rep = (a[self.rows] for a in self.sampler.batch(epoch, step))
+        b = len(idx)
+        images = np.empty((b, *self.crop_size, 3), np.uint8)
+        labels = np.empty((b, *self.crop_size), np.uint8)
+        for j in range(b):
+            images[j], labels[j] = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]))
+        return {"image": images, "label": labels, "domain": dom.copy(), "index": idx.copy()}
+
+    def _next_keys(self, n):
+        e, s, bpe, keys = self._epoch, self._step, self.sampler.batches_per_epoch(), []
+        for _ in range(n):
+            keys.append((e, s))
+            e, s = (e + 1, 0) if s + 1 == bpe else (e, s + 1)
+        return keys
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        keys = self._next_keys(self._prefetch._depth + 2)
+        batch = self._prefetch.get(keys)
+        self._epoch, self._step = keys[1]
+        return batch
+
+    def get_state(self) -> dict:
+        return {"epoch": self._epoch, "step": self._step}
+
+    def set_state(self, state: dict) -> None:
+        step = int(state["step"])
+        if not 0 <= step < self.sampler.batches_per_epoch():
+            raise ValueError(f"step {step} outside the epoch of {self.sampler.batches_per_epoch()} batches")
+        self._epoch, self._step = int(state["epoch"]), step
+        self._prefetch.reset()
+
+    def close(self):
+        self._prefetch.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------- evaluation / pseudo-labelling
+class EvalIterator:
+    """One pass over a source in fixed-shape, padded batches (nothing recompiles).
+
+    Yields ``{"image": uint8 (b, H, W, 3), "label": uint8 (b, H, W), "valid": bool (b, H, W),
+    "index": int32 (b,)}``: each record sits at the top-left of an (H, W) ``canvas`` (zeros /
+    255 labels / valid False outside it); rows past the end of the source have index -1 and no
+    valid pixels. Labels come from ``label_key`` (default "label" when the source has labels,
+    otherwise all 255; pass "hidden_label" to score pseudo-labels on synthetic target-train).
+    b is this host's share of ``batch_size``; every host sees the same number of batches.
+    State: ``{"batch": int}``, the next global batch.
+    """
+
+    def __init__(self, source, *, batch_size: int, canvas: tuple[int, int] | None = None,
+                 label_key: str | None = None, process_index: int | None = None,
+                 process_count: int | None = None, prefetch: int = 2, workers: int = 1):
+        self.source, self.batch_size = source, int(batch_size)
+        if canvas is None:
+            canvas = source[0]["image"].shape[:2]
+        self.canvas = tuple(int(c) for c in canvas)
+        if label_key is None and getattr(source, "has_labels", True):
+            label_key = "label"
+        self.label_key = label_key
+        self.rows = _host_rows(self.batch_size, process_index, process_count)
+        self.num_batches = max(1, math.ceil(len(source) / self.batch_size))
+        self._batch = 0
+        self._prefetch = _Prefetcher(self._make, prefetch, workers)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _make(self, k):
+        H, W = self.canvas
+        rows = np.arange(k * self.batch_size, (k + 1) * self.batch_size)[self.rows]
+        b = len(rows)
+        out = {"image": np.zeros((b, H, W, 3), np.uint8), "label": np.full((b, H, W), IGNORE_INDEX, np.uint8),
+               "valid": np.zeros((b, H, W), bool), "index": np.full(b, -1, np.int32)}
+        for j, r in enumerate(rows):
+            if r >= len(self.source):
+                continue
+            rec = self.source[int(r)]
+            h, w = rec["image"].shape[:2]
+            if h > H or w > W:
+                raise ValueError(f"record {r} is {h}x{w}, larger than the {H}x{W} canvas")
+            out["image"][j, :h, :w] = rec["image"]
+            if self.label_key is not None:
+                out["label"][j, :h, :w] = rec[self.label_key]
+            out["valid"][j, :h, :w] = True
+            out["index"][j] = r
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._batch >= self.num_batches:
+            raise StopIteration
+        keys = list(range(self._batch, min(self._batch + self._prefetch._depth + 1, self.num_batches)))
+        batch = self._prefetch.get(keys)
+        self._batch += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"batch": self._batch}
+
+    def set_state(self, state: dict) -> None:
+        self._batch = int(state["batch"])
+        self._prefetch.reset()
+
+    def close(self):
+        self._prefetch.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

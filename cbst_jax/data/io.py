@@ -1,0 +1,314 @@
+"""Shared reading machinery for the on-disk dataset readers.
+
+Everything a folder reader needs that is not specific to one dataset lives here: the error and
+warning classes, Pillow decoding of RGB images and label PNGs (8-bit L/P, and 16-bit multi-channel
+PNGs that Pillow alone would truncate to their high byte), label remapping with a count of
+unknown ids, list-file parsing, and ``FolderSource``, the lazy random-access source every reader
+returns. Only numpy and Pillow are imported; tensorflow_datasets never is.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from cbst_jax.labels import IGNORE_INDEX, NTHU13_TRAINIDS, TRAINID16_TO_TRAINID19, TRAINID_TO_NTHU13
+
+
+class DatasetError(ValueError):
+    """A dataset root, file, option or split that cannot be used; the message names which and why."""
+
+
+class DatasetWarning(UserWarning):
+    """Recoverable data problems (resized labels, unknown label ids); each is also counted in ``stats``."""
+
+
+# ---------------------------------------------------------------- decoding
+
+def _open(path):
+    from PIL import Image
+
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError ...
+        raise DatasetError(f"{path}: not a readable image ({exc})") from None
+
+
+def _decoded(path, im):
+    try:
+        im.load()
+    except Exception as exc:  # truncated or corrupt data surfaces on load
+        raise DatasetError(f"{path}: corrupt or truncated image ({exc})") from None
+    return im
+
+
+def read_rgb(path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; a corrupt or truncated file raises DatasetError naming it."""
+    im = _decoded(path, _open(path))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, np.uint8)
+
+
+def read_label_png(path) -> np.ndarray:
+    """(H, W) integer ids of a single-channel label PNG: 8-bit L, palette P (indices, not colours) or 16-bit I."""
+    im = _decoded(path, _open(path))
+    if im.mode in ("L", "P"):
+        return np.asarray(im, np.uint8)
+    if im.mode.startswith("I"):
+        return np.asarray(im).astype(np.int64)
+    raise DatasetError(f"{path}: label PNG has mode {im.mode}, expected a single-channel id map (L, P or I;16)")
+
+
+def _tile_with_rawmode(tile, rawmode):
+    args = tile.args
+    args = rawmode if isinstance(args, str) else (rawmode,) + tuple(args[1:])
+    return tile._replace(args=args)
+
+
+def read_png_any_depth(path) -> np.ndarray:
+    """A PNG at full bit depth: (H, W) or (H, W, C), uint8 or uint16 (16-bit RGB/RGBA included).
+
+    Pillow decodes 16-bit RGB(A) PNGs to 8-bit by keeping the high byte of each sample. Its PNG
+    decoder unfilters correctly for any raw mode of the same 48/64-bit pixel size, so the file is
+    decoded twice, once unpacking the high and once the low byte of every sample, and the two are
+    combined. Grey and 8-bit files are read as they are.
+    """
+    im = _open(path)
+    rawmode = None
+    if im.format == "PNG" and im.tile:
+        args = im.tile[0].args
+        rawmode = args if isinstance(args, str) else args[0]
+    if rawmode not in ("RGB;16B", "RGBA;16B"):
+        im = _decoded(path, im)
+        return np.asarray(im) if im.mode != "P" else np.asarray(im, np.uint8)
+    high = np.asarray(_decoded(path, im), np.uint16)
+    low_im = _open(path)
+    low_im.tile = [_tile_with_rawmode(t, rawmode.replace("16B", "16L")) for t in low_im.tile]
+    low = np.asarray(_decoded(path, low_im), np.uint16)
+    return (high << 8) | low
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W) or (H, W, 3) uint8 array (Pillow, lossless)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def resize_nearest(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of an (h, w) label map to ``shape`` (pixel-centre sampling, like PIL NEAREST)."""
+    h, w = label.shape[:2]
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    return label[rows[:, None], cols[None, :]]
+
+
+# ---------------------------------------------------------------- label tables
+
+def make_lut(pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """256-entry uint8 look-up table, 255 where no pair is given."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    for src, dst in pairs:
+        lut[src] = dst
+    return lut
+
+
+def known_mask(ids: Iterable[int]) -> np.ndarray:
+    """256-entry bool table of the ids a dataset's label files may legitimately contain."""
+    mask = np.zeros(256, bool)
+    mask[list(ids)] = True
+    return mask
+
+
+# trainId19 -> protocol of ``num_classes`` classes (used on already-trainId labels: BDD100K, NTHU, TFDS).
+TRAINID19_TO_TRAINID16 = make_lut((t19, t16) for t16, t19 in enumerate(TRAINID16_TO_TRAINID19))
+TRAINID19_TO_PROTOCOL = {19: np.arange(256, dtype=np.uint8), 16: TRAINID19_TO_TRAINID16, 13: TRAINID_TO_NTHU13}
+NTHU13_TO_TRAINID19 = make_lut(enumerate(NTHU13_TRAINIDS))
+
+
+def trainid19_lut(num_classes: int, dataset: str, allowed: Sequence[int] = (19, 16, 13)) -> np.ndarray:
+    """The trainId19 -> ``num_classes`` table, or DatasetError if the dataset does not offer that protocol."""
+    if num_classes not in allowed:
+        raise DatasetError(f"{dataset}: num_classes={num_classes!r}, expected one of {sorted(allowed)}")
+    return np.asarray(TRAINID19_TO_PROTOCOL[num_classes], np.uint8)
+
+
+def remap(raw: np.ndarray, lut: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, int]:
+    """Map raw ids through ``lut``; ids outside ``known`` (and any id > 255) become 255.
+
+    Returns the uint8 trainId map and the number of pixels whose id was unknown.
+    """
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8:
+        over = raw > 255
+        n_over = int(over.sum())
+        raw = np.where(over, 0, raw).astype(np.uint8)
+    else:
+        over, n_over = None, 0
+    counts = np.bincount(raw.ravel(), minlength=256)
+    unknown = int(counts[~known].sum()) + n_over
+    out = lut[raw]
+    if unknown:
+        out = np.where(known[raw], out, IGNORE_INDEX).astype(np.uint8)
+        if over is not None and n_over:
+            out[over] = IGNORE_INDEX
+    return out, unknown
+
+
+# ---------------------------------------------------------------- list files
+
+def read_list_file(path) -> list[tuple[int, str]]:
+    """(line number, first whitespace-separated token) of every non-blank, non-# line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise DatasetError(f"list_file {path}: cannot read ({exc.strerror})") from None
+    entries = []
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entries.append((lineno, line.split()[0]))
+    if not entries:
+        raise DatasetError(f"list_file {path}: no entries")
+    return entries
+
+
+def stem_of(token: str, suffixes: Sequence[str] = ()) -> str:
+    """File stem of a list entry: directories and extension dropped, then the first matching suffix."""
+    stem = os.path.basename(token.replace("\\", "/"))
+    stem = re.sub(r"\.(png|jpe?g)$", "", stem, flags=re.IGNORECASE)
+    for suffix in suffixes:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def select_by_list(items: Sequence["Item"], list_file, dataset: str, suffixes: Sequence[str] = ()) -> list["Item"]:
+    """The items named by a list file, in the file's order; an entry with no image raises DatasetError."""
+    by_name = {item.name: item for item in items}
+    chosen = []
+    for lineno, token in read_list_file(list_file):
+        stem = stem_of(token, suffixes)
+        if stem not in by_name:
+            raise DatasetError(f"list_file {list_file} line {lineno}: {token!r} is not an image of this {dataset} split")
+        chosen.append(by_name[stem])
+    return chosen
+
+
+# ---------------------------------------------------------------- the source
+
+@dataclass(frozen=True)
+class Item:
+    """One record on disk: its name (file stem), image path and label path (None when unlabelled)."""
+
+    name: str
+    image: str
+    label: str | None = None
+
+
+class FolderSource:
+    """Random-access source of ``{"image", "label", "name"}`` records decoded lazily from files.
+
+    ``stats`` counts, over the records read so far in this process: ``resized_labels`` (labels
+    whose size differed from the image and were resized by nearest neighbour; names in
+    ``resized_label_names``), ``unknown_label_pixels`` and ``unknown_label_images`` (ids outside
+    the dataset's table, mapped to 255). The first of each kind also emits a DatasetWarning.
+    """
+
+    def __init__(self, dataset: str, split: str, items: Sequence[Item], num_classes: int,
+                 lut: np.ndarray | None, known: np.ndarray | None, has_labels: bool,
+                 read_label: Callable[[str], np.ndarray] = read_label_png, root: str | None = None):
+        self.dataset = dataset
+        self.split = split
+        self.root = root
+        self.num_classes = num_classes
+        self.has_labels = bool(has_labels)
+        self._items = list(items)
+        self._lut = None if lut is None else np.asarray(lut, np.uint8)
+        self._known = known
+        self._read_label = read_label
+        self._lock = threading.Lock()
+        self.stats = {"resized_labels": 0, "unknown_label_pixels": 0, "unknown_label_images": 0}
+        self.resized_label_names: list[str] = []
+
+    @property
+    def names(self) -> list[str]:
+        return [item.name for item in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.dataset!r}, split={self.split!r}, n={len(self)}, "
+                f"num_classes={self.num_classes}, has_labels={self.has_labels})")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if self.stats[key] == 1:
+            warnings.warn(DatasetWarning(message), stacklevel=3)
+
+    def label_for(self, item: Item, shape: Sequence[int]) -> np.ndarray:
+        """The remapped label of ``item``, resized to ``shape`` if its size differs (counted)."""
+        label, unknown = remap(self._read_label(item.label), self._lut, self._known)
+        if unknown:
+            with self._lock:
+                self.stats["unknown_label_pixels"] += unknown
+                self.stats["unknown_label_images"] += 1
+            self._warn_once("unknown_label_images",
+                            f"{item.label}: {unknown} pixels with ids outside the {self.dataset} table, set to 255")
+        if label.shape != tuple(shape):
+            with self._lock:
+                self.stats["resized_labels"] += 1
+                self.resized_label_names.append(item.name)
+            self._warn_once("resized_labels", f"{item.label}: label {label.shape[1]}x{label.shape[0]} differs from "
+                                              f"image {shape[1]}x{shape[0]}; resized by nearest neighbour")
+            label = resize_nearest(label, shape)
+        return label
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self._items)
+        if not -n <= index < n:
+            raise IndexError(f"{self.dataset} {self.split}: index {index} out of range for {n} records")
+        item = self._items[index]
+        image = read_rgb(item.image)
+        record = {"image": image, "name": item.name}
+        if self.has_labels:
+            record["label"] = self.label_for(item, image.shape[:2])
+        return record
+
+
+def check_disjoint(train_source, eval_source) -> None:
+    """Refuse a training (e.g. pseudo-labelled target) source that shares images with the evaluation source.
+
+    Images are compared by ``names`` (file stems). Raises DatasetError naming the overlap.
+    """
+    overlap = sorted(set(train_source.names) & set(eval_source.names))
+    if overlap:
+        shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
+        raise DatasetError(f"training and evaluation sources share {len(overlap)} images ({shown}); "
+                           f"a target split must not overlap the evaluation split")
+
+
+def require_dir(path: str, dataset: str, layout: str) -> str:
+    """``path`` if it is a directory, else DatasetError naming the expected layout."""
+    if not os.path.isdir(path):
+        raise DatasetError(f"{dataset}: {path} is not a directory; expected layout: {layout}")
+    return path
+
+
+def list_images(folder: str, extensions: Sequence[str], suffix: str = "") -> list[str]:
+    """Sorted file names in ``folder`` ending in ``suffix`` + one of ``extensions`` (case-insensitive)."""
+    ends = tuple((suffix + ext).lower() for ext in extensions)
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(ends))

@@ -57,6 +57,12 @@ def test_png16_mixed_filters_and_grey(tmp_path):
     assert np.array_equal(read_png_any_depth(tmp_path / "g.png"), grey)
 
 
+def test_trainid19_to_16_composes_to_the_cityscapes16_table():
+    from cbst_jax.data.io import TRAINID19_TO_TRAINID16
+
+    assert np.array_equal(TRAINID19_TO_TRAINID16[L.CITYSCAPES_ID_TO_TRAINID], L.CITYSCAPES_ID_TO_TRAINID16)
+
+
 def test_resize_nearest_matches_pil():
     label = np.random.default_rng(0).integers(0, 19, (7, 11)).astype(np.uint8)
     ours = resize_nearest(label, (5, 13))

@@ -1,5 +1,6 @@
 """Folder readers on tiny fixtures in each official layout: records, label tables, names, counters, errors."""
 import os
+import pickle
 import subprocess
 import sys
 import types
@@ -87,6 +88,8 @@ def test_gta5_records_palette_labels_and_pins(tmp_path):
     _write(tmp_path / "labels" / "00002.png", pinned, "P")
     assert src[1]["label"][0, :8].tolist() == [0, 1, 2, 13, 18, 255, 9, 14]
     assert src[-1]["name"] == "00003"
+    clone = pickle.loads(pickle.dumps(src))  # worker processes receive pickled sources
+    assert clone.names == names and np.array_equal(clone[0]["label"], rec["label"])
     with pytest.raises(IndexError):
         src[3]
 

@@ -244,6 +244,15 @@ class FolderSource:
         self.stats = {"resized_labels": 0, "unknown_label_pixels": 0, "unknown_label_images": 0}
         self.resized_label_names: list[str] = []
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]  # locks do not pickle; grain worker processes pickle their source
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def names(self) -> list[str]:
         return [item.name for item in self._items]

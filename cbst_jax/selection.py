@@ -267,7 +267,8 @@ def class_thresholds(probs, portion: float, policy: str = "cbst", prior=None, va
 def thresholds_from_confidence(conf, pred, num_classes: int, portion: float,
                                policy: str = "cbst", valid=None, subsample: int = 1) -> np.ndarray:
     """:func:`class_thresholds` from precomputed confidence and prediction maps."""
-    valid = subsample_mask(jnp.asarray(pred), num_classes, subsample, valid)
+    conf, pred = jnp.asarray(conf), jnp.asarray(pred)  # one host->device copy for both passes
+    valid = subsample_mask(pred, num_classes, subsample, valid)
     coarse = _coarse_conf(conf, pred, num_classes, valid)
     target = plan_refinement(coarse, portion, policy)
     return finish_thresholds(_fine_conf(conf, pred, target.bins, valid), target)

@@ -1,0 +1,286 @@
+"""Optimiser groups against torch.optim.SGD / numpy, schedules, and the jitted data-parallel step
+(direct-loss parity, frozen/trained BN, 1 vs 8 devices, non-finite guard, no recompilation)."""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cbst_jax import losses, train
+from cbst_jax.sharding import make_mesh, to_global
+
+K = 5
+
+
+class TinySeg(nn.Module):
+    """conv(stride 2) → BN → ReLU → dropout → 1×1 head; uint8 images in, float32 logits out."""
+    num_classes: int = K
+    train_bn: bool = False
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = images.astype(self.dtype) / 255.0
+        x = nn.Conv(8, (3, 3), strides=2, dtype=self.dtype, name="stem")(x)
+        x = nn.BatchNorm(use_running_average=not (self.train_bn and train), momentum=0.5,
+                         dtype=self.dtype, name="bn")(x)
+        x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
+        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+def tiny_labels(params, train_bn=False):
+    return {k: jax.tree.map(lambda _: {"stem": "backbone", "head": "head"}.get(k, "backbone" if train_bn else "frozen"), v)
+            for k, v in params.items()}
+
+
+def init_variables(model, hw=(16, 16), seed=0):
+    v = model.init(jax.random.key(seed), jnp.zeros((1, *hw, 3), jnp.uint8))
+    rng = np.random.default_rng(seed)  # non-trivial BN statistics
+    bs = {"bn": {"mean": rng.normal(size=8).astype(np.float32) * 0.1,
+                 "var": rng.uniform(0.5, 2, size=8).astype(np.float32)}}
+    return {"params": jax.tree.map(np.asarray, v["params"]), "batch_stats": bs}
+
+
+def make_batch(b=8, hw=(16, 16), seed=0, soft=False):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, K, (b, *hw)).astype(np.uint8)
+    label[rng.random((b, *hw)) < 0.2] = 255
+    batch = {"image": rng.integers(0, 256, (b, *hw, 3)).astype(np.uint8), "label": label,
+             "is_target": np.arange(b) % 2 == 1}
+    if soft:
+        batch["soft_label"] = rng.dirichlet(np.ones(K), size=(b, *hw)).astype(np.float32)
+    return batch
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+# ---------------------------------------------------------------------------- optimiser
+def sgd_reference(params, labels, grads_seq, scales, *, lr, momentum, wd, head_mult, bias_mult, bias_wd,
+                  schedule, total):
+    """torch.optim.SGD semantics in numpy: d = g + wd·w; buf = m·buf + d (buf₀ = d); w −= lr·buf."""
+    flat_p, tdef = jax.tree.flatten(params)
+    flat_l = jax.tree.leaves(labels)
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    w = [np.array(p, np.float64) for p in flat_p]
+    buf = [None] * len(w)
+    for t, (g_tree, s) in enumerate(zip(grads_seq, scales)):
+        base = lr * ((1 - t / total) ** 0.9 if schedule == "poly" else 1.0) * s
+        for i, g in enumerate(jax.tree.leaves(g_tree)):
+            if flat_l[i] == "frozen":
+                continue
+            bias = names[i].endswith("'bias']")
+            mult = (head_mult if flat_l[i] == "head" else 1.0) * (bias_mult if bias else 1.0)
+            d = np.asarray(g, np.float64) + (bias_wd if bias else wd) * w[i]
+            buf[i] = d if buf[i] is None else momentum * buf[i] + d
+            w[i] = w[i] - base * mult * buf[i]
+    return jax.tree.unflatten(tdef, w)
+
+
+OPT_CASES = [dict(bias_mult=1.0, bias_wd=None, schedule="constant"),
+             dict(bias_mult=2.0, bias_wd=0.0, schedule="poly")]  # CBST 'alex'; DeepLab poly
+
+
+def _opt_problem():
+    rng = np.random.default_rng(1)
+    params = {"stem": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)},
+              "bn": {"scale": rng.normal(size=4), "bias": rng.normal(size=4)},
+              "head": {"kernel": rng.normal(size=(4, 2)), "bias": rng.normal(size=2)}}
+    params = jax.tree.map(lambda x: x.astype(np.float32), params)
+    labels = tiny_labels(params)
+    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(5)]
+    scales = [1.0, 1.0, 0.5, 0.5, 1 / math.sqrt(2)]
+    return params, labels, grads, scales
+
+
+def _run_optax(params, labels, grads, scales, case, lr=0.01, total=10):
+    tx = train.make_optimizer(labels, lr=lr, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
+                              bias_lr_mult=case["bias_mult"], bias_weight_decay=case["bias_wd"],
+                              schedule=case["schedule"], total_steps=total)
+    state = tx.init(params)
+    p = params
+    for g, s in zip(grads, scales):
+        u, state = tx.update(g, state, p)
+        p = jax.tree.map(lambda w, d: w + s * d, p, u)
+    return p
+
+
+@pytest.mark.parametrize("case", OPT_CASES)
+def test_param_groups_match_numpy_sgd(case):
+    params, labels, grads, scales = _opt_problem()
+    got = _run_optax(params, labels, grads, scales, case)
+    bias_wd = 5e-4 if case["bias_wd"] is None else case["bias_wd"]
+    ref = sgd_reference(params, labels, grads, scales, lr=0.01, momentum=0.9, wd=5e-4, head_mult=10.0,
+                        bias_mult=case["bias_mult"], bias_wd=bias_wd, schedule=case["schedule"], total=10)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, ref)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got["bn"], params["bn"])  # frozen
+
+
+@pytest.mark.parametrize("case", OPT_CASES)
+def test_param_groups_match_torch_sgd(case):
+    torch = pytest.importorskip("torch")
+    params, labels, grads, scales = _opt_problem()
+    got = _run_optax(params, labels, grads, scales, case)
+    lr, bias_wd = 0.01, 5e-4 if case["bias_wd"] is None else case["bias_wd"]
+    tp = {f"{m}.{n}": torch.nn.Parameter(torch.tensor(np.array(params[m][n]), dtype=torch.float64))
+          for m in ("stem", "head") for n in ("kernel", "bias")}
+    groups = [dict(params=[tp["stem.kernel"]], lr=lr, mult=1.0, weight_decay=5e-4),
+              dict(params=[tp["stem.bias"]], lr=lr, mult=case["bias_mult"], weight_decay=bias_wd),
+              dict(params=[tp["head.kernel"]], lr=lr, mult=10.0, weight_decay=5e-4),
+              dict(params=[tp["head.bias"]], lr=lr, mult=10.0 * case["bias_mult"], weight_decay=bias_wd)]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    for t, (g, s) in enumerate(zip(grads, scales)):
+        poly = (1 - t / 10) ** 0.9 if case["schedule"] == "poly" else 1.0
+        for group in opt.param_groups:
+            group["lr"] = lr * poly * s * group["mult"]
+        for name, p in tp.items():
+            m, n = name.split(".")
+            p.grad = torch.tensor(np.array(g[m][n]), dtype=torch.float64)
+        opt.step()
+    for name, p in tp.items():
+        m, n = name.split(".")
+        np.testing.assert_allclose(got[m][n], p.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_schedules_and_round_scale():
+    const = train.lr_schedule(0.1, "constant")
+    poly = train.lr_schedule(0.1, "poly", total_steps=100, power=0.9)
+    assert float(const(57)) == pytest.approx(0.1)
+    for t in (0, 1, 50, 99):
+        assert float(poly(t)) == pytest.approx(0.1 * (1 - t / 100) ** 0.9, rel=1e-5)
+    assert float(poly(100)) == 0.0 and float(poly(150)) == 0.0
+    assert train.round_lr_scale(2) == pytest.approx(0.5)
+    assert train.round_lr_scale(3, 1.0) == 1.0 and train.round_lr_scale(0).dtype == np.float32
+    with pytest.raises(ValueError):
+        train.lr_schedule(0.1, "poly")
+    with pytest.raises(ValueError):
+        train.make_optimizer({"w": "neck"})
+
+
+def test_make_optimizer_is_memoised():
+    params, labels, _, _ = _opt_problem()
+    a = train.make_optimizer(labels, lr=0.5)
+    assert train.make_optimizer(tiny_labels(params), lr=0.5) is a
+    assert train.make_optimizer(labels, lr=0.25) is not a
+
+
+# ---------------------------------------------------------------------------- the step
+def _setup(model, mesh, lr=0.05, seed=0):
+    variables = init_variables(model, seed=seed)
+    labels = tiny_labels(variables["params"], train_bn=model.train_bn)
+    tx = train.make_optimizer(labels, lr=lr, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0)
+    return variables, train.create_train_state(model, variables, tx, jax.random.key(seed), mesh)
+
+
+@pytest.mark.parametrize("resolution,soft,reg", [("upsample", False, "mrkld"), ("stride", False, "none"),
+                                                 ("upsample", True, "mrent")])
+def test_step_matches_direct_loss_and_sgd(resolution, soft, reg):
+    model = TinySeg()
+    mesh = make_mesh(jax.devices()[:2])
+    variables, state = _setup(model, mesh)
+    batch = make_batch(4, soft=soft)
+    cfg = train.TrainConfig(loss_resolution=resolution, stride=2, regularizer=reg, reg_weight=0.3)
+
+    def direct(params):
+        logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch["image"], train=True)
+        return losses.segmentation_loss(logits, batch["label"], batch["is_target"], batch.get("soft_label"),
+                                        resolution=resolution, stride=2, regularizer=reg, reg_weight=0.3)[0]
+
+    ref_loss, ref_grads = jax.value_and_grad(direct)(variables["params"])
+    step = train.make_train_step(model, cfg, mesh)
+    new, m = step(state, to_global(batch, mesh), 0.5)
+    assert bool(m["finite"]) and int(new.step) == 1
+    np.testing.assert_allclose(float(m["loss"]), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(m["ce"]) + 0.3 * float(m["reg"]), float(ref_loss), rtol=1e-5)
+    # First SGD step: w − lr·scale·mult·(g + wd·w); frozen BN affine and statistics untouched.
+    for name, mult in (("stem", 1.0), ("head", 10.0)):
+        for leaf in ("kernel", "bias"):
+            w = variables["params"][name][leaf]
+            expect = w - 0.05 * 0.5 * mult * (np.asarray(ref_grads[name][leaf]) + 5e-4 * w)
+            np.testing.assert_allclose(np.asarray(new.params[name][leaf]), expect, rtol=1e-4, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, host(new.params["bn"]), variables["params"]["bn"])
+    jax.tree.map(np.testing.assert_array_equal, host(new.batch_stats), variables["batch_stats"])
+    trainable = [ref_grads["stem"], ref_grads["head"]]
+    np.testing.assert_allclose(float(m["grad_norm"]), float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(trainable)))),
+                               rtol=1e-4)
+
+
+def test_one_device_equals_eight_devices():
+    """Same steps (trained BN, dropout, MRKLD) on a 1-device and an 8-device mesh."""
+    model = TinySeg(train_bn=True, dropout=0.3)
+    cfg = train.TrainConfig(loss_resolution="upsample", regularizer="mrkld", reg_weight=0.1, train_bn=True)
+    results = []
+    for n in (1, 8):
+        mesh = make_mesh(jax.devices()[:n])
+        _, state = _setup(model, mesh)
+        step = train.make_train_step(model, cfg, mesh)
+        seen = []
+        for k in range(3):
+            state, m = step(state, to_global(make_batch(8, seed=k), mesh), np.float32(1.0))
+            seen.append(float(m["loss"]))
+        assert len(state.params["head"]["kernel"].sharding.device_set) == n
+        results.append((seen, host(state.params), host(state.batch_stats)))
+    (l1, p1, b1), (l8, p8, b8) = results
+    np.testing.assert_allclose(l1, l8, rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p8)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), b1, b8)
+    assert not np.allclose(b1["bn"]["mean"], init_variables(model)["batch_stats"]["bn"]["mean"])
+
+
+def test_non_finite_step_returns_the_old_state():
+    model = TinySeg(dropout=0.2)
+    mesh = make_mesh()
+    _, state = _setup(model, mesh)
+    step = train.make_train_step(model, train.TrainConfig(), mesh)
+    batch = to_global(make_batch(8), mesh)
+    state, m = step(state, batch)
+    before = host(state)
+    state, m = step(state, batch, np.float32(np.inf))  # the update overflows
+    assert not bool(m["finite"]) and np.isfinite(float(m["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, host(state), before)
+    # A NaN loss (poisoned weights) is caught the same way.
+    bad = state.replace(params=jax.device_put(jax.tree.map(lambda x: np.full_like(x, np.nan), before.params),
+                                              state.params["head"]["kernel"].sharding))
+    bad_host = host(bad)
+    bad, m = step(bad, batch)
+    assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), host(bad), bad_host)
+    assert int(bad.step) == 1
+    state = train.create_train_state(model, {"params": before.params, "batch_stats": before.batch_stats},
+                                     state.tx, before.rng, mesh)
+    state, m = step(state, batch)
+    assert bool(m["finite"]) and int(state.step) == 1
+
+
+def test_no_recompilation_across_rounds_and_lr_scales():
+    model = TinySeg(dropout=0.1)
+    mesh = make_mesh()
+    variables, state = _setup(model, mesh)
+    step = train.make_train_step(model, train.TrainConfig(regularizer="mrl2", reg_weight=0.1), mesh)
+    batch = to_global(make_batch(8), mesh)
+    for r in range(3):
+        if r:  # a new round: fresh optimiser (rebuilt, memoised) and state, smaller LR
+            tx = train.make_optimizer(tiny_labels(variables["params"]), lr=0.05, momentum=0.9,
+                                      weight_decay=5e-4, head_lr_mult=10.0)
+            state = train.create_train_state(model, {"params": host(state.params), "batch_stats": variables["batch_stats"]},
+                                             tx, jax.random.key(r), mesh)
+            state = train.reset_optimizer(state, mesh)
+        for lr_scale in (train.round_lr_scale(r), 0.5, 1):
+            state, m = step(state, batch, lr_scale)
+            assert bool(m["finite"])
+    assert step.jitted._cache_size() == 1
+
+
+def test_bfloat16_model_float32_loss():
+    model = TinySeg(dtype=jnp.bfloat16)
+    mesh = make_mesh()
+    _, state = _setup(model, mesh)
+    step = train.make_train_step(model, train.TrainConfig(loss_resolution="stride", stride=2), mesh)
+    state, m = step(state, to_global(make_batch(8), mesh))
+    assert m["loss"].dtype == jnp.float32 and bool(m["finite"])
+    assert state.params["head"]["kernel"].dtype == jnp.float32

@@ -209,12 +209,12 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
     wpi = np.maximum(wp, 1.0)[None, :]
     win = (is_b & (((ys - top[None, :]) % wpi) >= 0.5 * wpi) & (((xs - x0_of[None, :]) % wpi) >= 0.5 * wpi)
            & (ys > top[None, :] + wpi) & (ys < yh))
-    fimg[win] *= 0.55
+    fimg *= np.where(win, np.float32(0.55), np.float32(1.0))[:, :, None]
     veg_px = np.broadcast_to(kind[None, :] == VEGETATION, (H, W))
     speck = rng.uniform(0.75, 1.2, (H, W)).astype(np.float32)
-    fimg[veg_px] *= speck[veg_px][:, None]
-    cv.img[fac] = fimg[fac]
-    cv.lab[fac] = np.broadcast_to(kind[None, :], (H, W))[fac]
+    fimg *= np.where(veg_px, speck, np.float32(1.0))[:, :, None]
+    np.copyto(cv.img, fimg, where=fac[:, :, None])
+    np.copyto(cv.lab, np.broadcast_to(kind[None, :], (H, W)), where=fac)
 
     # Ground: road trapezoid, sidewalks, dashed lane marks.
     rw = rng.uniform(*style.road_half) * W
@@ -224,13 +224,13 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
     dx = np.abs(xs - xv)
     road = ground & (dx <= t * rw)
     side = ground & (dx <= t * (rw + sw)) & ~road
-    cv.img[side] = _jit(rng, style.sidewalk_rgb, style.jitter)
-    cv.lab[side] = SIDEWALK
-    cv.img[road] = _jit(rng, style.road_rgb, style.jitter * 0.5)
-    cv.lab[road] = ROAD
+    np.copyto(cv.img, _jit(rng, style.sidewalk_rgb, style.jitter), where=side[:, :, None])
+    np.copyto(cv.lab, np.uint8(SIDEWALK), where=side)
+    np.copyto(cv.img, _jit(rng, style.road_rgb, style.jitter * 0.5), where=road[:, :, None])
+    np.copyto(cv.lab, np.uint8(ROAD), where=road)
     phase = rng.uniform(0, 1)
     dash = road & (dx <= np.maximum(t * 1.6 * s, 0.35)) & (((1.0 / np.maximum(t, 1e-3)) * 1.5 + phase) % 1.0 < 0.5)
-    cv.img[dash] = (0.92, 0.92, 0.90)
+    np.copyto(cv.img, np.array((0.92, 0.92, 0.90), np.float32), where=dash[:, :, None])
 
     # Objects at ground points, drawn far to near.
     objs = []

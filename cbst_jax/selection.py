@@ -107,19 +107,22 @@ def subsample_mask(pred, num_classes: int, subsample: int = 1, valid=None):
 # ------------------------------------------------------------------------------ histograms
 
 
-def _scatter_count(index, size: int):
-    """``bincount(index, length=size)`` in int32; indices >= size are dropped.
+def _count(index_fn, pixels, size: int):
+    """``bincount(index_fn(*pixels), length=size)`` in int32; indices >= size are dropped.
 
-    On CPU the pixels are split into a few independent scatters that XLA runs concurrently
-    (XLA's CPU scatter is a serial loop); on accelerators one scatter.
+    ``pixels`` are per-pixel arrays of one shape (None allowed). On CPU the pixels are cut
+    into a few slices, each computing its indices and scattering into its own histogram:
+    XLA's CPU scatter is a serial loop, and independent slices run concurrently and keep
+    the index temporaries small. Accelerators take one scatter.
     """
-    index = index.reshape(-1)
-    splits = 4 if jax.default_backend() == "cpu" and index.size >= (1 << 20) else 1
-    bounds = np.linspace(0, index.size, splits + 1).astype(int)
-    parts = [
-        jnp.zeros(size, jnp.int32).at[index[a:b]].add(1, mode="drop")
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
+    flat = [None if x is None else jnp.asarray(x).reshape(-1) for x in pixels]
+    n = next(x for x in flat if x is not None).size
+    splits = 4 if jax.default_backend() == "cpu" and n >= (1 << 20) else 1
+    bounds = np.linspace(0, n, splits + 1).astype(int)
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        index = index_fn(*(None if x is None else x[a:b] for x in flat))
+        parts.append(jnp.zeros(size, jnp.int32).at[index].add(1, mode="drop"))
     return functools.reduce(jnp.add, parts)
 
 
@@ -134,29 +137,36 @@ def coarse_histogram_from_confidence(conf, pred, num_classes: int, valid=None):
     ``pred`` gives each pixel's class; pixels outside ``valid`` (padding) are not counted.
     Row sums are the per-class predicted-pixel counts.
     """
-    _check_batch(conf.size)
-    key = _sort_key(jnp.asarray(conf, jnp.float32))
-    index = jnp.asarray(pred).astype(jnp.uint32) * NUM_BINS + (key >> KEY_HALF_BITS)
-    if valid is not None:
-        index = jnp.where(valid, index, jnp.uint32(num_classes * NUM_BINS))
-    return _scatter_count(index, num_classes * NUM_BINS).reshape(num_classes, NUM_BINS)
+    _check_batch(np.size(conf))
+    size = num_classes * NUM_BINS
+
+    def index(conf, pred, valid):
+        key = _sort_key(conf.astype(jnp.float32))
+        index = pred.astype(jnp.uint32) * NUM_BINS + (key >> KEY_HALF_BITS)
+        return index if valid is None else jnp.where(valid, index, jnp.uint32(size))
+
+    return _count(index, (conf, pred, valid), size).reshape(num_classes, NUM_BINS)
 
 
 def fine_histogram_from_confidence(conf, pred, bins, valid=None):
     """Pass 2: per-class counts of the low 16 key bits among pixels whose high bits equal
     ``bins[class]`` (``RefinementTarget.bins``; -1 counts nothing), (C, 65536) int32."""
-    _check_batch(conf.size)
+    _check_batch(np.size(conf))
     bins = jnp.asarray(bins, jnp.int32)
     num_classes = bins.shape[0]
-    pred = jnp.asarray(pred).astype(jnp.int32)
-    key = _sort_key(jnp.asarray(conf, jnp.float32))
-    hit = (key >> KEY_HALF_BITS).astype(jnp.int32) == bins[jnp.clip(pred, 0, num_classes - 1)]
-    hit &= (pred >= 0) & (pred < num_classes)
-    if valid is not None:
-        hit &= jnp.asarray(valid, bool)
-    index = pred.astype(jnp.uint32) * NUM_BINS + (key & jnp.uint32(NUM_BINS - 1))
-    index = jnp.where(hit, index, jnp.uint32(num_classes * NUM_BINS))
-    return _scatter_count(index, num_classes * NUM_BINS).reshape(num_classes, NUM_BINS)
+    size = num_classes * NUM_BINS
+
+    def index(conf, pred, valid):
+        pred = pred.astype(jnp.int32)
+        key = _sort_key(conf.astype(jnp.float32))
+        hit = (key >> KEY_HALF_BITS).astype(jnp.int32) == bins[jnp.clip(pred, 0, num_classes - 1)]
+        hit &= (pred >= 0) & (pred < num_classes)
+        if valid is not None:
+            hit &= valid.astype(bool)
+        index = pred.astype(jnp.uint32) * NUM_BINS + (key & jnp.uint32(NUM_BINS - 1))
+        return jnp.where(hit, index, jnp.uint32(size))
+
+    return _count(index, (conf, pred, valid), size).reshape(num_classes, NUM_BINS)
 
 
 def coarse_histogram(probs, prior=None, valid=None, subsample: int = 1):
@@ -205,10 +215,10 @@ def class_pixel_counts(coarse_counts) -> np.ndarray:
 
 def _descending_select(rows: np.ndarray, ranks: np.ndarray):
     """Per row, the bin holding the ``rank``-th largest element (1-based) and the rank in it."""
-    above = np.cumsum(rows[:, ::-1], axis=1)[:, ::-1]  # above[r, h] = #elements in bins >= h
-    bins = (above >= ranks[:, None]).sum(1) - 1
-    above_next = np.concatenate([above[:, 1:], np.zeros_like(above[:, :1])], 1)
-    return bins, ranks - above_next[np.arange(len(rows)), bins]
+    from_top = np.cumsum(rows[:, ::-1], axis=1)  # from_top[r, j] = #elements in the top j+1 bins
+    j = np.array([np.searchsorted(row, k) for row, k in zip(from_top, ranks)])
+    before = np.where(j > 0, from_top[np.arange(len(rows)), np.maximum(j - 1, 0)], 0)
+    return rows.shape[1] - 1 - j, ranks - before
 
 
 def plan_refinement(coarse_counts, portion: float, policy: str = "cbst") -> RefinementTarget:

@@ -27,7 +27,7 @@ def test_record_format_and_determinism():
     assert src[-1]["name"] == src[9]["name"] and len(src) == 10
     with pytest.raises(IndexError):
         src[10]
-    assert src.num_classes == 19 and len(src.names) == 19 and src.has_labels
+    assert src.num_classes == 19 and len(src.class_names) == 19 and len(src.names) == len(src) and src.has_labels
 
 
 @pytest.mark.parametrize("other", [dict(split="val"), dict(seed=1), dict(domain="target", split="val"),

@@ -345,7 +345,7 @@ class SyntheticSource:
     """
 
     num_classes = 19
-    names = CITYSCAPES_CLASSES
+    class_names = CITYSCAPES_CLASSES
     ignore_index = IGNORE_INDEX
 
     def __init__(self, domain: str, split: str, *, height: int = 64, width: int = 128,
@@ -370,8 +370,15 @@ class SyntheticSource:
         if not 0 <= i < self.num_images:
             raise IndexError(f"index {i} out of range for {self.num_images} images")
         image, label = render(self.domain, self.split, i, height=self.height, width=self.width, seed=self.seed)
-        return {"image": image, self.label_key: label,
-                "name": f"synthetic_{self.domain}_{self.split}_s{self.seed}_{i:05d}"}
+        return {"image": image, self.label_key: label, "name": self._name(i)}
+
+    def _name(self, i: int) -> str:
+        return f"synthetic_{self.domain}_{self.split}_s{self.seed}_{i:05d}"
+
+    @property
+    def names(self) -> list[str]:
+        """Record names (stems), as the folder readers give them (``check_disjoint`` compares these)."""
+        return [self._name(i) for i in range(self.num_images)]
 
     def __repr__(self) -> str:
         return (f"SyntheticSource({self.domain!r}, {self.split!r}, {self.height}x{self.width}, "

@@ -1,0 +1,238 @@
+"""Experiment configuration: one ``ml_collections.ConfigDict`` schema shared by every
+experiment, its validation, and the absl entry point used by ``python -m experiments.<name>``.
+
+Unknown keys are rejected (the config is locked; ``--config.nope=1`` fails with a one-line
+message), and invalid values fail before any work starts, naming the key and what was expected.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+
+import ml_collections
+
+METHODS = ("source_only", "st", "cbst", "cbst_sp", "mrent", "mrkld", "mrl2", "lrent", "lrl2", "lrkld")
+MODEL_REGULARIZERS = {"mrent", "mrkld", "mrl2"}
+LABEL_REGULARIZERS = {"lrent", "lrl2", "lrkld"}
+
+
+DOWNLOADS = {
+    "gta5": "GTA5 (download.visinf.tu-darmstadt.de/data/from_games: 01_images.zip..10_images.zip, "
+            "01_labels.zip..10_labels.zip)",
+    "cityscapes": "Cityscapes (cityscapes-dataset.com: leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip)",
+    "synthia": "SYNTHIA-RAND-CITYSCAPES (synthia-dataset.net: SYNTHIA_RAND_CITYSCAPES.rar)",
+    "bdd100k": "BDD100K semantic segmentation (bdd-data.berkeley.edu: bdd100k_images_10k.zip, "
+               "bdd100k_sem_seg_labels_trainval.zip)",
+    "nthu": "the NTHU Cross-City dataset (yihsinchen.github.io/segmentation_adaptation_dataset: NTHU_Datasets)",
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message is one line naming key and expectation."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key an experiment may set, with neutral defaults (experiments override them)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_classes = 19
+    c.methods = "source_only,st,cbst,cbst_sp"   # run in order, each from the same source model
+    c.quick = False                             # tiny sizes for smoke tests (~1 minute)
+    c.preset = ""                               # synthetic only: "gpu" = 256x512 images for a lent GPU
+    c.distributed = False                       # jax.distributed.initialize() (multi-host)
+    c.select_by_eval = False                    # report a best round picked on the eval split (flagged)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "deeplabv2_resnet101"
+    c.model.dtype = "float32"                   # activations: float32 | bfloat16
+    c.model.train_bn = False                    # False: frozen BN, as both references
+    c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model
+    c.model.init_is_source_model = False        # True: round 0 = these weights, no source training
+    c.model.width = 0                           # small variants only: channel width (0 = default)
+
+    c.source = ml_collections.ConfigDict(dict(name="gta5", root="", split="train", list_file=""))
+    c.target = ml_collections.ConfigDict(dict(name="cityscapes", root="", train_split="train",
+                                              eval_split="val", list_file="", city=""))
+    c.eval_classes = ""                         # "miou13": also mIoU over 13 of 16; "synthetic": drawn classes
+    c.synthetic = ml_collections.ConfigDict(dict(height=64, width=128, num_source=1500, num_target_train=400,
+                                                 num_target_val=300, data_seed=0))
+
+    c.input = ml_collections.ConfigDict()
+    c.input.crop = (512, 1024)
+    c.input.scale_range = (0.5, 1.5)
+    c.input.flip = True
+    c.input.mine_prob = 0.8
+    c.input.batch_size = 2                      # global batch, source + target
+    c.input.sampler = "pooled"                  # pooled (CBST/CRST) | paired (fixed source share)
+    c.input.source_share = 0.5                  # paired sampler: source images per batch / batch
+    c.input.source_portion = (0.03, 0.0025, 0.06)   # first portion, step per round, maximum
+    c.input.source_subset = "nested"            # nested (CBST) | fresh (CRST) subsets per round
+    c.input.eval_size = (1024, 2048)            # canvas of evaluation / pseudo-labelling batches
+    c.input.eval_batch_size = 1                 # global; padded to a multiple of the devices
+    c.input.workers = 4
+
+    c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly"))
+
+    c.self_training = ml_collections.ConfigDict()
+    c.self_training.rounds = 3
+    c.self_training.portion = (0.2, 0.05, 0.5)  # p0, Δp, p_max: p_r = min(p0 + r·Δp, p_max)
+    c.self_training.epochs_per_round = 2.0
+    c.self_training.steps_per_round = 0         # > 0 overrides epochs_per_round
+    c.self_training.lr = 5e-5
+    c.self_training.lr_round_decay = 1.0        # lr_r = lr · decay^r (CBST: 1/sqrt(2))
+    c.self_training.schedule = "constant"       # constant | poly (within a round)
+    c.self_training.loss_resolution = "upsample"  # upsample (CRST) | stride (CBST)
+    c.self_training.select_subsample = 1        # reference: every 4th pixel of each class list
+    c.self_training.prior = ""                  # spatial prior .npz; empty: built from source labels
+    c.self_training.prior_sigma = 4.0
+    c.self_training.prior_size = (128, 256)
+    c.self_training.reg_weight = 0.1            # MR*/LR* weight α
+    c.self_training.mine_rare = True            # rare-class mining from the pseudo-label statistics
+
+    c.predict = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
+
+    c.optim = ml_collections.ConfigDict(dict(momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0))
+    c.log_every = 50
+    c.checkpoint_every = 500                    # training steps between checkpoints
+    return c
+
+
+def finalize(config):
+    """A copy of ``config`` with the ``quick`` and ``preset`` shortcuts applied."""
+    c = copy.deepcopy(config)
+    synthetic = c.source.name.startswith("synthetic/")
+    if c.preset not in ("", "cpu", "gpu"):
+        _fail("preset", c.preset, "'', 'cpu' or 'gpu'")
+    if c.preset == "gpu":
+        if not synthetic:
+            _fail("preset", c.preset, "'' for real datasets (presets size the synthetic pair)")
+        c.synthetic.height, c.synthetic.width = 256, 512
+        c.input.crop = c.input.eval_size = (256, 512)
+        c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 3000, 500, 500
+        c.input.eval_batch_size = 32
+    if c.quick:
+        c.source_training.steps = min(c.source_training.steps, 60)
+        c.self_training.rounds = min(c.self_training.rounds, 2)
+        c.self_training.steps_per_round = 12
+        c.log_every = min(c.log_every, 10)
+        c.checkpoint_every = min(c.checkpoint_every, 25)
+        if synthetic:
+            c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 96, 48, 32
+            c.input.eval_batch_size = 16
+    return c
+
+
+def method_list(config) -> list[str]:
+    return [m.strip() for m in str(config.methods).split(",") if m.strip()]
+
+
+def _fail(key, value, expected):
+    raise ConfigError(f"config.{key}={value!r}: expected {expected}")
+
+
+def validate(config, *, need_roots: bool = True) -> None:
+    """Raises ConfigError on the first invalid value."""
+    methods = method_list(config)
+    if not methods:
+        _fail("methods", config.methods, "a comma-separated list of " + ", ".join(METHODS))
+    for m in methods:
+        if m not in METHODS:
+            _fail("methods", m, "one of " + ", ".join(METHODS))
+    if config.num_classes not in (13, 16, 19):
+        _fail("num_classes", config.num_classes, "19, 16 (SYNTHIA protocol) or 13 (NTHU)")
+    p0, dp, pmax = config.self_training.portion
+    for key, v in (("self_training.portion[0] (p0)", p0), ("self_training.portion[2] (p_max)", pmax)):
+        if not (0 < v <= 1) or math.isnan(v):
+            _fail(key, v, "a portion in (0, 1]")
+    if dp < 0:
+        _fail("self_training.portion[1] (Δp)", dp, "a non-negative step")
+    if p0 > pmax:
+        _fail("self_training.portion", tuple(config.self_training.portion), "p0 <= p_max")
+    s0, ds, smax = config.input.source_portion
+    if not (0 < s0 <= 1 and 0 < smax <= 1 and ds >= 0 and s0 <= smax):
+        _fail("input.source_portion", tuple(config.input.source_portion),
+              "(first, step, max) with 0 < first <= max <= 1 and step >= 0")
+    if config.self_training.rounds < 0:
+        _fail("self_training.rounds", config.self_training.rounds, "a count >= 0")
+    if config.input.batch_size < 1:
+        _fail("input.batch_size", config.input.batch_size, "a positive global batch size")
+    lo, hi = config.input.scale_range
+    if not 0 < lo <= hi:
+        _fail("input.scale_range", tuple(config.input.scale_range), "0 < low <= high")
+    if not 0 <= config.input.mine_prob <= 1:
+        _fail("input.mine_prob", config.input.mine_prob, "a probability in [0, 1]")
+    if config.input.sampler not in ("pooled", "paired"):
+        _fail("input.sampler", config.input.sampler, "pooled or paired")
+    if config.input.source_subset not in ("nested", "fresh"):
+        _fail("input.source_subset", config.input.source_subset, "nested or fresh")
+    if config.self_training.loss_resolution not in ("upsample", "stride"):
+        _fail("self_training.loss_resolution", config.self_training.loss_resolution, "upsample or stride")
+    if config.self_training.schedule not in ("constant", "poly"):
+        _fail("self_training.schedule", config.self_training.schedule, "constant or poly")
+    if config.source_training.schedule not in ("constant", "poly"):
+        _fail("source_training.schedule", config.source_training.schedule, "constant or poly")
+    if config.eval_classes not in ("", "miou13", "synthetic"):
+        _fail("eval_classes", config.eval_classes, "'', 'miou13' or 'synthetic'")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
+    if not config.predict.scales or any(s <= 0 for s in config.predict.scales):
+        _fail("predict.scales", tuple(config.predict.scales), "positive scales, e.g. (0.9, 1.0, 1.2)")
+    if config.self_training.select_subsample < 1:
+        _fail("self_training.select_subsample", config.self_training.select_subsample, "an integer >= 1")
+    if config.model.init and not os.path.exists(config.model.init):
+        _fail("model.init", config.model.init, "an existing converted-weights file (.npz)")
+    if config.model.init_is_source_model and not config.model.init:
+        _fail("model.init_is_source_model", True, "model.init set to the source model's weights")
+    if config.self_training.prior and not os.path.exists(config.self_training.prior):
+        _fail("self_training.prior", config.self_training.prior, "an existing prior .npz (or empty to build one)")
+    if need_roots:
+        for side in ("source", "target"):
+            d = config[side]
+            if d.name.startswith("synthetic"):
+                continue
+            if not d.root:
+                raise ConfigError(f"config.{side}.root is empty: download {DOWNLOADS.get(d.name, d.name)}, "
+                                  f"extract it and pass --config.{side}.root=<folder> (layouts: docs/datasets.md); "
+                                  f"or run `python -m experiments.synthetic`, which needs no download")
+            if not os.path.isdir(d.root) and not str(d.root).startswith("tfds:"):
+                _fail(f"{side}.root", d.root, f"an existing folder holding {d.name} (see docs/datasets.md)")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds={text!r}: expected a comma-separated list of integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise ConfigError(f"--seeds={text!r}: expected at least one seed")
+    return seeds
+
+
+def main_for(get_config, description: str):
+    """absl entry point shared by the experiments: --config.x=..., --workdir, --seeds."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_dict("config", get_config(), description, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output folder (checkpoints, pseudo-labels, metrics, plots).")
+    flags.DEFINE_string("seeds", None, "Comma-separated seeds; results are aggregated as mean ± std.")
+    flags.DEFINE_bool("fresh", False, "Delete an existing workdir instead of resuming from it.")
+
+    def _main(argv):
+        del argv
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        from cbst_jax import self_training
+        try:
+            cfg = finalize(flags.FLAGS.config)
+            validate(cfg)
+            seeds = parse_seeds(flags.FLAGS.seeds) if flags.FLAGS.seeds else [cfg.seed]
+            workdir = flags.FLAGS.workdir or os.path.join("runs", description.split()[0])
+            return self_training.run_seeds(cfg, os.path.abspath(workdir), seeds, fresh=flags.FLAGS.fresh)
+        except (ConfigError, self_training.RunError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return lambda: app.run(_main)

@@ -1,0 +1,164 @@
+"""Sharded inference for self-training and evaluation.
+
+One jitted function maps a padded, fixed-shape batch of uint8 images to class probabilities
+at the label (canvas) size: single scale, or multi-scale + flip (MST): at every scale the image
+is resized, the network's logits are bilinearly upsampled (align_corners, as CRST) back to
+the canvas, turned into probabilities, and the probabilities are averaged over scales and
+flips. Everything the self-training needs is reduced on the device from there:
+
+* the two histogram passes of the exact class-wise thresholds (``cbst_jax.selection``),
+* pseudo-labels (uint8) with per-class selected / correct pixel counts,
+* a confusion matrix for evaluation,
+
+so full-resolution float probability maps never reach the host (the reference wrote 152 MiB
+of them per image). The passes recompute the forward pass instead of caching predictions:
+3 forward passes per round of pseudo-labelling, no storage.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from cbst_jax import losses, metrics, selection
+from cbst_jax import sharding as shd
+from cbst_jax.labels import IGNORE_INDEX
+
+
+def _resize_images(images, size):
+    b, _, _, c = images.shape
+    return jax.image.resize(images, (b, size[0], size[1], c), method="linear", antialias=False)
+
+
+class Predictor:
+    """Probabilities, threshold statistics, pseudo-labels and confusion matrices of a model on
+    batch-sharded padded batches (``EvalIterator`` batches made global with ``to_global``)."""
+
+    def __init__(self, model, num_classes: int, mesh, canvas: tuple[int, int],
+                 scales: Sequence[float] = (1.0,), flip: bool = True):
+        self.model, self.num_classes, self.mesh = model, num_classes, mesh
+        self.canvas = tuple(int(c) for c in canvas)
+        self.scales, self.flip = tuple(float(s) for s in scales), bool(flip)
+        self._rep, self._data = shd.replicated(mesh), shd.batch_sharded(mesh)
+        self._jit_cache: dict = {}
+
+    # ------------------------------------------------------------------ traced pieces
+    def probs(self, variables, images):
+        """(B, H, W, C) float32 probabilities averaged over scales and flips."""
+        x = images.astype(jnp.float32)
+        total, n = 0.0, 0
+        for s in self.scales:
+            size = (max(8, round(self.canvas[0] * s)), max(8, round(self.canvas[1] * s)))
+            xs = x if size == self.canvas else _resize_images(x, size)
+            for flipped in ((False, True) if self.flip else (False,)):
+                xi = xs[:, :, ::-1] if flipped else xs
+                logits = self.model.apply(variables, xi, train=False)
+                if flipped:
+                    logits = logits[:, :, ::-1]
+                up = losses.resize_bilinear_align_corners(logits.astype(jnp.float32), self.canvas)
+                total = total + jax.nn.softmax(up, axis=-1)
+                n += 1
+        return total / n
+
+    def _histogram(self, probs, valid, prior, bins, refine: bool, subsample: int):
+        def local(p, v, q, b):
+            counts = (selection.fine_histogram(p, b, q, v, subsample) if refine
+                      else selection.coarse_histogram(p, q, v, subsample))
+            return jax.lax.psum(counts, shd.DATA_AXIS)
+
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(P(shd.DATA_AXIS), P(shd.DATA_AXIS), P(), P()),
+                             out_specs=P(), check_vma=False)(probs, valid, prior, bins)
+
+    def _jit(self, key, fn, **kw):
+        if key not in self._jit_cache:
+            self._jit_cache[key] = jax.jit(fn, **kw)
+        return self._jit_cache[key]
+
+    # ------------------------------------------------------------------ passes
+    def threshold_statistics(self, variables, batches_fn, prior=None, bins=None, subsample: int = 1):
+        """One histogram pass over ``batches_fn()`` (global batches); int64 (C, 65536) counts."""
+        refine = bins is not None
+
+        def step(acc, variables, images, valid, prior, bins):
+            counts = self._histogram(self.probs(variables, images), valid, prior, bins, refine, subsample)
+            return selection.accumulate(acc, counts)
+
+        fn = self._jit(("hist", refine, subsample, prior is None), step, donate_argnums=0)
+        acc = selection.HistogramAccumulator.zeros(self.num_classes, self._rep)
+        bins = jax.device_put(np.full(self.num_classes, -1, np.int32) if bins is None else np.asarray(bins, np.int32),
+                              self._rep)
+        for batch in batches_fn():
+            acc = fn(acc, variables, batch["image"], batch["valid"], prior, bins)
+        return acc.counts()
+
+    def thresholds(self, variables, batches_fn, portion: float, policy: str, prior=None, subsample: int = 1):
+        """Exact λ (C,) over a whole split (two streaming passes) and per-class pixel counts."""
+        coarse = self.threshold_statistics(variables, batches_fn, prior, None, subsample)
+        target = selection.plan_refinement(coarse, portion, policy)
+        fine = self.threshold_statistics(variables, batches_fn, prior, target.bins, subsample)
+        return selection.finish_thresholds(fine, target), selection.class_pixel_counts(coarse)
+
+    def pseudo_labels(self, variables, batch, thresholds, prior=None):
+        """(labels uint8 (B, H, W) global array, stats): stats = per-class selected pixels and,
+        where the batch carries ground truth, selected pixels that are correct."""
+        c = self.num_classes
+
+        def step(variables, images, valid, gt, lam, prior):
+            lab = selection.select_pseudo_labels(self.probs(variables, images), lam, prior)
+            lab = jnp.where(valid, lab, IGNORE_INDEX).astype(jnp.uint8)
+            li = lab.astype(jnp.int32)
+            picked = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(li, c).reshape(-1)].add(1)[:c]
+            hit = jnp.where(li == gt.astype(jnp.int32), li, c)
+            correct = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(hit, c).reshape(-1)].add(1)[:c]
+            valid_n = jnp.sum(valid.astype(jnp.int32))
+            return lab, picked, correct, valid_n
+
+        fn = self._jit(("pl", prior is None), step, out_shardings=(self._data, self._rep, self._rep, self._rep))
+        lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
+        return fn(variables, batch["image"], batch["valid"], batch["label"], lam, prior)
+
+    def confusion(self, variables, batch, return_pred: bool = False):
+        """(C, C) int32 confusion matrix of one batch (and the uint8 predictions if asked)."""
+        c = self.num_classes
+
+        def step(variables, images, labels, valid):
+            pred = jnp.argmax(self.probs(variables, images), axis=-1)
+            cm = metrics.confusion_matrix(labels, pred, c, IGNORE_INDEX, valid)
+            return cm, jnp.where(valid, pred, IGNORE_INDEX).astype(jnp.uint8)
+
+        fn = self._jit(("cm",), step, out_shardings=(self._rep, self._data))
+        cm, pred = fn(variables, batch["image"], batch["label"], batch["valid"])
+        return (cm, pred) if return_pred else cm
+
+    def evaluate(self, variables, batches: Iterable, keep_predictions: int = 0):
+        """Confusion matrix (int64) over all batches, plus the first ``keep_predictions``
+        predictions (host numpy, cropped to each record) for figures."""
+        acc, kept = metrics.ConfusionAccumulator(self.num_classes), []
+        for batch, host_batch in batches:
+            cm, pred = self.confusion(variables, batch, return_pred=True)
+            acc.add(cm)
+            if len(kept) < keep_predictions:
+                for row, lab in local_rows(pred, host_batch):
+                    if len(kept) < keep_predictions:
+                        kept.append(lab)
+        return acc.total, kept
+
+
+def local_rows(global_labels, host_batch):
+    """(host row, uint8 map cropped to the record's valid region) for this host's real rows."""
+    out = []
+    offset = jax.process_index() * len(host_batch["index"])
+    for shard in global_labels.addressable_shards:
+        start = shard.index[0].start or 0
+        data = np.asarray(shard.data)
+        for k in range(data.shape[0]):
+            row = start + k - offset
+            if 0 <= row < len(host_batch["index"]) and host_batch["index"][row] >= 0:
+                valid = host_batch["valid"][row]
+                h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
+                out.append((row, data[k, :h, :w]))
+    out.sort(key=lambda t: t[0])
+    return out

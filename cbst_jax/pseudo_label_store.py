@@ -1,0 +1,72 @@
+"""Per-round pseudo-labels on disk: one uint8 trainId PNG per target image (255 = ignored;
+~0.1–2 MB at 1024x2048, never float maps) plus a ``manifest.json`` written last.
+
+Every file is written to a temporary name and renamed, so a kill leaves either the old file or
+the new one. A round's labels count only once its manifest exists; a run killed while labelling
+redoes the round's labelling from the same model, which gives the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+from PIL import Image
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+class PseudoLabelStore:
+    """The pseudo-labels of one (method, round): ``<dir>/<index>.png`` keyed by record index."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, f"{int(index):07d}.png")
+
+    def begin(self) -> None:
+        """Starts (or restarts) labelling: removes any partial earlier attempt."""
+        if os.path.isdir(self.directory) and not self.complete():
+            shutil.rmtree(self.directory)
+        os.makedirs(self.directory, exist_ok=True)
+
+    def write(self, index: int, label: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(label, np.uint8), mode="L").save(buf, format="PNG", compress_level=1)
+        atomic_write_bytes(self._path(index), buf.getvalue())
+
+    def read(self, index: int) -> np.ndarray:
+        path = self._path(index)
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im, np.uint8)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: pseudo-label of target record {index} is missing "
+                                    f"(labelling of {self.directory} did not finish)") from None
+
+    def finish(self, manifest: dict) -> None:
+        atomic_write_json(os.path.join(self.directory, MANIFEST), manifest)
+
+    def complete(self) -> bool:
+        return os.path.exists(os.path.join(self.directory, MANIFEST))
+
+    def manifest(self) -> dict:
+        with open(os.path.join(self.directory, MANIFEST)) as f:
+            return json.load(f)

@@ -1,0 +1,234 @@
+"""What a user sees of a run: ``metrics.jsonl``, TensorBoard scalars, the paper-style table,
+the mIoU-per-round plot, the pseudo-label class-share/precision plots and prediction grids.
+
+Only process 0 writes. Rows are keyed by (seed, method, round): a resumed run that repeats a
+phase rewrites the same key, and readers keep the last row of each key.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from cbst_jax import labels as labels_lib
+from cbst_jax import metrics
+
+
+class MetricsLog:
+    """Append-only JSON lines + optional TensorBoard events in a workdir."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            if tensorboard:
+                try:
+                    from tensorboardX import SummaryWriter
+                    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                except ImportError:  # the lent GPU image has no tensorboardX: jsonl only
+                    self._tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_jsonable(row)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def scalars(self, tag_prefix: str, step: int, values: dict) -> None:
+        if self._tb is not None:
+            for k, v in values.items():
+                if np.isscalar(v) and np.isfinite(v):
+                    self._tb.add_scalar(f"{tag_prefix}/{k}", float(v), step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def read_rows(path: str, kind: str | None = None) -> list[dict]:
+    """Rows of a metrics.jsonl, last row per (kind, seed, method, round) key, in first-seen order."""
+    if not os.path.exists(path):
+        return []
+    rows: dict = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: skip it
+                continue
+            if kind is not None and r.get("kind") != kind:
+                continue
+            rows[(r.get("kind"), r.get("seed"), r.get("method"), r.get("round"))] = r
+    return list(rows.values())
+
+
+def _nan(v):
+    return np.nan if v is None else v
+
+
+def eval_table(rows: Sequence[dict], class_names: Sequence[str], subset: Sequence[int] | None = None,
+               subset_name: str = "mIoU*") -> str:
+    """Paper-style table of eval rows (one per method and round), single seed."""
+    table_rows, extra = [], {subset_name: []} if subset is not None else None
+    for r in rows:
+        iou = np.array([_nan(v) for v in r["iou"]], np.float64)
+        name = r["method"] if r.get("round") is None else f"{r['method']} r{r['round']}"
+        table_rows.append((name, iou, _nan(r["miou"])))
+        if subset is not None:
+            extra[subset_name].append(_nan(r.get("miou_subset")))
+    return metrics.format_table(table_rows, class_names, extra_means=extra)
+
+
+def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:
+    """mean ± std over seeds of every (method, round) present for all seeds."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r.get("round")), []).append(r)
+    seeds = sorted({r["seed"] for r in rows})
+    table_rows, stds = [], []
+    for (method, rnd), rs in groups.items():
+        iou = np.array([[_nan(v) for v in r["iou"]] for r in rs], np.float64)
+        miou = np.array([_nan(r["miou"]) for r in rs], np.float64)
+        name = method if rnd is None else f"{method} r{rnd}"
+        name += f" (n={len(rs)})" if len(rs) != len(seeds) else ""
+        table_rows.append((name, np.nanmean(iou, 0), float(np.nanmean(miou))))
+        stds.append(list(np.nanstd(iou, 0)) + [float(np.nanstd(miou))])
+    return metrics.format_table(table_rows, class_names, stds=stds) + f"\nmean ± std over seeds {seeds}."
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _atomic_savefig(fig, path):
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_miou_curves(rows: Sequence[dict], path: str) -> None:
+    """mIoU per round per method (mean over seeds, with a ±std band when several seeds)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method: dict = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {}).setdefault(r.get("round"), []).append(_nan(r["miou"]))
+    for method, per_round in by_method.items():
+        if list(per_round) == [None]:
+            ax.axhline(100 * np.nanmean(per_round[None]), ls="--", color="gray", label=method)
+            continue
+        rounds = sorted(k for k in per_round if k is not None)
+        mean = np.array([100 * np.nanmean(per_round[k]) for k in rounds])
+        std = np.array([100 * np.nanstd(per_round[k]) for k in rounds])
+        ax.plot(rounds, mean, marker="o", label=method)
+        if any(len(per_round[k]) > 1 for k in rounds):
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def _nanmean_rows(rows) -> np.ndarray:
+    """Column means ignoring NaN/None; NaN where a column has no value (no warning)."""
+    a = np.array([[_nan(v) for v in r] for r in rows], np.float64)
+    n = np.sum(~np.isnan(a), 0)
+    return np.where(n > 0, np.nansum(a, 0) / np.maximum(n, 1), np.nan)
+
+
+def plot_pseudo_label_stats(rows: Sequence[dict], class_names: Sequence[str], path: str,
+                            methods: Iterable[str] = ("st", "cbst")) -> None:
+    """Per round: each class's share of the selected pseudo-label pixels, and their precision
+    against the hidden target labels, one panel pair per method (means over seeds)."""
+    plt = _plt()
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    if not methods:
+        return
+    fig, axes = plt.subplots(2, len(methods), figsize=(6 * len(methods), 7), squeeze=False)
+    for j, method in enumerate(methods):
+        mrows = [r for r in rows if r["method"] == method]
+        rounds = sorted({r["round"] for r in mrows})
+        share = np.array([_nanmean_rows([r["share"] for r in mrows if r["round"] == k]) for k in rounds])
+        prec = np.array([_nanmean_rows([r.get("precision") or [None] * len(class_names)
+                                        for r in mrows if r["round"] == k]) for k in rounds])
+        present = np.where(np.nansum(share, 0) > 0)[0]
+        colors = labels_lib.palette(len(class_names)) / 255.0 if len(class_names) in (13, 16, 19) else None
+        for c in present:
+            kw = dict(marker="o", label=class_names[c])
+            if colors is not None:
+                kw["color"] = colors[c]
+            axes[0, j].semilogy(rounds, 100 * np.maximum(share[:, c], 1e-6), **kw)
+            axes[1, j].plot(rounds, 100 * prec[:, c], **kw)
+        axes[0, j].set_title(f"{method}: class share of pseudo-labels (%)")
+        axes[1, j].set_title(f"{method}: pseudo-label precision (%)")
+        for ax in axes[:, j]:
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7, ncol=2, loc="lower right")
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def prediction_grid(columns: dict[str, Sequence[np.ndarray]], path: str, num_classes: int) -> None:
+    """A PNG grid like the paper's figure: one column per entry (an RGB image list, or trainId
+    maps drawn in the Cityscapes palette with ignore in black), one row per example."""
+    from PIL import Image
+
+    names = list(columns)
+    n = len(columns[names[0]])
+    tiles = []
+    for i in range(n):
+        row = []
+        for name in names:
+            x = np.asarray(columns[name][i])
+            row.append(x if x.ndim == 3 else labels_lib.colorize(x, num_classes))
+        h = max(t.shape[0] for t in row)
+        row = [np.pad(t, ((0, h - t.shape[0]), (0, 2), (0, 0))) for t in row]
+        tiles.append(np.concatenate(row, 1))
+    w = max(t.shape[1] for t in tiles)
+    grid = np.concatenate([np.pad(t, ((0, 2), (0, w - t.shape[1]), (0, 0))) for t in tiles], 0)
+    header = _header(names, [columns[k][0].shape[1] + 2 for k in names], grid.shape[1])
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.concatenate([header, grid], 0)).save(tmp)
+    os.replace(tmp, path)
+
+
+def _header(names, widths, total_width, height=14):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (total_width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    x = 0
+    for name, w in zip(names, widths):
+        draw.text((x + 2, 1), name, fill=(0, 0, 0))
+        x += w
+    return np.asarray(img)

@@ -1,0 +1,51 @@
+"""The embedded benchmark: the procedural source/target street-scene pair (no download), small
+network, CPU-sized by default.
+
+Default (`python -m experiments.synthetic`): source-only, ST, CBST and CBST-SP from one source
+model, 64x128 images, sized to finish in about 10 minutes on 2 CPU cores. `--config.quick=True`
+shrinks everything to a ~1 minute smoke run (used by the tests); `get_config("gpu")` (i.e.
+`--config=experiments/configs/synthetic.py:gpu` is not needed: pass `--config.preset=gpu`) is a
+256x512 version for a lent GPU.
+"""
+from cbst_jax import config_lib
+
+
+def get_config():
+    c = config_lib.base_config()
+    c.methods = "source_only,st,cbst,cbst_sp"
+    c.eval_classes = "synthetic"
+    c.model.name = "fcn8s_vgg16_small"
+    c.source.name, c.source.split = "synthetic/source", "train"
+    c.target.name, c.target.train_split, c.target.eval_split = "synthetic/target", "train", "val"
+    c.synthetic.height, c.synthetic.width = 64, 128
+    c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 1500, 400, 300
+    c.input.crop = (64, 128)
+    c.input.scale_range = (1.0, 1.0)
+    c.input.mine_prob = 0.0
+    c.input.batch_size = 16
+    c.input.sampler = "paired"                 # half source, half target (feasibility study, config D)
+    c.input.source_share = 0.5
+    c.input.source_portion = (1.0, 0.0, 1.0)   # the synthetic source set is small: use all of it
+    c.input.source_subset = "nested"
+    c.input.eval_size = (64, 128)
+    c.input.eval_batch_size = 64
+    c.input.workers = 2
+    c.source_training.steps = 1200
+    c.source_training.lr = 0.01
+    c.source_training.schedule = "poly"
+    c.self_training.rounds = 3
+    c.self_training.portion = (0.2, 0.05, 0.5)
+    c.self_training.steps_per_round = 200
+    c.self_training.lr = 2.5e-3
+    c.self_training.lr_round_decay = 0.7071067811865476   # 1/sqrt(2) per round, as CBST's solve_AO
+    c.self_training.schedule = "constant"
+    c.self_training.loss_resolution = "upsample"
+    c.self_training.prior_size = (64, 128)
+    c.self_training.prior_sigma = 2.0
+    c.self_training.mine_rare = False
+    c.predict.scales = (1.0,)
+    c.predict.flip = True
+    c.optim.head_lr_mult = 1.0
+    c.log_every = 50
+    c.checkpoint_every = 200
+    return c

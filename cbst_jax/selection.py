@@ -23,10 +23,15 @@ picks the bin holding rank ``floor(N_c p)`` and the rank inside it. Pass 2 count
 result is bit-identical to the sort definition, and both passes are sums over pixels, so
 they stream over a dataset batch by batch and merge across devices and hosts by addition.
 
-Counts: each jitted histogram is int32 (a batch must hold fewer than 2**30 pixels).
+Counts: each jitted histogram is int32 (a batch may hold at most 2**30 pixels).
 Running sums over a dataset are kept on device as an int32 pair
 ``count = hi * 2**30 + lo`` (:class:`HistogramAccumulator`, exact to 2**61 pixels, no
 host sync per batch) and turned into int64 on the host once per pass.
+
+Reference details not reproduced: the per-class lists of the reference start with a
+spurious 0.0 (no effect in practice); the MXNet code also maps a computed threshold of
+exactly 0.0 (possible only with a prior) to 1.0, the CRST code keeps it. NaN confidences
+are not supported.
 """
 from __future__ import annotations
 

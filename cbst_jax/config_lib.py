@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.quick = False                             # tiny sizes for smoke tests (~1 minute)
     c.preset = ""                               # synthetic only: "gpu" = 256x512 images for a lent GPU
     c.distributed = False                       # jax.distributed.initialize() (multi-host)
+    c.coordinator_address = ""                  # multi-host without cluster auto-detection:
+    c.num_processes = 0                         #   host:port of process 0, process count and
+    c.process_id = -1                           #   this process's id
     c.select_by_eval = False                    # report a best round picked on the eval split (flagged)
 
     c.model = ml_collections.ConfigDict()
@@ -50,7 +53,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.train_bn = False                    # False: frozen BN, as both references
     c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model
     c.model.init_is_source_model = False        # True: round 0 = these weights, no source training
-    c.model.width = 0                           # small variants only: channel width (0 = default)
 
     c.source = ml_collections.ConfigDict(dict(name="gta5", root="", split="train", list_file=""))
     c.target = ml_collections.ConfigDict(dict(name="cityscapes", root="", train_split="train",

@@ -99,10 +99,8 @@ def _class_lists(config):
 def build_model(config):
     from cbst_jax import models
 
-    opts = {"dtype": config.model.dtype, "train_bn": config.model.train_bn}
-    if config.model.width:
-        opts["width"] = config.model.width
-    return models.get_model(config.model.name, config.num_classes, **opts)
+    return models.get_model(config.model.name, config.num_classes, dtype=config.model.dtype,
+                            train_bn=config.model.train_bn)
 
 
 def init_variables(config, model, rng, crop):
@@ -170,6 +168,15 @@ def spatial_prior(exp: Experiment):
         _barrier("prior")
     q = priors.resize_prior(priors.load_prior(path, exp.config.num_classes), exp.canvas)
     return jax.device_put(q, shd.replicated(exp.mesh))
+
+
+def _agree(flag: bool) -> bool:
+    """Process 0's answer to a question about shared files, so every process takes the same
+    branch (and so runs the same collectives) even while process 0 is writing those files."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.array(bool(flag))))
 
 
 def _barrier(name: str) -> None:
@@ -306,6 +313,7 @@ class Trainer:
             loss_resolution=cfg.self_training.loss_resolution, stride=exp.model.output_stride,
             regularizer="none", reg_weight=0.0, train_bn=cfg.model.train_bn), exp.mesh)
         self._reg_steps = {}
+        self.last_loss = None
 
     def step_for(self, method: str):
         cfg = self.exp.config
@@ -350,6 +358,7 @@ class Trainer:
                 ckpt_index += 1
         if pending is not None:
             self._check(stage, *pending, losses_seen)
+        self.last_loss = float(np.mean(losses_seen[-cfg.log_every:])) if losses_seen else None
         return state, ckpt_index
 
     def _check(self, stage, k, m, losses_seen):
@@ -429,7 +438,7 @@ def run(config, workdir: str) -> list[dict]:
     t_start = time.time()
 
     # ---- round 0: the source model
-    if source_ck.latest() is None:
+    if _agree(source_ck.latest() is None):
         state, start, meta, ckpt = template, 0, None, (run_ck.latest() or 0) + 1
         latest = run_ck.restore_meta()
         if latest is not None and latest.get("stage") == SOURCE_STAGE:
@@ -447,7 +456,7 @@ def run(config, workdir: str) -> list[dict]:
         source_ck.save(0, state, {"stage": SOURCE_STAGE, "phase": "done"})
     source_state, _ = source_ck.restore(abstract)
     kept = {}
-    if ("source_only", None) not in _rows_done(exp, "eval"):
+    if _agree(("source_only", None) not in _rows_done(exp, "eval")):
         cm, preds = evaluate(exp, source_state)
         exp.log.write(eval_row(exp, seed, "source_only", None, cm, {"wall_s": time.time() - t_start}))
         _save_preds(exp, "source_only", preds)
@@ -474,7 +483,7 @@ def run(config, workdir: str) -> list[dict]:
             state = fresh_state(exp, _variables(state), jax.random.fold_in(rng, zlib.crc32(key.encode()) % (2**31)))
         resume = None
         store = PseudoLabelStore(os.path.join(workdir, "pseudo_labels", method, f"round_{r}"))
-        if not store.complete():
+        if not _agree(store.complete()):
             manifest = generate_pseudo_labels(exp, state, method, r, store)
         else:
             manifest = store.manifest()
@@ -496,6 +505,7 @@ def run(config, workdir: str) -> list[dict]:
         ckpt += 1
         cm, preds = evaluate(exp, state)
         exp.log.write(eval_row(exp, seed, method, r, cm, {"portion": round_portion(config, r), "steps": steps,
+                                                         "train_loss": trainer.last_loss,
                                                          "wall_s": time.time() - t_start}))
         _save_preds(exp, f"{method}_r{r}", preds)
         _round_grid(exp, method, r, store)
@@ -606,9 +616,16 @@ def write_seed_report(exp: Experiment, rows) -> None:
 
 def run_seeds(config, workdir: str, seeds, fresh: bool = False) -> int:
     """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds."""
-    shd.maybe_initialize_distributed(config.distributed)
+    if config.distributed:
+        kwargs = {}
+        if config.coordinator_address:
+            kwargs = dict(coordinator_address=config.coordinator_address, num_processes=config.num_processes,
+                          process_id=config.process_id)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; no-op elsewhere
+        shd.maybe_initialize_distributed(True, **kwargs)
     if fresh and jax.process_index() == 0 and os.path.isdir(workdir):
         shutil.rmtree(workdir)
+    _barrier("fresh")
     all_rows = []
     t0 = time.time()
     for s in seeds:

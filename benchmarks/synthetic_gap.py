@@ -61,6 +61,11 @@ def confusion(labels, preds, valid, num_classes=19):
                        minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def iou_of(cm):
+    tp = np.diag(cm).astype(np.float64)
+    return tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="small_cnn")
@@ -72,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--n-source", type=int, default=1500)
     ap.add_argument("--n-val", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-at", type=int, nargs="*", default=[], help="extra target-val evaluations at these steps")
     args = ap.parse_args(argv)
     size = dict(height=args.height, width=args.width, seed=args.seed)
 
@@ -113,6 +119,14 @@ def main(argv=None):
         prob = jax.nn.softmax(forward(p, images)) + jax.nn.softmax(forward(p, images[:, :, ::-1]))[:, :, ::-1]
         return jnp.argmax(prob, -1)
 
+    def evaluate(p, dom):
+        ds = open_synthetic(dom, "val", num_images=args.n_val, **size)
+        cm = np.zeros((19, 19), np.int64)
+        with EvalIterator(ds, batch_size=32, process_index=0, process_count=1) as it:
+            for b in it:
+                cm += confusion(b["label"], np.asarray(predict(p, b["image"])), b["valid"])
+        return cm
+
     print(f"model {args.model}: {n_params:,} params; {args.steps} steps of batch {args.batch} "
           f"at {args.height}x{args.width}; backend {jax.default_backend()}", flush=True)
     t0 = time.perf_counter()
@@ -121,20 +135,17 @@ def main(argv=None):
         params, opt_state, loss = step(params, opt_state, b["image"], b["label"])
         if (i + 1) % 200 == 0 or i == 0:
             print(f"  step {i + 1:5d}  loss {float(loss):.4f}  {time.perf_counter() - t0:6.1f}s", flush=True)
+        if i + 1 in args.eval_at:
+            iou = iou_of(evaluate(params, "target"))
+            print("  target val at step", i + 1, " ".join(f"{CITYSCAPES_SHORT_NAMES[c]}={100 * iou[c]:.1f}"
+                                                         for c in DRAWN_CLASSES), flush=True)
     train.close()
     train_s = time.perf_counter() - t0
 
-    results = {}
+    results, cms = {}, {}
     for dom in ("target", "source"):
-        ds = open_synthetic(dom, "val", num_images=args.n_val, **size)
-        cm = np.zeros((19, 19), np.int64)
-        with EvalIterator(ds, batch_size=32, process_index=0, process_count=1) as it:
-            for b in it:
-                pred = np.asarray(predict(params, b["image"]))
-                cm += confusion(b["label"], pred, b["valid"])
-        tp = np.diag(cm).astype(np.float64)
-        iou = tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1)
-        results[dom] = iou
+        cms[dom] = evaluate(params, dom)
+        results[dom] = iou_of(cms[dom])
 
     cls = DRAWN_CLASSES
     head = "| domain (val) | " + " | ".join(CITYSCAPES_SHORT_NAMES[c] for c in cls) + " | large | rare | **mIoU11** |"
@@ -145,6 +156,14 @@ def main(argv=None):
         print(f"| {dom} | " + " | ".join(f"{100 * iou[c]:.1f}" for c in cls)
               + f" | {100 * iou[list(LARGE_CLASSES)].mean():.1f} | {100 * iou[list(RARE_CLASSES)].mean():.1f}"
               + f" | **{100 * iou[list(cls)].mean():.1f}** |")
+    cm = cms["target"]
+    conf = []
+    for c in cls:
+        row = cm[c].astype(np.float64) / max(cm[c].sum(), 1)
+        row[c] = 0
+        j = int(np.argmax(row))
+        conf.append(f"{CITYSCAPES_SHORT_NAMES[c]}->{CITYSCAPES_SHORT_NAMES[j]} {100 * row[j]:.0f}%")
+    print("\nlargest target confusion per class (share of its GT pixels):", ", ".join(conf))
     return results
 
 

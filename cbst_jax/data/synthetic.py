@@ -57,6 +57,8 @@ class DomainStyle:
     trees: tuple
     veg_facade: float         # probability that a façade column is vegetation
     small_scale: float        # size factor of lights, signs, persons, riders
+    object_chroma: float      # saturation kept in sign, lamp and bike colours (1 = the source palette)
+    light_housing: tuple      # traffic-light housing colour
     sky_top: tuple
     sky_bottom: tuple
     road_rgb: tuple
@@ -74,7 +76,7 @@ class DomainStyle:
 SOURCE_STYLE = DomainStyle(
     horizon=(0.36, 0.50), road_half=(0.36, 0.46), sidewalk=(0.10, 0.16),
     poles=(1, 4), persons=(0, 3), riders=(0, 2), cars=(1, 4), trees=(0, 3),
-    veg_facade=0.30, small_scale=1.0,
+    veg_facade=0.30, small_scale=1.0, object_chroma=1.0, light_housing=(0.22, 0.20, 0.12),
     sky_top=(0.42, 0.62, 0.92), sky_bottom=(0.70, 0.82, 0.96),
     road_rgb=(0.34, 0.34, 0.37), sidewalk_rgb=(0.72, 0.60, 0.62),
     jitter=0.06, noise=0.01)
@@ -82,8 +84,8 @@ SOURCE_STYLE = DomainStyle(
 TARGET_STYLE = DomainStyle(
     horizon=(0.30, 0.42), road_half=(0.34, 0.44), sidewalk=(0.06, 0.11),
     poles=(2, 6), persons=(1, 5), riders=(0, 3), cars=(0, 3), trees=(1, 4),
-    veg_facade=0.45, small_scale=0.85,
-    sky_top=(0.55, 0.66, 0.84), sky_bottom=(0.78, 0.82, 0.88),
+    veg_facade=0.45, small_scale=0.85, object_chroma=0.55, light_housing=(0.34, 0.34, 0.30),
+    sky_top=(0.45, 0.62, 0.98), sky_bottom=(0.68, 0.80, 1.0),
     road_rgb=(0.38, 0.37, 0.37), sidewalk_rgb=(0.62, 0.58, 0.56),
     jitter=0.08, noise=0.025, blur_sigma=0.6, illumination=0.15,
     wb_gains=(1.06, 0.97, 0.85), wb_range=(0.75, 0.95), chroma_mix=0.5, haze=(0.10, 0.85))
@@ -96,6 +98,12 @@ _CHROMA = np.array([[0.70, 0.22, 0.08], [0.12, 0.72, 0.16], [0.06, 0.24, 0.70]],
 def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(
         [int(seed), DOMAINS.index(domain), SPLITS.index(split), int(index)]))
+
+
+def _mute(rgb, chroma):
+    """Moves a colour towards its grey level, keeping ``chroma`` of its saturation."""
+    rgb = np.asarray(rgb, np.float32)
+    return (rgb.mean() + chroma * (rgb - rgb.mean())).astype(np.float32)
 
 
 def _jit(rng, rgb, amount):
@@ -270,13 +278,14 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
                 lw, lh = max(3 * s, 0.08 * d * k), max(7 * s, 0.18 * d * k)
                 lx = xg - side_sign * (pw / 2 + lw / 2) * 0.0
                 cv.rect(yg - ph - lh * 0.2, yg - ph + lh * 0.8, lx - lw / 2, lx + lw / 2,
-                        _jit(rng, (0.22, 0.20, 0.12), 0.04), LIGHT)
+                        _jit(rng, style.light_housing, 0.04), LIGHT)
                 lamp = ((0.95, 0.25, 0.15), (0.95, 0.75, 0.15), (0.25, 0.9, 0.3))[rng.integers(3)]
                 ly = yg - ph - lh * 0.2 + lh * rng.choice((0.2, 0.5, 0.8))
-                cv.disc(ly, lx, max(1.0 * s, 0.25 * lw), lamp, LIGHT)
+                cv.disc(ly, lx, max(1.0 * s, 0.25 * lw), _mute(lamp, style.object_chroma), LIGHT)
             elif r < 0.9:               # traffic sign: round or square, blue/red/yellow
                 sz = max(5 * s, 0.16 * d * k)
-                rgb = _jit(rng, ((0.12, 0.30, 0.85), (0.85, 0.12, 0.12), (0.92, 0.82, 0.12))[rng.integers(3)], 0.05)
+                rgb = _mute(_jit(rng, ((0.12, 0.30, 0.85), (0.85, 0.12, 0.12), (0.92, 0.82, 0.12))[rng.integers(3)],
+                                 0.05), style.object_chroma)
                 cy = yg - ph + sz / 2
                 if rng.random() < 0.5:
                     cv.disc(cy, xg, sz / 2, rgb, SIGN)
@@ -300,6 +309,7 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
             bw = max(5 * s, 0.55 * rh)
             bike = rng.uniform(0.25, 0.95, 3).astype(np.float32)
             bike[rng.integers(3)] = rng.uniform(0.7, 1.0)        # a clearly coloured frame, never road-grey
+            bike = _mute(bike, style.object_chroma)
             wr = max(1.2 * s, 0.16 * rh)
             cv.rect(yg - wr * 2.2, yg - wr * 1.2, xg - bw / 2, xg + bw / 2, bike, RIDER)
             cv.disc(yg - wr, xg - bw / 2 + wr, wr, (0.08, 0.08, 0.08), RIDER)

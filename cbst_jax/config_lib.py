@@ -217,6 +217,10 @@ def main_for(get_config, description: str):
     from absl import app, flags
     from ml_collections import config_flags
 
+    bad = unknown_override(sys.argv[1:], get_config())
+    if bad:  # ml_collections would raise a traceback while defining the flag
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(2)
     config_flags.DEFINE_config_dict("config", get_config(), description, lock_config=True)
     flags.DEFINE_string("workdir", None, "Output folder (checkpoints, pseudo-labels, metrics, plots).")
     flags.DEFINE_string("seeds", None, "Comma-separated seeds; results are aggregated as mean ± std.")
@@ -227,14 +231,33 @@ def main_for(get_config, description: str):
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         from cbst_jax import self_training
+        from cbst_jax.data import DatasetError
+        from cbst_jax.models import WeightMismatchError
         try:
             cfg = finalize(flags.FLAGS.config)
             validate(cfg)
             seeds = parse_seeds(flags.FLAGS.seeds) if flags.FLAGS.seeds else [cfg.seed]
             workdir = flags.FLAGS.workdir or os.path.join("runs", description.split()[0])
             return self_training.run_seeds(cfg, os.path.abspath(workdir), seeds, fresh=flags.FLAGS.fresh)
-        except (ConfigError, self_training.RunError) as e:
+        except (ConfigError, self_training.RunError, DatasetError, WeightMismatchError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
     return lambda: app.run(_main)
+
+
+def unknown_override(argv, config) -> str | None:
+    """A one-line message for the first ``--config.a.b=...`` naming a key the schema lacks."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node = config
+        for i, key in enumerate(path):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                where = ".".join(path[:i]) or "config"
+                known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+                return (f"unknown config key config.{'.'.join(path)}: {where} has no {key!r}"
+                        + (f" (known: {known})" if known else ""))
+            node = node[key]
+    return None

@@ -65,10 +65,14 @@ def convert(kind: str, source: dict[str, np.ndarray], num_classes: int, model: s
   normalization = KINDS[kind][1]
   module = models.get_model(model, num_classes, normalization=normalization)
   flat, dropped, unmapped = to_flat(kind, source, module, num_classes)
-  probe = jnp.zeros((1, 64, 64, 3), jnp.uint8)
-  fresh = jax.jit(module.init)(jax.random.key(seed), probe)
-  fresh = traverse_util.flatten_dict(jax.device_get(fresh))
-  restored = importers.restore(fresh, flat, module.head_names, fresh, unmapped)
+  probe = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+  template = traverse_util.flatten_dict(jax.eval_shape(module.init, jax.random.key(seed), probe))
+  fresh = None
+  if any(k not in flat or flat[k].shape != v.shape for k, v in template.items()):
+    # rbg keys compile ~3x faster than threefry on CPU; only heads are taken from here.
+    fresh = jax.jit(module.init)(jax.random.key(seed, impl="rbg"), probe)
+    fresh = traverse_util.flatten_dict(jax.device_get(fresh))
+  restored = importers.restore(template, flat, module.head_names, fresh, unmapped)
   head_fresh = sorted({k[1] for k in restored if k[1] in module.head_names and
                        (k not in flat or flat[k].shape != restored[k].shape)})
   meta = dict(kind=kind, model=model, num_classes=num_classes, normalization=normalization,

@@ -60,10 +60,10 @@ def main():
                  device=str(jax.devices()[0].device_kind))
         print(json.dumps(r), flush=True)
         results.append(r)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "bench_pl.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        out = os.environ.get("OUT")
+        if out:  # after every configuration, so a time limit keeps what finished
+            with open(os.path.join(out, "bench_pl.json"), "w") as f:
+                json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

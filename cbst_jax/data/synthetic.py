@@ -84,7 +84,7 @@ SOURCE_STYLE = DomainStyle(
 TARGET_STYLE = DomainStyle(
     horizon=(0.30, 0.42), road_half=(0.34, 0.44), sidewalk=(0.06, 0.11),
     poles=(2, 6), persons=(1, 5), riders=(0, 3), cars=(0, 3), trees=(1, 4),
-    veg_facade=0.45, small_scale=0.85, object_chroma=0.55, light_housing=(0.34, 0.34, 0.30),
+    veg_facade=0.45, small_scale=0.85, object_chroma=0.75, light_housing=(0.28, 0.27, 0.22),
     sky_top=(0.45, 0.62, 0.98), sky_bottom=(0.68, 0.80, 1.0),
     road_rgb=(0.38, 0.37, 0.37), sidewalk_rgb=(0.62, 0.58, 0.56),
     jitter=0.08, noise=0.025, blur_sigma=0.6, illumination=0.15,

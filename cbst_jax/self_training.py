@@ -331,7 +331,7 @@ class Trainer:
         """Trains ``steps - start_step`` steps; returns (state, next checkpoint index)."""
         cfg = self.exp.config
         step_fn = self.step_for(method)
-        pending, losses_seen = None, []
+        pending, losses_seen = None, list(meta.get("recent_losses", []))
         bar = tqdm(range(start_step, steps), desc=f"{stage} train", disable=jax.process_index() != 0,
                    leave=False, initial=start_step, total=steps)
         for k in bar:
@@ -353,7 +353,8 @@ class Trainer:
                 if pending is not None:
                     self._check(stage, *pending, losses_seen)
                     pending = None
-                ckpt_meta = dict(meta, phase="train", step=k + 1, iterator=iterator.get_state(), ckpt=ckpt_index)
+                ckpt_meta = dict(meta, phase="train", step=k + 1, iterator=iterator.get_state(), ckpt=ckpt_index,
+                                 recent_losses=losses_seen[-cfg.log_every:])
                 self.ckpts.save(ckpt_index, state, ckpt_meta)
                 ckpt_index += 1
         if pending is not None:
@@ -452,7 +453,9 @@ def run(config, workdir: str) -> list[dict]:
                 state, ckpt = trainer.run(state, stage=SOURCE_STAGE, method="source_only",
                                           steps=config.source_training.steps, lr=config.source_training.lr,
                                           schedule=config.source_training.schedule, iterator=it,
-                                          start_step=start, meta={"stage": SOURCE_STAGE}, ckpt_index=ckpt)
+                                          start_step=start, ckpt_index=ckpt,
+                                          meta={"stage": SOURCE_STAGE,
+                                                "recent_losses": (meta or {}).get("recent_losses", [])})
         source_ck.save(0, state, {"stage": SOURCE_STAGE, "phase": "done"})
     source_state, _ = source_ck.restore(abstract)
     kept = {}
@@ -467,14 +470,19 @@ def run(config, workdir: str) -> list[dict]:
     done = set(resume.get("done", [])) if resume else set()
     ckpt = (run_ck.latest() or 0) + 1
     state = None
+    if resume is not None and resume["phase"] == "done":
+        method, r = resume["stage"].split("/r")
+        if _agree((method, int(r)) not in _rows_done(exp, "eval")):
+            state, _ = run_ck.restore(abstract)
+            finish_stage(exp, state, method, int(r), resume, t_start)
     for method, r in stage_list(config)[1:]:
         key = stage_key(method, r)
         if key in done:
             continue
-        start_step, iter_state = 0, None
+        start_step, iter_state, recent = 0, None, []
         if resume is not None and resume["stage"] == key and resume["phase"] == "train":
             state, meta = run_ck.restore(abstract)
-            start_step, iter_state = meta["step"], meta["iterator"]
+            start_step, iter_state, recent = meta["step"], meta["iterator"], meta.get("recent_losses", [])
         else:
             if r == 0:
                 state = source_state
@@ -495,25 +503,32 @@ def run(config, workdir: str) -> list[dict]:
             it.set_state(iter_state)
         steps = stage_steps(exp, it)
         lr = config.self_training.lr * config.self_training.lr_round_decay ** r
-        meta = {"stage": key, "done": sorted(done), "pseudo_labels": store.directory}
+        meta = {"stage": key, "done": sorted(done), "pseudo_labels": store.directory, "recent_losses": recent}
         with it:
             state, ckpt = trainer.run(state, stage=key, method=method, steps=steps, lr=lr,
                                       schedule=config.self_training.schedule, iterator=it,
                                       start_step=start_step, meta=meta, ckpt_index=ckpt)
         done.add(key)
-        run_ck.save(ckpt, state, {"stage": key, "phase": "done", "done": sorted(done), "ckpt": ckpt})
+        stage_meta = {"stage": key, "phase": "done", "done": sorted(done), "ckpt": ckpt, "steps": steps,
+                      "train_loss": trainer.last_loss, "pseudo_labels": store.directory}
+        run_ck.save(ckpt, state, stage_meta)
         ckpt += 1
-        cm, preds = evaluate(exp, state)
-        exp.log.write(eval_row(exp, seed, method, r, cm, {"portion": round_portion(config, r), "steps": steps,
-                                                         "train_loss": trainer.last_loss,
-                                                         "wall_s": time.time() - t_start}))
-        _save_preds(exp, f"{method}_r{r}", preds)
-        _round_grid(exp, method, r, store)
+        finish_stage(exp, state, method, r, stage_meta, t_start)
     rows = [r for r in reporting.read_rows(exp.log.path, "eval") if r.get("seed") == seed]
     if jax.process_index() == 0:
         write_seed_report(exp, rows)
     exp.log.close()
     return rows
+
+
+def finish_stage(exp: Experiment, state, method: str, r: int, stage_meta: dict, t_start: float) -> None:
+    """Evaluation row, kept predictions and the pseudo-label figure of a finished stage."""
+    cm, preds = evaluate(exp, state)
+    exp.log.write(eval_row(exp, exp.config.seed, method, r, cm, {
+        "portion": round_portion(exp.config, r), "steps": stage_meta["steps"],
+        "train_loss": stage_meta["train_loss"], "wall_s": time.time() - t_start}))
+    _save_preds(exp, f"{method}_r{r}", preds)
+    _round_grid(exp, method, r, PseudoLabelStore(stage_meta["pseudo_labels"]))
 
 
 def _check_workdir(config, workdir):

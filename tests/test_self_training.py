@@ -142,3 +142,22 @@ def test_two_processes_match_one(reference_run, tmp_path):
     agree = np.mean([np.mean(np.asarray(Image.open(os.path.join(d1, f))) == np.asarray(Image.open(os.path.join(d2, f))))
                      for f in files])
     assert agree > 0.999
+
+
+def test_kill_between_checkpoint_and_evaluation(reference_run, tmp_path):
+    """A run killed after a stage's final checkpoint but before its evaluation row was written
+    evaluates that stage on resume, to the same row."""
+    import shutil
+
+    seed_dir, _ = reference_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(seed_dir), workdir)
+    path = workdir / "seed_0" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    kept = [l for l in lines if not ('"kind": "eval"' in l and '"method": "cbst_sp"' in l and '"round": 1' in l)]
+    assert len(kept) == len(lines) - 1
+    path.write_text("\n".join(kept) + "\n")
+    res = run_experiment(str(workdir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = rows(str(workdir / "seed_0"), "eval"), rows(seed_dir, "eval")
+    assert {k: comparable(v) for k, v in got.items()} == {k: comparable(v) for k, v in want.items()}

@@ -18,38 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 from cbst_jax.data.pipeline import EvalIterator, MixedIterator, MixedSampler
 from cbst_jax.data.synthetic import DRAWN_CLASSES, LARGE_CLASSES, RARE_CLASSES, open_synthetic
 from cbst_jax.labels import CITYSCAPES_SHORT_NAMES, IGNORE_INDEX
 
 
-class SmallSegNet(nn.Module):
-    """~0.25 M-parameter dilated CNN with full-resolution output (the feasibility study's net):
-    stride-4 residual dilated trunk, a stride-2 skip and a full-resolution logit branch."""
-    num_classes: int = 19
-
-    @nn.compact
-    def __call__(self, images, train: bool = False):
-        x = images.astype(jnp.float32) / 255.0 - 0.5
-        conv = lambda c, k=3, s=1, d=1: nn.Conv(c, (k, k), (s, s), kernel_dilation=(d, d), padding="SAME")
-        f1 = nn.relu(conv(16)(x))
-        f2 = nn.relu(conv(32)(nn.relu(conv(32, s=2)(f1))))
-        h = nn.relu(conv(64, s=2)(f2))
-        for d in (1, 2, 4, 8, 1):
-            h = nn.relu(h + conv(64, d=d)(h))
-        b, hh, ww, _ = f2.shape
-        h = jax.image.resize(h, (b, hh, ww, h.shape[-1]), "bilinear")
-        h = nn.relu(conv(32)(jnp.concatenate([h, f2], -1)))
-        logits = conv(self.num_classes, k=1)(h)
-        logits = jax.image.resize(logits, (b, *f1.shape[1:3], self.num_classes), "bilinear")
-        return logits + conv(self.num_classes, k=1)(f1)
-
-
 def build_model(name: str, num_classes: int):
-    if name == "small_cnn":
-        return SmallSegNet(num_classes)
     from cbst_jax.models import get_model  # the project registry
 
     return get_model(name, num_classes)
@@ -68,7 +43,7 @@ def iou_of(cm):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="small_cnn")
+    ap.add_argument("--model", default="demo_segnet")
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--steps", type=int, default=1200)

@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.eval_batch_size = 1                 # global; padded to a multiple of the devices
     c.input.workers = 4
 
-    c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly"))
+    c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd"))
 
     c.self_training = ml_collections.ConfigDict()
     c.self_training.rounds = 3
@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.self_training.lr = 5e-5
     c.self_training.lr_round_decay = 1.0        # lr_r = lr · decay^r (CBST: 1/sqrt(2))
     c.self_training.schedule = "constant"       # constant | poly (within a round)
+    c.self_training.optimizer = "sgd"           # sgd (both references) | adam (from-scratch demo nets)
     c.self_training.loss_resolution = "upsample"  # upsample (CRST) | stride (CBST)
     c.self_training.select_subsample = 1        # reference: every 4th pixel of each class list
     c.self_training.prior = ""                  # spatial prior .npz; empty: built from source labels
@@ -179,6 +180,9 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("source_training.schedule", config.source_training.schedule, "constant or poly")
     if config.eval_classes not in ("", "miou13", "synthetic"):
         _fail("eval_classes", config.eval_classes, "'', 'miou13' or 'synthetic'")
+    for key in ("source_training", "self_training"):
+        if config[key].optimizer not in ("sgd", "adam"):
+            _fail(f"{key}.optimizer", config[key].optimizer, "sgd or adam")
     if config.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
     if not config.predict.scales or any(s <= 0 for s in config.predict.scales):

@@ -36,7 +36,6 @@ from cbst_jax import checkpointing, config_lib, labels as labels_lib, metrics, p
 from cbst_jax import sharding as shd
 from cbst_jax import train as train_lib
 from cbst_jax.data import pipeline
-from cbst_jax.labels import IGNORE_INDEX
 from cbst_jax.predict import Predictor, local_rows
 from cbst_jax.pseudo_label_store import PseudoLabelStore, atomic_write_bytes
 
@@ -370,22 +369,22 @@ class Trainer:
         losses_seen.append(float(m["loss"]))
 
 
-def _optimizer(exp: Experiment, params):
+def _optimizer(exp: Experiment, params, kind: str):
     from cbst_jax import models
 
     labels = models.param_groups(exp.model, params, train_bn=exp.config.model.train_bn)
     o = exp.config.optim
     # lr=1: the absolute learning rate of each step is passed to the step as ``lr_scale``.
     return train_lib.make_optimizer(labels, lr=1.0, momentum=o.momentum, weight_decay=o.weight_decay,
-                                    head_lr_mult=o.head_lr_mult)
+                                    head_lr_mult=o.head_lr_mult, optimizer=kind)
 
 
-def fresh_state(exp: Experiment, variables, rng):
+def fresh_state(exp: Experiment, variables, rng, kind: str | None = None):
     """A train state with a new optimiser (both references reset SGD momentum every round).
     The variables are copied through the host, so donating the new state never frees the
     buffers of the state it came from (the source model is reused by every method)."""
     variables = jax.tree.map(lambda x: np.array(jax.device_get(x)), variables)
-    tx = _optimizer(exp, variables["params"])
+    tx = _optimizer(exp, variables["params"], kind or exp.config.self_training.optimizer)
     return train_lib.create_train_state(exp.model, variables, tx, rng, exp.mesh)
 
 
@@ -434,8 +433,9 @@ def run(config, workdir: str) -> list[dict]:
     trainer = Trainer(exp, run_ck)
     rng = jax.random.key(seed)
     variables = init_variables(config, exp.model, rng, tuple(config.input.crop))
-    template = fresh_state(exp, variables, jax.random.fold_in(rng, 1))
-    abstract = checkpointing.abstract_like(template)
+    template = fresh_state(exp, variables, jax.random.fold_in(rng, 1), config.source_training.optimizer)
+    abstract_source = checkpointing.abstract_like(template)
+    abstract = checkpointing.abstract_like(fresh_state(exp, variables, jax.random.fold_in(rng, 1)))
     t_start = time.time()
 
     # ---- round 0: the source model
@@ -443,7 +443,7 @@ def run(config, workdir: str) -> list[dict]:
         state, start, meta, ckpt = template, 0, None, (run_ck.latest() or 0) + 1
         latest = run_ck.restore_meta()
         if latest is not None and latest.get("stage") == SOURCE_STAGE:
-            state, meta = run_ck.restore(abstract)
+            state, meta = run_ck.restore(abstract_source)
             start, ckpt = meta["step"], meta["ckpt"] + 1
         if not config.model.init_is_source_model and config.source_training.steps > 0:
             it = mixed_iterator(exp, None)
@@ -457,8 +457,7 @@ def run(config, workdir: str) -> list[dict]:
                                           meta={"stage": SOURCE_STAGE,
                                                 "recent_losses": (meta or {}).get("recent_losses", [])})
         source_ck.save(0, state, {"stage": SOURCE_STAGE, "phase": "done"})
-    source_state, _ = source_ck.restore(abstract)
-    kept = {}
+    source_state, _ = source_ck.restore(abstract_source)
     if _agree(("source_only", None) not in _rows_done(exp, "eval")):
         cm, preds = evaluate(exp, source_state)
         exp.log.write(eval_row(exp, seed, "source_only", None, cm, {"wall_s": time.time() - t_start}))

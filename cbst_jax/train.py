@@ -30,6 +30,7 @@ from cbst_jax.sharding import batch_sharded, replicated
 
 GROUPS = ("backbone", "head", "frozen")
 SCHEDULES = ("constant", "poly")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @struct.dataclass
@@ -117,8 +118,11 @@ def _bias_aware_labels(param_labels, split_bias: bool):
 
 def make_optimizer(param_labels, *, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 5e-4,
                    head_lr_mult: float = 10.0, bias_lr_mult: float = 1.0, bias_weight_decay=None,
-                   schedule: str = "constant", total_steps: int = 0, poly_power: float = 0.9):
-    """SGD with momentum and coupled weight decay, in parameter groups (``torch.optim.SGD``).
+                   schedule: str = "constant", total_steps: int = 0, poly_power: float = 0.9,
+                   optimizer: str = "sgd"):
+    """SGD with momentum and coupled weight decay, in parameter groups (``torch.optim.SGD``);
+    ``optimizer="adam"`` swaps in AdamW per group (for small networks trained from scratch, such
+    as the embedded benchmark's, where no ImageNet initialisation exists).
 
     ``param_labels``: pytree of "backbone" | "head" | "frozen" over the params (e.g.
     ``cbst_jax.models.param_groups``). Per group: ``d = g + wd·w``, ``buf = momentum·buf + d``,
@@ -130,18 +134,22 @@ def make_optimizer(param_labels, *, lr: float = 1.0, momentum: float = 0.9, weig
     The result is memoised on its arguments: rebuilding it for a new round returns the same
     object, so a state made with it keeps the jitted step's cache (``tx`` is a static field).
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     bias_wd = weight_decay if bias_weight_decay is None else bias_weight_decay
     split_bias = bias_lr_mult != 1.0 or bias_wd != weight_decay
     labels = _bias_aware_labels(param_labels, split_bias)
     leaves, treedef = jax.tree.flatten(labels)
     key = (treedef, tuple(leaves), lr, momentum, weight_decay, head_lr_mult, bias_lr_mult, bias_wd,
-           schedule, total_steps, poly_power)
+           schedule, total_steps, poly_power, optimizer)
     if key in _OPTIMIZERS:
         return _OPTIMIZERS[key]
     base = lr_schedule(lr, schedule, total_steps, poly_power)
 
     def sgd(mult, wd):
         scaled = lambda count: base(count) * mult
+        if optimizer == "adam":  # decoupled decay (AdamW): L2 through Adam's normaliser does little
+            return optax.adamw(scaled, weight_decay=wd)
         parts = ([optax.add_decayed_weights(wd)] if wd else []) + [optax.sgd(scaled, momentum=momentum)]
         return optax.chain(*parts)
 

@@ -19,6 +19,9 @@ PARAM_COUNTS_19 = {  # equal to the torch references' counts (test_convert.py)
     "deeplabv2_resnet_small": 303_572,
     "resnet38_small": 1_241_019,
     "fcn8s_vgg16_small": 398_745,
+    # 3x3 convs: stem 3->16, 16->32 (s2), 32->32, 32->64 (s2), 5 x 64->64, fuse 96->32; 1x1: 32->19, 16->19
+    "demo_segnet": (27 * 16 + 16) + (144 * 32 + 32) + (288 * 32 + 32) + (288 * 64 + 64) + 5 * (576 * 64 + 64)
+                   + (864 * 32 + 32) + (32 * 19 + 19) + (16 * 19 + 19),
 }
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from cbst_jax.models.deeplabv2 import DeepLabV2, deeplabv2_resnet101, deeplabv2_resnet_small
+from cbst_jax.models.demo_net import DemoSegNet, demo_segnet
 from cbst_jax.models.fcn import FCN8s, fcn8s_vgg16, fcn8s_vgg16_small
 from cbst_jax.models.importers import WeightMismatchError
 from cbst_jax.models.resnet38 import ResNet38, resnet38, resnet38_small
@@ -34,6 +35,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet38_small": resnet38_small,
     "fcn8s_vgg16": fcn8s_vgg16,
     "fcn8s_vgg16_small": fcn8s_vgg16_small,
+    "demo_segnet": demo_segnet,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

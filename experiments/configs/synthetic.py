@@ -14,7 +14,7 @@ def get_config():
     c = config_lib.base_config()
     c.methods = "source_only,st,cbst,cbst_sp"
     c.eval_classes = "synthetic"
-    c.model.name = "fcn8s_vgg16_small"
+    c.model.name = "demo_segnet"               # full-resolution branch: see cbst_jax/models/demo_net.py
     c.source.name, c.source.split = "synthetic/source", "train"
     c.target.name, c.target.train_split, c.target.eval_split = "synthetic/target", "train", "val"
     c.synthetic.height, c.synthetic.width = 64, 128
@@ -22,8 +22,8 @@ def get_config():
     c.input.crop = (64, 128)
     c.input.scale_range = (1.0, 1.0)
     c.input.mine_prob = 0.0
-    c.input.batch_size = 16
-    c.input.sampler = "paired"                 # half source, half target (feasibility study, config D)
+    c.input.batch_size = 8
+    c.input.sampler = "paired"                 # 4 source + 4 target per batch (feasibility study, config D)
     c.input.source_share = 0.5
     c.input.source_portion = (1.0, 0.0, 1.0)   # the synthetic source set is small: use all of it
     c.input.source_subset = "nested"
@@ -31,13 +31,15 @@ def get_config():
     c.input.eval_batch_size = 64
     c.input.workers = 2
     c.source_training.steps = 1200
-    c.source_training.lr = 0.01
+    c.source_training.lr = 2e-3
     c.source_training.schedule = "poly"
+    c.source_training.optimizer = "adam"       # from scratch: no ImageNet weights exist for the demo net
     c.self_training.rounds = 3
     c.self_training.portion = (0.2, 0.05, 0.5)
     c.self_training.steps_per_round = 200
-    c.self_training.lr = 2.5e-3
+    c.self_training.lr = 5e-4
     c.self_training.lr_round_decay = 0.7071067811865476   # 1/sqrt(2) per round, as CBST's solve_AO
+    c.self_training.optimizer = "adam"         # a fresh optimiser each round, as both references
     c.self_training.schedule = "constant"
     c.self_training.loss_resolution = "upsample"
     c.self_training.prior_size = (64, 128)

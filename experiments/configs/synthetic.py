@@ -18,7 +18,7 @@ def get_config():
     c.source.name, c.source.split = "synthetic/source", "train"
     c.target.name, c.target.train_split, c.target.eval_split = "synthetic/target", "train", "val"
     c.synthetic.height, c.synthetic.width = 64, 128
-    c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 1500, 400, 300
+    c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 1500, 320, 300
     c.input.crop = (64, 128)
     c.input.scale_range = (1.0, 1.0)
     c.input.mine_prob = 0.0
@@ -30,13 +30,13 @@ def get_config():
     c.input.eval_size = (64, 128)
     c.input.eval_batch_size = 64
     c.input.workers = 2
-    c.source_training.steps = 1200
+    c.source_training.steps = 1000
     c.source_training.lr = 2e-3
     c.source_training.schedule = "poly"
     c.source_training.optimizer = "adam"       # from scratch: no ImageNet weights exist for the demo net
     c.self_training.rounds = 3
     c.self_training.portion = (0.2, 0.05, 0.5)
-    c.self_training.steps_per_round = 200
+    c.self_training.steps_per_round = 150
     c.self_training.lr = 5e-4
     c.self_training.lr_round_decay = 0.7071067811865476   # 1/sqrt(2) per round, as CBST's solve_AO
     c.self_training.optimizer = "adam"         # a fresh optimiser each round, as both references
@@ -49,5 +49,5 @@ def get_config():
     c.predict.flip = True
     c.optim.head_lr_mult = 1.0
     c.log_every = 50
-    c.checkpoint_every = 200
+    c.checkpoint_every = 150
     return c

@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.self_training.select_subsample = 1        # reference: every 4th pixel of each class list
     c.self_training.prior = ""                  # spatial prior .npz; empty: built from source labels
     c.self_training.prior_sigma = 4.0
+    c.self_training.prior_normalize = "class"   # class (paper) | pixel (a class-frequency prior)
     c.self_training.prior_size = (128, 256)
     c.self_training.reg_weight = 0.1            # MR*/LR* weight α
     c.self_training.mine_rare = True            # rare-class mining from the pseudo-label statistics
@@ -180,6 +181,8 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("source_training.schedule", config.source_training.schedule, "constant or poly")
     if config.eval_classes not in ("", "miou13", "synthetic"):
         _fail("eval_classes", config.eval_classes, "'', 'miou13' or 'synthetic'")
+    if config.self_training.prior_normalize not in ("class", "pixel"):
+        _fail("self_training.prior_normalize", config.self_training.prior_normalize, "class or pixel")
     for key in ("source_training", "self_training"):
         if config[key].optimizer not in ("sgd", "adam"):
             _fail(f"{key}.optimizer", config[key].optimizer, "sgd or adam")

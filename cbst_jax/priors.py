@@ -8,15 +8,17 @@ Our construction, and why:
    nearest neighbour, so GTA5's 1052x1914 and Cityscapes' 1024x2048 both fit);
 2. smooth each class's count map with a Gaussian of standard deviation ``sigma`` (working-
    resolution pixels), because the counts of a few thousand images are noisy at rare classes;
-3. normalise **per position over classes** (``normalize="pixel"``, the default): q_n is then a
-   distribution over classes at each position, the natural partner of p_n(c) in argmax q·p;
-4. mix with a uniform floor, q <- (1 - C*floor)*q + floor, so no class is impossible anywhere
-   (a zero would forbid a class from ever being pseudo-labelled there).
+3. normalise **per class over positions** (``normalize="class"``, the default, as the paper
+   describes it: Σ_n q_n(c) = const): each class map is scaled to mean 1 over positions, so q
+   says *where* a class occurs and nothing about *how often*;
+4. floor it, q <- max(q, floor), so no class is impossible anywhere (a zero would forbid a class
+   from ever being pseudo-labelled there).
 
-The alternative the paper's wording suggests, **per-class normalisation** (Σ_n q_n(c) = const),
-is ``normalize="class"``: each class map is scaled to mean 1 over positions. It reweights
-classes by their inverse frequency as well as placing them, so it changes which class wins the
-argmax more strongly; both are offered, the per-pixel one is the default.
+The alternative, **per-position normalisation over classes** (``normalize="pixel"``: q_n is a
+distribution over classes at each position, mixed with a uniform floor), also multiplies every
+prediction by the class's frequency at that position. That is a class-frequency prior, the
+opposite of class balancing: on the embedded benchmark it starved the rare classes (light and
+sign pseudo-labels vanished; CBST-SP fell below CBST, docs/results.md), so it is only an option.
 
 Arrays are (H, W, C), class axis last, so q broadcasts against NHWC probabilities.
 """
@@ -51,7 +53,7 @@ def count_classes(label_maps: Iterable[np.ndarray], num_classes: int, size: tupl
 
 
 def prior_from_counts(counts: np.ndarray, sigma: float = 4.0, floor: float = 1e-3,
-                      normalize: str = "pixel") -> np.ndarray:
+                      normalize: str = "class") -> np.ndarray:
     """Smooth, normalise and floor per-position class counts -> float32 (H, W, C) prior."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
@@ -73,7 +75,7 @@ def prior_from_counts(counts: np.ndarray, sigma: float = 4.0, floor: float = 1e-
 
 
 def build_spatial_prior(label_maps: Iterable[np.ndarray], num_classes: int, size=(128, 256),
-                        sigma: float = 4.0, floor: float = 1e-3, normalize: str = "pixel") -> np.ndarray:
+                        sigma: float = 4.0, floor: float = 1e-3, normalize: str = "class") -> np.ndarray:
     """Spatial prior from an iterable of source (H, W) trainId label maps (255 = ignore)."""
     return prior_from_counts(count_classes(label_maps, num_classes, tuple(size)), sigma, floor, normalize)
 

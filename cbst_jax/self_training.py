@@ -161,9 +161,10 @@ def spatial_prior(exp: Experiment):
     if not os.path.exists(path):
         maps = (exp.source[i]["label"] for i in tqdm(range(len(exp.source)), desc="spatial prior",
                                                       disable=jax.process_index() != 0, leave=False))
-        q = priors.build_spatial_prior(maps, exp.config.num_classes, tuple(cfg.prior_size), cfg.prior_sigma)
+        q = priors.build_spatial_prior(maps, exp.config.num_classes, tuple(cfg.prior_size), cfg.prior_sigma,
+                                       normalize=cfg.prior_normalize)
         if jax.process_index() == 0:
-            priors.save_prior(path, q, sigma=cfg.prior_sigma, size=list(cfg.prior_size), normalize="pixel")
+            priors.save_prior(path, q, sigma=cfg.prior_sigma, size=list(cfg.prior_size), normalize=cfg.prior_normalize)
         _barrier("prior")
     q = priors.resize_prior(priors.load_prior(path, exp.config.num_classes), exp.canvas)
     return jax.device_put(q, shd.replicated(exp.mesh))

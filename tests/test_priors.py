@@ -23,11 +23,23 @@ def test_pixel_normalisation_floor_and_geometry():
     # Sky (class 1) always in the top half, road (class 0) always in the bottom half.
     lab = np.zeros((16, 16), np.uint8)
     lab[:8] = 1
-    q = priors.build_spatial_prior([lab] * 5, num_classes=3, size=(16, 16), sigma=1.0, floor=1e-3)
+    q = priors.build_spatial_prior([lab] * 5, num_classes=3, size=(16, 16), sigma=1.0, floor=1e-3,
+                                   normalize="pixel")
     np.testing.assert_allclose(q.sum(-1), 1.0, rtol=1e-6)
     assert q.min() >= 1e-3 - 1e-9  # no class impossible, class 2 never seen included
     assert q[0, 5, 1] > 0.99 and q[15, 5, 0] > 0.99
     assert 0.2 < q[7, 5, 1] < 0.8  # smoothing blurs the boundary
+
+
+def test_class_normalisation_is_the_default_and_ignores_frequency():
+    # A rare class (1 column) and a common one (the rest), each confined to its own columns: per
+    # class, both get the same peak value; the frequency of a class does not scale its prior.
+    lab = np.zeros((8, 16), np.uint8)
+    lab[:, 15] = 1
+    q = priors.build_spatial_prior([lab], 2, size=(8, 16), sigma=0, floor=1e-3)
+    np.testing.assert_allclose(q.mean(axis=(0, 1)), 1.0, rtol=1e-2)
+    assert q[0, 15, 1] == pytest.approx(16.0) and q[0, 0, 0] == pytest.approx(16 / 15)
+    assert q[0, 0, 1] == pytest.approx(1e-3)  # floored, never impossible
 
 
 def test_class_normalisation_and_errors():

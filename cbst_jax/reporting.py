@@ -148,6 +148,7 @@ def plot_miou_curves(rows: Sequence[dict], path: str) -> None:
         mean = np.array([100 * np.nanmean(per_round[k]) for k in rounds])
         std = np.array([100 * np.nanstd(per_round[k]) for k in rounds])
         ax.plot(rounds, mean, marker="o", label=method)
+        ax.set_xticks(rounds)
         if any(len(per_round[k]) > 1 for k in rounds):
             ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("round")
@@ -192,8 +193,10 @@ def plot_pseudo_label_stats(rows: Sequence[dict], class_names: Sequence[str], pa
         axes[1, j].set_title(f"{method}: pseudo-label precision (%)")
         for ax in axes[:, j]:
             ax.set_xlabel("round")
+            ax.set_xticks(rounds)
             ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
     _atomic_savefig(fig, path)
     plt.close(fig)
 

@@ -72,7 +72,9 @@ class _CbstBuilder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _folder_sources(self, root: str) -> dict[str, FolderSource]:
-        raise NotImplementedError
+        """Split name -> folder reader over the extracted official archives in ``root``; every
+        dataset's builder below defines it (this base class is never built itself)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no folder sources")
 
     def _split_generators(self, dl_manager):
         sources = self._folder_sources(os.fspath(dl_manager.manual_dir))

@@ -181,7 +181,20 @@ class _Prefetcher:
 
 
 # ----------------------------------------------------------------- training iterator
-class MixedIterator:
+class _Closing:
+    """Context-manager support for the iterators: closing stops their prefetch threads."""
+
+    def close(self):
+        self._prefetch.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MixedIterator(_Closing):
     """Infinite training stream of host batches for one self-training round.
 
     Yields ``{"image": uint8 (b, ch, cw, 3), "label": uint8 (b, ch, cw) (255 = ignore),
@@ -259,18 +272,9 @@ class MixedIterator:
         self._epoch, self._step = int(state["epoch"]), step
         self._prefetch.reset()
 
-    def close(self):
-        self._prefetch.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 # ----------------------------------------------------------------- evaluation / pseudo-labelling
-class EvalIterator:
+class EvalIterator(_Closing):
     """One pass over a source in fixed-shape, padded batches (nothing recompiles).
 
     Yields ``{"image": uint8 (b, H, W, 3), "label": uint8 (b, H, W), "valid": bool (b, H, W),
@@ -337,12 +341,3 @@ class EvalIterator:
     def set_state(self, state: dict) -> None:
         self._batch = int(state["batch"])
         self._prefetch.reset()
-
-    def close(self):
-        self._prefetch.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

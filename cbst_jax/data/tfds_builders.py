@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cbst_jax.data import bdd100k, cityscapes, gta5, nthu, synthia
-from cbst_jax.data.io import (DatasetError, FolderSource, Item, encode_png, read_list_file, read_rgb,
+from cbst_jax.data.io import (DatasetError, Item, encode_png, read_list_file, read_rgb,
                               select_by_list, trainid19_lut)
 
 _HOMEPAGES = {
@@ -48,7 +48,8 @@ def image_bytes(path: str, image_format: str) -> tuple[bytes, tuple[int, int]]:
 
 
 class _CbstBuilder(tfds.core.GeneratorBasedBuilder):
-    """Shared builder: features, metadata and example generation from folder sources."""
+    """Shared builder: features, metadata and example generation. Each dataset's subclass
+    defines ``_folder_sources(root) -> {split: folder reader}`` over the extracted archives."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release: trainId labels, array_record, records in name order."}
@@ -70,11 +71,6 @@ class _CbstBuilder(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
             disable_shuffling=True,
         )
-
-    def _folder_sources(self, root: str) -> dict[str, FolderSource]:
-        """Split name -> folder reader over the extracted official archives in ``root``; every
-        dataset's builder below defines it (this base class is never built itself)."""
-        raise NotImplementedError(f"{type(self).__name__} defines no folder sources")
 
     def _split_generators(self, dl_manager):
         sources = self._folder_sources(os.fspath(dl_manager.manual_dir))

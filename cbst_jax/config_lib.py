@@ -13,11 +13,12 @@ import sys
 
 import ml_collections
 
-# CBST selection + a CRST model regulariser: "mrent", "mrkld", "mrl2". CRST's label-regularised
-# soft pseudo-labels (LRENT/LRL2/LRKLD) exist as closed forms (cbst_jax.crst) and in the loss, but the
-# round loop does not store soft labels yet, so they are not offered as methods here.
-METHODS = ("source_only", "st", "cbst", "cbst_sp", "mrent", "mrkld", "mrl2")
+# CRST methods build on CBST's class-balanced thresholds: "mrent", "mrkld", "mrl2" add a model
+# regulariser to the retraining loss; "lrent", "lrl2", "lrkld" replace the hard pseudo-labels by
+# label-regularised soft ones (closed forms in cbst_jax.crst, storage in cbst_jax.soft_labels).
+METHODS = ("source_only", "st", "cbst", "cbst_sp", "mrent", "mrkld", "mrl2", "lrent", "lrl2", "lrkld")
 MODEL_REGULARIZERS = {"mrent", "mrkld", "mrl2"}
+LABEL_REGULARIZERS = {"lrent", "lrl2", "lrkld"}
 
 
 DOWNLOADS = {
@@ -94,7 +95,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.self_training.prior_sigma = 4.0
     c.self_training.prior_normalize = "class"   # class (paper) | pixel (a class-frequency prior)
     c.self_training.prior_size = (128, 256)
-    c.self_training.reg_weight = 0.1            # MR*/LR* weight α
+    c.self_training.reg_weight = 0.1            # MR* weight (effective; CRST mrkld.sh: 0.01)
+    # LR* weight α per regulariser (CRST lrent.sh: --lr-weight-ent 0.25; the others are not published,
+    # see docs/results.md for how their defaults were set without looking at evaluation labels)
+    c.self_training.label_reg_weight = ml_collections.ConfigDict(dict(lrent=0.25, lrl2=0.25, lrkld=0.25))
+    # which pixels an LR* round labels: "objective" (regularised objective < f(0) = 0; CRST's LRENT
+    # code) or "cbst" (CBST's pixels; LRL2/LRKLD keep almost nothing otherwise: cbst_jax.crst)
+    c.self_training.label_reg_keep = ml_collections.ConfigDict(dict(lrent="objective", lrl2="cbst", lrkld="cbst"))
+    c.self_training.soft_label_stride = 8       # LR* soft labels kept as cells of this many pixels
     c.self_training.mine_rare = True            # rare-class mining from the pseudo-label statistics
 
     c.predict = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
@@ -190,6 +198,16 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
     if not config.predict.scales or any(s <= 0 for s in config.predict.scales):
         _fail("predict.scales", tuple(config.predict.scales), "positive scales, e.g. (0.9, 1.0, 1.2)")
+    for kind, rule in config.self_training.label_reg_keep.items():
+        if rule not in ("objective", "cbst"):
+            _fail(f"self_training.label_reg_keep.{kind}", rule, "objective or cbst")
+    for kind, alpha in config.self_training.label_reg_weight.items():
+        if not alpha > 0:
+            _fail(f"self_training.label_reg_weight.{kind}", alpha, "a weight α > 0")
+    if config.self_training.reg_weight < 0:
+        _fail("self_training.reg_weight", config.self_training.reg_weight, "a weight >= 0")
+    if config.self_training.soft_label_stride < 1:
+        _fail("self_training.soft_label_stride", config.self_training.soft_label_stride, "an integer >= 1")
     if config.self_training.select_subsample < 1:
         _fail("self_training.select_subsample", config.self_training.select_subsample, "an integer >= 1")
     if config.model.init and not os.path.exists(config.model.init):

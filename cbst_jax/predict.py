@@ -7,7 +7,8 @@ the canvas, turned into probabilities, and the probabilities are averaged over s
 flips. Everything the self-training needs is reduced on the device from there:
 
 * the two histogram passes of the exact class-wise thresholds (``cbst_jax.selection``),
-* pseudo-labels (uint8) with per-class selected / correct pixel counts,
+* pseudo-labels (uint8) with per-class selected / correct pixel counts, and for CRST's LR*
+  modes the soft labels' uint8 encoding (``cbst_jax.soft_labels``),
 * a confusion matrix for evaluation,
 
 so full-resolution float probability maps never reach the host (the reference wrote 152 MiB
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from cbst_jax import losses, metrics, selection
+from cbst_jax import crst, losses, metrics, selection, soft_labels
 from cbst_jax import sharding as shd
 from cbst_jax.labels import IGNORE_INDEX
 
@@ -120,6 +121,30 @@ class Predictor:
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
         return fn(variables, batch["image"], batch["valid"], batch["label"], lam, prior)
 
+    def soft_pseudo_labels(self, variables, batch, thresholds, *, kind: str, alpha: float, stride: int,
+                           keep: str = "objective"):
+        """CRST LR* labelling of one batch: (hard uint8 (B, H, W) - argmax of ŷ, 255 where ŷ = 0 -,
+        top masses uint8 (B, H, W), residual cells uint8 (B, ⌈H/s⌉, ⌈W/s⌉, C) (the encoding of
+        ``cbst_jax.soft_labels``), selected and correct pixel counts per class, valid pixels),
+        like :meth:`pseudo_labels`. ``keep``: which
+        pixels are kept (``cbst_jax.crst.soft_pseudo_labels``)."""
+        c = self.num_classes
+
+        def step(variables, images, valid, gt, lam):
+            soft = crst.soft_pseudo_labels(self.probs(variables, images), lam, kind=kind, alpha=alpha, keep=keep)
+            soft = jnp.where(valid[..., None], soft, 0.0)
+            lab, top, cells = soft_labels.encode(soft, stride)
+            li = lab.astype(jnp.int32)
+            picked = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(li, c).reshape(-1)].add(1)[:c]
+            hit = jnp.where(li == gt.astype(jnp.int32), li, c)
+            correct = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(hit, c).reshape(-1)].add(1)[:c]
+            return lab, top, cells, picked, correct, jnp.sum(valid.astype(jnp.int32))
+
+        fn = self._jit(("soft", kind, float(alpha), int(stride), keep), step,
+                       out_shardings=(self._data, self._data, self._data, self._rep, self._rep, self._rep))
+        lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
+        return fn(variables, batch["image"], batch["valid"], batch["label"], lam)
+
     def confusion(self, variables, batch, return_pred: bool = False):
         """(C, C) int32 confusion matrix of one batch (and the uint8 predictions if asked)."""
         c = self.num_classes
@@ -147,8 +172,9 @@ class Predictor:
         return acc.total, kept
 
 
-def local_rows(global_labels, host_batch):
-    """(host row, uint8 map cropped to the record's valid region) for this host's real rows."""
+def local_rows(global_labels, host_batch, stride: int = 1):
+    """(host row, map cropped to the record's valid region) for this host's real rows; with
+    ``stride`` > 1 the maps are cell grids and keep ⌈h/stride⌉ x ⌈w/stride⌉ cells."""
     out = []
     offset = jax.process_index() * len(host_batch["index"])
     for shard in global_labels.addressable_shards:
@@ -159,6 +185,6 @@ def local_rows(global_labels, host_batch):
             if 0 <= row < len(host_batch["index"]) and host_batch["index"][row] >= 0:
                 valid = host_batch["valid"][row]
                 h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
-                out.append((row, data[k, :h, :w]))
+                out.append((row, data[k, :-(-h // stride), :-(-w // stride)]))
     out.sort(key=lambda t: t[0])
     return out

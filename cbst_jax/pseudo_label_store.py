@@ -1,5 +1,7 @@
 """Per-round pseudo-labels on disk: one uint8 trainId PNG per target image (255 = ignored;
-~0.1–2 MB at 1024x2048, never float maps) plus a ``manifest.json`` written last.
+~0.1–2 MB at 1024x2048, never float maps), for CRST's LR* rounds also the image's uint8 top
+masses and residual cells (``<index>.soft.npz``, see ``cbst_jax.soft_labels``), plus a
+``manifest.json`` written last.
 
 Every file is written to a temporary name and renamed, so a kill leaves either the old file or
 the new one. A round's labels count only once its manifest exists; a run killed while labelling
@@ -59,6 +61,28 @@ class PseudoLabelStore:
                 return np.asarray(im, np.uint8)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: pseudo-label of target record {index} is missing "
+                                    f"(labelling of {self.directory} did not finish)") from None
+
+    def _soft_path(self, index: int) -> str:
+        return os.path.join(self.directory, f"{int(index):07d}.soft.npz")
+
+    def write_soft(self, index: int, top: np.ndarray, cells: np.ndarray) -> None:
+        """CRST LR* rounds: the image's top masses (uint8, full resolution) and residual cells
+        (``cbst_jax.soft_labels``), compressed together."""
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, top=np.asarray(top, np.uint8), cells=np.asarray(cells, np.uint8))
+        atomic_write_bytes(self._soft_path(index), buf.getvalue())
+
+    def read_soft(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(top masses, residual cells) of a record."""
+        path = self._soft_path(index)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return f["top"], f["cells"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: soft pseudo-label of target record {index} is missing "
                                     f"(labelling of {self.directory} did not finish)") from None
 
     def finish(self, manifest: dict) -> None:

@@ -6,7 +6,9 @@
             p_r = min(p0 + r·Δp, p_max)                         # self-paced portion
             predict the target train split; λ = class thresholds at p_r (ST / CBST / CBST-SP)
             write pseudo-labels ŷ = argmax q·p/λ where ≥ 1, else ignore
+                (CRST LR*: soft ŷ, the closed-form minimiser of the label-regularised objective)
             retrain E epochs on the round's source subset + pseudo-labelled target
+                (CRST MR*: plus a model regulariser on the pseudo-labelled target pixels)
             evaluate on the target evaluation split; log
 
 State and resume: a run is a fixed sequence of *stages* ("source", then "<method>/r<k>"). Each
@@ -268,10 +270,19 @@ def generate_pseudo_labels(exp: Experiment, state, method: str, round_idx: int, 
     store.begin() if show else None
     _barrier("pl-begin")
     c = cfg.num_classes
+    soft = method in config_lib.LABEL_REGULARIZERS
+    stride = cfg.self_training.soft_label_stride
     picked, correct, valid_n = np.zeros(c, np.int64), np.zeros(c, np.int64), 0
     for g, host in tqdm(_eval_batches(exp, exp.target_train, exp.pl_label_key), total=n_batches,
                         desc=f"{stage_key(method, round_idx)} labels", disable=not show, leave=False):
-        lab, p, k, v = exp.predictor.pseudo_labels(variables, g, lam, prior)
+        if soft:  # CRST LR*: soft labels from the same class-balanced λ
+            lab, top, cells, p, k, v = exp.predictor.soft_pseudo_labels(
+                variables, g, lam, kind=method, alpha=cfg.self_training.label_reg_weight[method], stride=stride,
+                keep=cfg.self_training.label_reg_keep[method])
+            for (row, t), (_, cell) in zip(local_rows(top, host), local_rows(cells, host, stride)):
+                store.write_soft(int(host["index"][row]), t, cell)
+        else:
+            lab, p, k, v = exp.predictor.pseudo_labels(variables, g, lam, prior)
         for row, label in local_rows(lab, host):
             store.write(int(host["index"][row]), label)
         picked += np.asarray(p, np.int64)
@@ -282,7 +293,8 @@ def generate_pseudo_labels(exp: Experiment, state, method: str, round_idx: int, 
                 "thresholds": lam.tolist(), "class_counts": np.asarray(class_counts).tolist(),
                 "selected": picked.tolist(), "correct": correct.tolist(), "valid_pixels": valid_n,
                 "mine_classes": mining_classes(class_counts, c), "num_records": len(exp.target_train),
-                "has_ground_truth": exp.pl_label_key is not None}
+                "has_ground_truth": exp.pl_label_key is not None,
+                "soft_label_stride": stride if soft else None}
     if show:
         store.finish(manifest)
     _barrier("pl-done")
@@ -336,8 +348,10 @@ class Trainer:
                    leave=False, initial=start_step, total=steps)
         for k in bar:
             host = next(iterator)
-            batch = shd.to_global({"image": host["image"], "label": host["label"],
-                                   "is_target": host["domain"] == pipeline.TARGET}, self.exp.mesh)
+            fields = {"image": host["image"], "label": host["label"], "is_target": host["domain"] == pipeline.TARGET}
+            if "soft_label" in host:
+                fields["soft_label"] = host["soft_label"]
+            batch = shd.to_global(fields, self.exp.mesh)
             lr_k = lr * ((1.0 - k / steps) ** 0.9 if schedule == "poly" else 1.0)
             state, m = step_fn(state, batch, np.float32(lr_k))
             if pending is not None:
@@ -389,7 +403,8 @@ def fresh_state(exp: Experiment, variables, rng, kind: str | None = None):
     return train_lib.create_train_state(exp.model, variables, tx, rng, exp.mesh)
 
 
-def mixed_iterator(exp: Experiment, round_idx: int | None, target_labels=None, mine_classes=()):
+def mixed_iterator(exp: Experiment, round_idx: int | None, target_labels=None, mine_classes=(),
+                   target_soft_labels=None):
     cfg = exp.config
     s0, ds, smax = cfg.input.source_portion
     if round_idx is None:  # source training: the whole source set
@@ -404,7 +419,8 @@ def mixed_iterator(exp: Experiment, round_idx: int | None, target_labels=None, m
     return pipeline.MixedIterator(exp.source, exp.target_train, sampler, crop_size=tuple(cfg.input.crop),
                                   target_labels=target_labels, scale_range=tuple(cfg.input.scale_range),
                                   flip=cfg.input.flip, mine_classes=mine_classes, p_mine=cfg.input.mine_prob,
-                                  workers=cfg.input.workers)
+                                  workers=cfg.input.workers, target_soft_labels=target_soft_labels,
+                                  soft_stride=cfg.self_training.soft_label_stride, num_classes=cfg.num_classes)
 
 
 def stage_steps(exp: Experiment, iterator) -> int:
@@ -498,7 +514,8 @@ def run(config, workdir: str) -> list[dict]:
         if (method, r) not in _rows_done(exp, "pseudo_labels"):
             exp.log.write(pseudo_label_row(seed, manifest))
         mine = manifest["mine_classes"] if config.self_training.mine_rare else ()
-        it = mixed_iterator(exp, r, target_labels=store.read, mine_classes=mine)
+        soft = store.read_soft if manifest.get("soft_label_stride") else None
+        it = mixed_iterator(exp, r, target_labels=store.read, mine_classes=mine, target_soft_labels=soft)
         if iter_state is not None:
             it.set_state(iter_state)
         steps = stage_steps(exp, it)

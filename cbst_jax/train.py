@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from cbst_jax import losses
+from cbst_jax import losses, soft_labels
 from cbst_jax.sharding import batch_sharded, replicated
 
 GROUPS = ("backbone", "head", "frozen")
@@ -214,8 +214,8 @@ def make_train_step(model, config, mesh):
 
     batch (global, sharded on axis 0): ``image`` uint8 (B,H,W,3) as the model expects them
     (models normalise internally), ``label`` uint8 (B,H,W) with 255 = ignore, ``is_target``
-    bool (B,), optional ``soft_label`` float (B,H,W,C) for CRST's LR* modes (target rows used,
-    all-zero rows ignored). The model is called as ``model.apply(variables, image, train=True,
+    bool (B,), optional ``soft_label`` (B,H,W,C) for CRST's LR* modes (target rows used, all-zero
+    rows ignored): float distributions, or uint8 quantised rows that are renormalised here. The model is called as ``model.apply(variables, image, train=True,
     rngs={'dropout': key})``; with ``train_bn=False`` it must use its running statistics
     (``mutable=False`` fails loudly otherwise), with ``train_bn=True`` the running statistics
     are collected via ``mutable=['batch_stats']``. Logits are cast to float32 for the loss, so
@@ -244,6 +244,9 @@ def make_train_step(model, config, mesh):
     def train_step(state: TrainState, batch, lr_scale):
         rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         trainable = _trainable_mask(state.tx, state.params)
+        soft = batch.get("soft_label")
+        if soft is not None and soft.dtype == jnp.uint8:  # quantised rows (cbst_jax.soft_labels)
+            soft = soft_labels.normalize_rows(soft)
 
         def loss_fn(params):
             params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
@@ -258,7 +261,7 @@ def make_train_step(model, config, mesh):
                 logits = model.apply(variables, batch["image"], mutable=False, **kwargs)
                 new_stats = state.batch_stats
             loss, aux = losses.segmentation_loss(
-                logits.astype(jnp.float32), batch["label"], batch["is_target"], batch.get("soft_label"),
+                logits.astype(jnp.float32), batch["label"], batch["is_target"], soft,
                 resolution=resolution, stride=stride, regularizer=regularizer, reg_weight=reg_weight,
                 ignore_label=ignore_label)
             return loss, (aux, new_stats)

@@ -147,3 +147,25 @@ def test_jit_leading_shape_and_zero_probabilities():
         if kind != "lrkld":  # LRKLD's log barrier makes near-one-hot labels costly: ignored here
             assert soft[0, 0, 0].argmax() == 0 and sums[0, 0, 0] > 0
     assert np.asarray(crst.hard_labels(jnp.zeros((2, 4)))).tolist() == [255, 255]
+
+
+@pytest.mark.parametrize("kind", crst.KINDS)
+def test_keep_cbst_labels_exactly_cbst_pixels(kind):
+    """keep="cbst": the kept pixels and the argmax are CBST's (select_pseudo_labels, an
+    independent code path), the labels are the unrestricted simplex minimisers there."""
+    from cbst_jax import selection
+
+    probs, lam = random_pixels(2000, k=7)
+    soft = np.asarray(crst.soft_pseudo_labels(jnp.asarray(probs), jnp.asarray(lam), kind=kind, alpha=0.25,
+                                              keep="cbst"))
+    cbst = np.asarray(selection.select_pseudo_labels(jnp.asarray(probs), jnp.asarray(lam)))
+    kept = cbst != 255
+    assert 0 < kept.sum() < len(kept)
+    np.testing.assert_array_equal(soft.sum(-1) > 0, kept)
+    np.testing.assert_array_equal(np.asarray(crst.hard_labels(soft)), cbst)
+    a = np.log(np.maximum(probs, np.finfo(np.float32).tiny).astype(np.float64)) - np.log(lam.astype(np.float64))
+    for i in np.flatnonzero(kept)[:15]:
+        _, best = numeric_minimum(a[i], 0.25, kind)
+        assert f_np(soft[i].astype(np.float64), a[i], 0.25, kind) <= best + 1e-4
+    with pytest.raises(ValueError, match="keep rule"):
+        crst.soft_pseudo_labels(jnp.asarray(probs), jnp.asarray(lam), kind=kind, alpha=0.25, keep="nope")

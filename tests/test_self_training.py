@@ -116,7 +116,8 @@ def test_two_processes_match_one(tmp_path):
 
     from PIL import Image
 
-    extra = ["--config.source_training.steps=0", "--config.self_training.rounds=1"]
+    extra = ["--config.source_training.steps=0", "--config.self_training.rounds=1",
+             "--config.methods=source_only,cbst_sp,lrent"]
     one_dir = str(tmp_path / "one")
     res = run_experiment(one_dir, extra)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -139,6 +140,13 @@ def test_two_processes_match_one(tmp_path):
     for f in files:
         np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(d1, f))),
                                       np.asarray(Image.open(os.path.join(d2, f))))
+    s1, s2 = (os.path.join(d, "pseudo_labels", "lrent", "round_0") for d in (one, two))
+    soft = sorted(f for f in os.listdir(s1) if f.endswith(".soft.npz"))
+    assert soft == sorted(f for f in os.listdir(s2) if f.endswith(".soft.npz")) and len(soft) == 32
+    for f in soft:  # CRST soft labels written by each process for its own rows
+        with np.load(os.path.join(s1, f)) as a, np.load(os.path.join(s2, f)) as b:
+            np.testing.assert_array_equal(a["cells"], b["cells"])
+            np.testing.assert_array_equal(a["top"], b["top"])
     e1, e2 = rows(one, "eval"), rows(two, "eval")
     assert e2[("source_only", None)]["iou"] == e1[("source_only", None)]["iou"]
     np.testing.assert_allclose(e2[("cbst_sp", 0)]["train_loss"], e1[("cbst_sp", 0)]["train_loss"], rtol=1e-4)
@@ -162,3 +170,31 @@ def test_kill_between_checkpoint_and_evaluation(reference_run, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got, want = rows(str(workdir / "seed_0"), "eval"), rows(seed_dir, "eval")
     assert {k: comparable(v) for k, v in got.items()} == {k: comparable(v) for k, v in want.items()}
+
+
+def test_label_regularised_rounds(tmp_path):
+    """CRST LRENT end to end: soft labels stored as per-pixel top masses and residual cells next
+    to the hard maps, carried into retraining, evaluated."""
+    from PIL import Image
+
+    workdir = str(tmp_path / "lr")
+    res = run_experiment(workdir, ["--config.methods=source_only,lrent", "--config.self_training.rounds=1",
+                                   "--config.self_training.soft_label_stride=4"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    seed_dir = os.path.join(workdir, "seed_0")
+    pl = rows(seed_dir, "pseudo_labels")[("lrent", 0)]
+    assert 0 < pl["selected_fraction"] < 1
+    ev = rows(seed_dir, "eval")[("lrent", 0)]
+    assert np.isfinite(ev["train_loss"]) and 0 <= ev["miou"] <= 1
+    d = os.path.join(seed_dir, "pseudo_labels", "lrent", "round_0")
+    with open(os.path.join(d, "manifest.json")) as f:
+        assert json.load(f)["soft_label_stride"] == 4
+    for i in range(32):
+        hard = np.asarray(Image.open(os.path.join(d, f"{i:07d}.png")))
+        with np.load(os.path.join(d, f"{i:07d}.soft.npz")) as z:
+            top, cells = z["top"], z["cells"]
+        assert top.shape == (64, 128) and cells.shape == (16, 32, 19) and cells.dtype == np.uint8
+        np.testing.assert_array_equal(top > 0, hard != 255)  # a mass exactly where a label is
+        assert top[hard != 255].min() >= 255 // 19
+        sums = cells.sum(-1).astype(int)
+        assert ((sums == 0) | (np.abs(sums - 255) <= 19 // 2 + 1)).all()  # quantised distributions

@@ -284,3 +284,23 @@ def test_bfloat16_model_float32_loss():
     state, m = step(state, to_global(make_batch(8), mesh))
     assert m["loss"].dtype == jnp.float32 and bool(m["finite"])
     assert state.params["head"]["kernel"].dtype == jnp.float32
+
+
+def test_uint8_soft_labels_are_renormalised():
+    """The round loop ships LR* soft labels as uint8 rows (cbst_jax.soft_labels); the step must
+    see them as the distributions they quantise: the same loss as the float rows ŷ_q / Σ ŷ_q."""
+    from cbst_jax import soft_labels
+
+    model = TinySeg()
+    mesh = make_mesh(jax.devices()[:2])
+    variables, state = _setup(model, mesh)
+    batch = make_batch(4, soft=True)
+    q = soft_labels.quantize(batch["soft_label"])
+    q[:, :3] = 0  # ignored rows stay ignored
+    as_float = dict(batch, soft_label=q.astype(np.float32) / np.maximum(q.sum(-1, keepdims=True), 1))
+    step = train.make_train_step(model, train.TrainConfig(), mesh)
+    _, m_u8 = step(state, to_global(dict(batch, soft_label=q), mesh))
+    _, state2 = _setup(model, mesh)
+    _, m_f = step(state2, to_global(as_float, mesh))
+    np.testing.assert_allclose(float(m_u8["loss"]), float(m_f["loss"]), rtol=1e-6)
+    assert int(m_u8["n_valid"]) == int(m_f["n_valid"])

@@ -8,6 +8,8 @@ caller's ``np.random.Generator``, so a record's augmentation is a pure function 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
@@ -34,10 +36,14 @@ def rescale(image: np.ndarray, label: np.ndarray | None, scale: float):
         return image, label
     image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
     if label is not None:
-        ry = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
-        rx = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
-        label = label[ry[:, None], rx[None, :]]
+        label = label[nearest_source(nh, h)[:, None], nearest_source(nw, w)[None, :]]
     return image, label
+
+
+def nearest_source(n_out: int, n_in: int) -> np.ndarray:
+    """Source index of each of ``n_out`` pixels resized from ``n_in`` by nearest neighbour
+    (pixel centres): ``⌊(t + ½)·n_in/n_out⌋``."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
 
 def crop(image: np.ndarray, label: np.ndarray, y0: int, x0: int, height: int, width: int,
@@ -92,16 +98,87 @@ def crop_offsets(rng: np.random.Generator, label: np.ndarray, crop_size: tuple[i
     return int(rng.integers(ylo, yhi + 1)), int(rng.integers(xlo, xhi + 1)), mined
 
 
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where an augmented crop came from: the record's (height, width), its rescaled size, the
+    window offsets in the rescaled image and whether it was flipped."""
+    size: tuple[int, int]
+    rescaled: tuple[int, int]
+    offset: tuple[int, int]
+    crop: tuple[int, int]
+    flipped: bool
+
+    def source_pixels(self):
+        """(rows (ch,), cols (cw,)): the record pixel each crop row / column shows under the
+        nearest-neighbour label transform, -1 where the crop is padding."""
+        out = []
+        for n_in, n_res, off, n_crop in zip(self.size, self.rescaled, self.offset, self.crop):
+            t = off + np.arange(n_crop)
+            src = nearest_source(n_res, n_in)[np.clip(t, 0, n_res - 1)]
+            out.append(np.where((t >= 0) & (t < n_res), src, -1))
+        rows, cols = out
+        return rows, (cols[::-1] if self.flipped else cols)
+
+
 def augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, *,
             crop_size: tuple[int, int], scale_range=(0.5, 1.5), flip: bool = True,
-            mine_classes=(), p_mine: float = 0.8, image_fill=0) -> tuple[np.ndarray, np.ndarray]:
+            mine_classes=(), p_mine: float = 0.8, image_fill=0, return_geometry: bool = False):
     """Training transform of one record: rescale by U(scale_range), crop ``crop_size``
-    (rare-class mining, 255-padding), flip with p=0.5. Returns uint8 image and label."""
+    (rare-class mining, 255-padding), flip with p=0.5. Returns uint8 image and label (and the
+    :class:`Geometry`, to carry soft labels through the same transform)."""
     lo, hi = scale_range
     scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+    size = image.shape[:2]
     image, label = rescale(image, label, scale)
+    rescaled = image.shape[:2]
     y0, x0, _ = crop_offsets(rng, label, crop_size, mine_classes, p_mine)
     image, label = crop(image, label, y0, x0, *crop_size, image_fill=image_fill)
-    if flip and rng.random() < 0.5:
+    flipped = bool(flip and rng.random() < 0.5)
+    if flipped:
         image, label = hflip(image, label)
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+    image, label = np.ascontiguousarray(image), np.ascontiguousarray(label)
+    if return_geometry:
+        return image, label, Geometry(tuple(size), tuple(rescaled), (y0, x0), tuple(crop_size), flipped)
+    return image, label
+
+
+def _cell_taps(pixels: np.ndarray, stride: int, n_cells: int):
+    """Bilinear taps between cell centres for pixel indices: (lower cell, upper cell, weight of
+    the upper one). Cell i covers pixels [i·s, (i+1)·s), its centre at pixel (i + ½)·s − ½."""
+    u = (pixels.astype(np.float64) + 0.5) / stride - 0.5
+    i0 = np.floor(u)
+    w1 = (u - i0).astype(np.float32)
+    i0 = i0.astype(np.int64)
+    return np.clip(i0, 0, n_cells - 1), np.clip(i0 + 1, 0, n_cells - 1), w1
+
+
+def warp_pixels(values: np.ndarray, geometry: Geometry, fill=0) -> np.ndarray:
+    """A per-pixel map of the record (e.g. LR* top masses) through the crop's nearest-neighbour
+    transform, exactly as the hard label went (``fill`` on padding)."""
+    rows, cols = geometry.source_pixels()
+    out = values[np.maximum(rows, 0)][:, np.maximum(cols, 0)]
+    inside = (rows >= 0)[:, None] & (cols >= 0)[None, :]
+    return np.where(inside.reshape(inside.shape + (1,) * (out.ndim - 2)), out, fill).astype(values.dtype)
+
+
+def warp_cells(cells: np.ndarray, stride: int, geometry: Geometry) -> np.ndarray:
+    """Float32 (ch, cw, K) distributions of an augmented crop from a record's uint8 cells
+    (⌈h/s⌉, ⌈w/s⌉, K) (``cbst_jax.soft_labels``): at each crop pixel, the bilinear interpolation
+    between the centres of the *non-empty* cells around the record pixel the hard label came
+    from (``Geometry.source_pixels``), renormalised; padding and pixels without a non-empty
+    neighbour are all-zero rows. Separable: rows first, then columns."""
+    from cbst_jax.soft_labels import dequantize
+
+    dist = dequantize(cells)
+    kept = (dist.sum(axis=-1, keepdims=True) > 0).astype(np.float32)
+    rows, cols = geometry.source_pixels()
+    r0, r1, wr = _cell_taps(np.maximum(rows, 0), stride, dist.shape[0])
+    c0, c1, wc = _cell_taps(np.maximum(cols, 0), stride, dist.shape[1])
+
+    def sample(x):
+        x = (1 - wr)[:, None, None] * x[r0] + wr[:, None, None] * x[r1]
+        return (1 - wc)[None, :, None] * x[:, c0] + wc[None, :, None] * x[:, c1]
+
+    mass, weight = sample(dist), sample(kept)
+    inside = ((rows >= 0)[:, None] & (cols >= 0)[None, :])[..., None] & (weight > 0)
+    return np.where(inside, mass / np.where(weight > 0, weight, 1.0), 0.0).astype(np.float32)

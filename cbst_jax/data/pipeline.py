@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from cbst_jax import soft_labels
 from cbst_jax.data import augment as aug
 from cbst_jax.labels import IGNORE_INDEX
 
@@ -200,19 +201,29 @@ class MixedIterator(_Closing):
     Yields ``{"image": uint8 (b, ch, cw, 3), "label": uint8 (b, ch, cw) (255 = ignore),
     "domain": int8 (b,) (0 source, 1 target), "index": int32 (b,) record index}``, where b is
     this host's share of ``sampler.batch_size``. Source labels come from the records, target
-    labels from ``target_labels(index)`` (the round's pseudo-labels). ``get_state()`` /
-    ``set_state()`` give ``{"epoch": int, "step": int}``, the position of the next batch.
+    labels from ``target_labels(index)`` (the round's pseudo-labels). With
+    ``target_soft_labels(index)`` (CRST LR* rounds: the (top mass, residual cells) pair of
+    ``cbst_jax.soft_labels``, cells of stride ``soft_stride``) batches also hold
+    ``"soft_label": uint8 (b, ch, cw, num_classes)``, the target crops' soft labels rebuilt
+    through the same transform (zero where the hard label is 255, and on source rows). ``get_state()`` / ``set_state()`` give
+    ``{"epoch": int, "step": int}``, the position of the next batch.
     """
 
     def __init__(self, source, target, sampler: MixedSampler, *, crop_size: tuple[int, int],
                  target_labels: Callable[[int], np.ndarray] | None = None, scale_range=(0.5, 1.5),
                  flip: bool = True, mine_classes=(), p_mine: float = 0.8, mine_domains=(SOURCE, TARGET),
                  image_fill=0, process_index: int | None = None, process_count: int | None = None,
-                 prefetch: int = 2, workers: int = 2):
+                 prefetch: int = 2, workers: int = 2,
+                 target_soft_labels: Callable[[int], np.ndarray] | None = None, soft_stride: int = 8,
+                 num_classes: int | None = None):
         if sampler.num_target and target_labels is None:
             raise ValueError("target records need a target_labels(index) pseudo-label lookup")
+        if target_soft_labels is not None and not num_classes:
+            raise ValueError("soft labels need num_classes")
         self.source, self.target, self.sampler = source, target, sampler
         self.target_labels = target_labels
+        self.target_soft_labels, self.soft_stride = target_soft_labels, int(soft_stride)
+        self.num_classes = num_classes
         self.crop_size = tuple(int(c) for c in crop_size)
         self.scale_range, self.flip = tuple(scale_range), flip
         self.mine_classes, self.p_mine = tuple(int(c) for c in mine_classes), p_mine
@@ -222,7 +233,9 @@ class MixedIterator(_Closing):
         self._prefetch = _Prefetcher(self._make, prefetch, workers)
 
     def record(self, domain: int, index: int, epoch: int, repeat: int = 0):
-        """One augmented (image, label) pair: a pure function of its arguments and the seeds."""
+        """One augmented (image, label) pair - (image, label, soft uint8) with soft labels - a
+        pure function of its arguments and the seeds."""
+        soft = self.target_soft_labels is not None
         if domain == SOURCE:
             rec = self.source[index]
             image, label = rec["image"], rec["label"]
@@ -233,8 +246,22 @@ class MixedIterator(_Closing):
                 raise ValueError(f"pseudo-label of target {index} has shape {label.shape}, image {image.shape[:2]}")
         rng = np.random.default_rng([self.sampler.seed, epoch, domain, index, repeat])
         mine = self.mine_classes if domain in self.mine_domains else ()
-        return aug.augment(rng, image, label, crop_size=self.crop_size, scale_range=self.scale_range,
-                           flip=self.flip, mine_classes=mine, p_mine=self.p_mine, image_fill=self.image_fill)
+        out = aug.augment(rng, image, label, crop_size=self.crop_size, scale_range=self.scale_range,
+                          flip=self.flip, mine_classes=mine, p_mine=self.p_mine, image_fill=self.image_fill,
+                          return_geometry=soft)
+        if not soft:
+            return out
+        image, label, geometry = out
+        if domain == SOURCE:
+            return image, label, np.zeros((*self.crop_size, self.num_classes), np.uint8)
+        top, cells = self.target_soft_labels(index)
+        expect = tuple(-(-n // self.soft_stride) for n in geometry.size) + (self.num_classes,)
+        if cells.shape != expect or top.shape != geometry.size:
+            raise ValueError(f"soft pseudo-label of target {index} has shapes {top.shape}, {cells.shape}; expected "
+                             f"{geometry.size}, {expect} (stride {self.soft_stride})")
+        dist = soft_labels.compose(label, aug.warp_pixels(np.asarray(top, np.uint8), geometry),
+                                   aug.warp_cells(np.asarray(cells, np.uint8), self.soft_stride, geometry))
+        return image, label, soft_labels.quantize(dist)
 
     def _make(self, key):
         epoch, step = key
@@ -242,9 +269,15 @@ class MixedIterator(_Closing):
         b = len(idx)
         images = np.empty((b, *self.crop_size, 3), np.uint8)
         labels = np.empty((b, *self.crop_size), np.uint8)
+        out = {"image": images, "label": labels, "domain": dom.copy(), "index": idx.copy()}
+        if self.target_soft_labels is not None:
+            out["soft_label"] = np.empty((b, *self.crop_size, self.num_classes), np.uint8)
         for j in range(b):
-            images[j], labels[j] = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]))
-        return {"image": images, "label": labels, "domain": dom.copy(), "index": idx.copy()}
+            parts = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]))
+            images[j], labels[j] = parts[:2]
+            if len(parts) == 3:
+                out["soft_label"][j] = parts[2]
+        return out
 
     def _next_keys(self, n):
         e, s, bpe, keys = self._epoch, self._step, self.sampler.batches_per_epoch(), []

@@ -5,7 +5,10 @@ Step: forward + backward + SGD (momentum 0.9, weight decay 5e-4; head 10x LR) wi
 BatchNorm, loss = CE (ignore 255, mean over valid pixels) on logits bilinearly resized to
 the 512x1024 crop. Jitted with donated params/optimizer state; median over timed steps
 after warm-up, each closed by block_until_ready. Prints one JSON line per config and
-writes $OUT/bench_jax.json (rewritten after every config).
+writes $OUT/bench_jax.json (rewritten after every config). ``--step project`` times the same
+workload through the project's own ``cbst_jax.train.make_train_step`` (what the round loop runs:
+TrainState, align_corners loss, gradient norm, non-finite guard), ``--step minimal`` the bare
+step below, ``both`` (default) one after the other per config.
 
   python -m benchmarks.bench_train_step            # 4 configs, ~2-3 min on an H100
   python -m benchmarks.bench_train_step --smoke    # tiny model on CPU
@@ -91,26 +94,73 @@ def bench(model, batch, dtype, hw, steps, warmup, num_classes=19):
               steps=steps, device=jax.devices()[0].device_kind, jax=jax.__version__)
 
 
+def bench_project(model, batch, dtype, hw, steps, warmup, num_classes=19):
+  """The same workload through the project's own step (``cbst_jax.train.make_train_step``):
+  TrainState, parameter groups, align_corners upsampling loss, ``lr_scale`` argument, gradient
+  norm and the non-finite guard, batch sharded over a ('data',) mesh of all local devices."""
+  from cbst_jax import sharding as shd, train
+
+  module = models.get_model(model, num_classes, dtype=dtype)
+  mesh = shd.make_mesh()
+  rng = np.random.RandomState(0)
+  labels = rng.randint(0, num_classes, (batch, *hw)).astype(np.uint8)
+  labels[:, :16] = 255
+  host = {"image": rng.randint(0, 256, (batch, *hw, 3)).astype(np.uint8), "label": labels,
+          "is_target": np.arange(batch) % 2 == 1}
+  data = shd.to_global(host, mesh)
+  variables = jax.jit(module.init)(jax.random.key(0, impl="rbg"), host["image"][:1])
+  tx = train.make_optimizer(models.param_groups(module, variables["params"]), lr=2.5e-4)
+  state = train.create_train_state(module, variables, tx, 0, mesh)
+  step = train.make_train_step(module, train.TrainConfig(loss_resolution="upsample", stride=8), mesh)
+  t0 = time.perf_counter()
+  compiled = step.jitted.lower(state, data, np.float32(1.0)).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, m = compiled(state, data, np.float32(1.0))
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, data, np.float32(1.0))
+    jax.block_until_ready((state.params, m))
+    times.append(time.perf_counter() - t)
+  ms = 1000 * float(np.median(times))
+  return dict(step="project", model=model, batch=batch, hw=list(hw), dtype=dtype, bn="frozen", ms_median=ms,
+              ms_min=1000 * min(times), img_per_s=batch * 1000 / ms,
+              achieved_tflops=TFLOP_PER_IMAGE * batch / (ms / 1000) if model == "deeplabv2_resnet101" else None,
+              compile_s=compile_s, peak_mem_gib=peak_memory_gib(), loss=float(m["loss"]),
+              finite=bool(m["finite"]), steps=steps, devices=mesh.devices.size,
+              device=jax.devices()[0].device_kind, jax=jax.__version__)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--smoke", action="store_true", help="deeplabv2_resnet_small at 64x128, 3 steps")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--configs", default=",".join(f"{b}:{d}" for b, d in CONFIGS),
+                      help="batch:dtype pairs, in order, e.g. 2:float32,8:bfloat16")
+  parser.add_argument("--step", choices=("project", "minimal", "both"), default="both",
+                      help="project: cbst_jax.train.make_train_step; minimal: the bare step above")
   args = parser.parse_args()
   model, hw, steps = "deeplabv2_resnet101", (512, 1024), args.steps
   if args.smoke:
     model, hw, steps = "deeplabv2_resnet_small", (64, 128), 3
   out_dir = os.environ.get("OUT", ".")
   results = []
-  for batch, dtype in CONFIGS:
-    try:
-      result = bench(model, batch, dtype, hw, steps, args.warmup)
-    except Exception as e:  # e.g. out of memory: report and go on with the next config
-      result = dict(model=model, batch=batch, dtype=dtype, error=repr(e)[:500])
-    print(json.dumps(result), flush=True)
-    results.append(result)
-    with open(os.path.join(out_dir, "bench_jax.json"), "w") as f:
-      json.dump(results, f, indent=1)
+  kinds = {"project": (bench_project,), "minimal": (bench,), "both": (bench_project, bench)}[args.step]
+  configs = [(int(b), d) for b, d in (c.split(":") for c in args.configs.split(","))]
+  for batch, dtype in configs:
+    for fn in kinds:
+      try:
+        result = fn(model, batch, dtype, hw, steps, args.warmup)
+      except Exception as e:  # e.g. out of memory: report and go on with the next config
+        result = dict(model=model, batch=batch, dtype=dtype, error=repr(e)[:500])
+      result.setdefault("step", "project" if fn is bench_project else "minimal")
+      print(json.dumps(result), flush=True)
+      results.append(result)
+      with open(os.path.join(out_dir, "bench_jax.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

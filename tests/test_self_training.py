@@ -198,3 +198,11 @@ def test_label_regularised_rounds(tmp_path):
         assert top[hard != 255].min() >= 255 // 19
         sums = cells.sum(-1).astype(int)
         assert ((sums == 0) | (np.abs(sums - 255) <= 19 // 2 + 1)).all()  # quantised distributions
+
+    # benchmarks/lr_selection re-derives round 0's selection from the saved source model
+    from benchmarks.lr_selection import measure
+
+    got, portion = measure(seed_dir, [0.25], kinds=("lrent",), keeps=("objective",))
+    assert portion == 0.2 and [r["method"] for r in got] == ["cbst", "lrent"]
+    assert got[1]["kept_fraction"] == pl["selected_fraction"]
+    assert abs(got[0]["kept_fraction"] - 0.2) < 0.02 and 1 / 19 <= got[1]["top_mass"] <= 1

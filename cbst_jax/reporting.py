@@ -195,7 +195,9 @@ def plot_pseudo_label_stats(rows: Sequence[dict], class_names: Sequence[str], pa
             ax.set_xlabel("round")
             ax.set_xticks(rounds)
             ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, ncol=2, loc="lower right")
+    labelled = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if labelled:  # a method may have selected nothing (then its panels stay empty)
+        labelled[-1].legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     _atomic_savefig(fig, path)
     plt.close(fig)

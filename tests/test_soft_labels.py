@@ -150,6 +150,13 @@ def test_compose_and_round_trip():
                                top[kept] / 255, atol=1e-6)
     np.testing.assert_allclose(rebuilt[kept].sum(-1), 1.0, atol=1e-5)
     assert not rebuilt[~kept].any()
+    # the pipeline's fast path (no per-pixel renormalisation before compose) gives the same labels
+    for seed in range(3):
+        _, crop_lab, g = aug.augment(np.random.default_rng(seed), np.zeros((h, w, 3), np.uint8), lab,
+                                     crop_size=(20, 30), scale_range=(0.7, 1.4), return_geometry=True)
+        slow = soft_labels.compose(crop_lab, aug.warp_pixels(top, g), aug.warp_cells(cells, stride, g))
+        fast = soft_labels.compose(crop_lab, aug.warp_pixels(top, g), aug.warp_cells(cells, stride, g, normalize=False))
+        np.testing.assert_allclose(fast, slow, atol=1e-6)
 
 
 def test_store_soft_round_trip(tmp_path):

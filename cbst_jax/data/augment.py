@@ -161,24 +161,33 @@ def warp_pixels(values: np.ndarray, geometry: Geometry, fill=0) -> np.ndarray:
     return np.where(inside.reshape(inside.shape + (1,) * (out.ndim - 2)), out, fill).astype(values.dtype)
 
 
-def warp_cells(cells: np.ndarray, stride: int, geometry: Geometry) -> np.ndarray:
+def warp_cells(cells: np.ndarray, stride: int, geometry: Geometry, normalize: bool = True) -> np.ndarray:
     """Float32 (ch, cw, K) distributions of an augmented crop from a record's uint8 cells
     (⌈h/s⌉, ⌈w/s⌉, K) (``cbst_jax.soft_labels``): at each crop pixel, the bilinear interpolation
     between the centres of the *non-empty* cells around the record pixel the hard label came
     from (``Geometry.source_pixels``), renormalised; padding and pixels without a non-empty
-    neighbour are all-zero rows. Separable: rows first, then columns."""
+    neighbour are all-zero rows. Separable: rows first, then columns. ``normalize=False`` skips
+    the per-pixel renormalisation and the padding mask (for callers that renormalise anyway,
+    as ``soft_labels.compose``: it is a positive per-pixel factor)."""
     from cbst_jax.soft_labels import dequantize
 
     dist = dequantize(cells)
-    kept = (dist.sum(axis=-1, keepdims=True) > 0).astype(np.float32)
     rows, cols = geometry.source_pixels()
     r0, r1, wr = _cell_taps(np.maximum(rows, 0), stride, dist.shape[0])
     c0, c1, wc = _cell_taps(np.maximum(cols, 0), stride, dist.shape[1])
 
     def sample(x):
         x = (1 - wr)[:, None, None] * x[r0] + wr[:, None, None] * x[r1]
-        return (1 - wc)[None, :, None] * x[:, c0] + wc[None, :, None] * x[:, c1]
+        out = x[:, c0]
+        out *= (1 - wc)[None, :, None]
+        upper = x[:, c1]
+        upper *= wc[None, :, None]
+        out += upper
+        return out
 
-    mass, weight = sample(dist), sample(kept)
+    mass = sample(dist)
+    if not normalize:
+        return mass
+    weight = sample((dist.sum(axis=-1, keepdims=True) > 0).astype(np.float32))
     inside = ((rows >= 0)[:, None] & (cols >= 0)[None, :])[..., None] & (weight > 0)
     return np.where(inside, mass / np.where(weight > 0, weight, 1.0), 0.0).astype(np.float32)

@@ -260,7 +260,8 @@ class MixedIterator(_Closing):
             raise ValueError(f"soft pseudo-label of target {index} has shapes {top.shape}, {cells.shape}; expected "
                              f"{geometry.size}, {expect} (stride {self.soft_stride})")
         dist = soft_labels.compose(label, aug.warp_pixels(np.asarray(top, np.uint8), geometry),
-                                   aug.warp_cells(np.asarray(cells, np.uint8), self.soft_stride, geometry))
+                                   aug.warp_cells(np.asarray(cells, np.uint8), self.soft_stride, geometry,
+                                                  normalize=False))
         return image, label, soft_labels.quantize(dist)
 
     def _make(self, key):

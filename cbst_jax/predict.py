@@ -34,6 +34,16 @@ def _resize_images(images, size):
     return jax.image.resize(images, (b, size[0], size[1], c), method="linear", antialias=False)
 
 
+def _selection_counts(labels, gt, valid, num_classes: int):
+    """Per class: selected pixels, selected pixels equal to ``gt``; and the valid-pixel count."""
+    c = num_classes
+    li = labels.astype(jnp.int32)
+    picked = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(li, c).reshape(-1)].add(1)[:c]
+    hit = jnp.where(li == gt.astype(jnp.int32), li, c)
+    correct = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(hit, c).reshape(-1)].add(1)[:c]
+    return picked, correct, jnp.sum(valid.astype(jnp.int32))
+
+
 class Predictor:
     """Probabilities, threshold statistics, pseudo-labels and confusion matrices of a model on
     batch-sharded padded batches (``EvalIterator`` batches made global with ``to_global``)."""
@@ -110,12 +120,7 @@ class Predictor:
         def step(variables, images, valid, gt, lam, prior):
             lab = selection.select_pseudo_labels(self.probs(variables, images), lam, prior)
             lab = jnp.where(valid, lab, IGNORE_INDEX).astype(jnp.uint8)
-            li = lab.astype(jnp.int32)
-            picked = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(li, c).reshape(-1)].add(1)[:c]
-            hit = jnp.where(li == gt.astype(jnp.int32), li, c)
-            correct = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(hit, c).reshape(-1)].add(1)[:c]
-            valid_n = jnp.sum(valid.astype(jnp.int32))
-            return lab, picked, correct, valid_n
+            return (lab, *_selection_counts(lab, gt, valid, c))
 
         fn = self._jit(("pl", prior is None), step, out_shardings=(self._data, self._rep, self._rep, self._rep))
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
@@ -134,11 +139,7 @@ class Predictor:
             soft = crst.soft_pseudo_labels(self.probs(variables, images), lam, kind=kind, alpha=alpha, keep=keep)
             soft = jnp.where(valid[..., None], soft, 0.0)
             lab, top, cells = soft_labels.encode(soft, stride)
-            li = lab.astype(jnp.int32)
-            picked = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(li, c).reshape(-1)].add(1)[:c]
-            hit = jnp.where(li == gt.astype(jnp.int32), li, c)
-            correct = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(hit, c).reshape(-1)].add(1)[:c]
-            return lab, top, cells, picked, correct, jnp.sum(valid.astype(jnp.int32))
+            return (lab, top, cells, *_selection_counts(lab, gt, valid, c))
 
         fn = self._jit(("soft", kind, float(alpha), int(stride), keep), step,
                        out_shardings=(self._data, self._data, self._data, self._rep, self._rep, self._rep))

@@ -209,6 +209,16 @@ def test_mixed_iterator_carries_soft_labels():
         np.testing.assert_array_equal(soft, soft_labels.quantize(want))
         kept = lab != IGNORE_INDEX
         assert kept.any() and (soft[kept].sum(-1) > 0).all()
+    second = next(it)  # resuming at step 1 (a restored checkpoint) rebuilds the same soft labels
+    again = pipeline.MixedIterator(recs, recs, sampler, crop_size=(16, 24), target_labels=lambda i: hard[i],
+                                   target_soft_labels=lambda i: (tops[i], cells[i]), soft_stride=stride,
+                                   num_classes=k, scale_range=(0.8, 1.2), prefetch=2, workers=2,
+                                   process_index=0, process_count=1)
+    again.set_state({"epoch": 0, "step": 1})
+    with again:
+        resumed = next(again)
+    for key in second:
+        np.testing.assert_array_equal(resumed[key], second[key])
     with pytest.raises(ValueError, match="soft pseudo-label of target 0 has shapes"):
         pipeline.MixedIterator(recs, recs, sampler, crop_size=(16, 24), target_labels=lambda i: hard[i],
                                target_soft_labels=lambda i: (tops[i], cells[i]), soft_stride=8, num_classes=k,

@@ -34,3 +34,11 @@ def test_pseudo_label_benchmark_smoke(tmp_path):
     rows = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
     assert [len(r["scales"]) for r in rows] == [1, 3]
     assert all(r["img_per_s"] > 0 and r["images"] == 2 for r in rows)
+
+
+def test_soft_label_crop_benchmark_smoke(capsys):
+    from benchmarks import bench_soft_labels
+
+    bench_soft_labels.main(["--size", "40,72", "--crop", "32,48", "--stride", "4", "--repeats", "2"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["out_shape"] == [32, 48, 19] and r["soft_ms_median"] > 0

@@ -160,7 +160,9 @@ def spatial_prior(exp: Experiment):
     """The CBST-SP prior q at the canvas size, replicated on the mesh (built once per workdir)."""
     cfg = exp.config.self_training
     path = cfg.prior or os.path.join(exp.workdir, "spatial_prior.npz")
-    if not os.path.exists(path):
+    # Process 0's answer: another process may look after process 0 has written the file, and
+    # must still join the barrier below.
+    if _agree(not os.path.exists(path)):
         maps = (exp.source[i]["label"] for i in tqdm(range(len(exp.source)), desc="spatial prior",
                                                       disable=jax.process_index() != 0, leave=False))
         q = priors.build_spatial_prior(maps, exp.config.num_classes, tuple(cfg.prior_size), cfg.prior_sigma,
@@ -548,15 +550,21 @@ def finish_stage(exp: Experiment, state, method: str, r: int, stage_meta: dict, 
     _round_grid(exp, method, r, PseudoLabelStore(stage_meta["pseudo_labels"]))
 
 
+# Keys that say how this process joins a multi-host run, not what the run computes: they differ
+# between the processes of one run (process_id) and between launches (the coordinator's port).
+LAUNCH_KEYS = ("process_id", "coordinator_address")
+
+
 def _check_workdir(config, workdir):
-    """Refuses to resume a workdir written by a different configuration."""
+    """Refuses to resume a workdir written by a different configuration (launch keys aside)."""
     path = os.path.join(workdir, "config.json")
-    text = config.to_json(sort_keys=True)
+    mine = {k: v for k, v in json.loads(config.to_json(sort_keys=True)).items() if k not in LAUNCH_KEYS}
+    text = json.dumps(mine, sort_keys=True, indent=1)
     if os.path.exists(path):
         with open(path) as f:
-            old = f.read()
-        if json.loads(old) != json.loads(text):
-            diff = [k for k in _flat(json.loads(text)) if _flat(json.loads(old)).get(k) != _flat(json.loads(text))[k]]
+            old = {k: v for k, v in json.load(f).items() if k not in LAUNCH_KEYS}
+        if old != mine:
+            diff = [k for k, v in _flat(mine).items() if _flat(old).get(k) != v]
             raise RunError(f"{workdir} holds a run with another configuration (differs in {', '.join(diff[:4])}); "
                            f"use another --workdir or --fresh")
     elif jax.process_index() == 0:

@@ -206,3 +206,19 @@ def test_label_regularised_rounds(tmp_path):
     assert portion == 0.2 and [r["method"] for r in got] == ["cbst", "lrent"]
     assert got[1]["kept_fraction"] == pl["selected_fraction"]
     assert abs(got[0]["kept_fraction"] - 0.2) < 0.02 and 1 / 19 <= got[1]["top_mass"] <= 1
+
+
+def test_workdir_config_check_ignores_launch_keys(tmp_path):
+    """The processes of one multi-host run differ in process_id (and relaunches in the
+    coordinator's port): they share a workdir; any other difference is refused."""
+    from cbst_jax import self_training as st
+    from experiments.configs import synthetic
+
+    cfg = synthetic.get_config()
+    st._check_workdir(cfg, str(tmp_path))
+    other = synthetic.get_config()
+    other.process_id, other.coordinator_address = 1, "10.0.0.1:1234"
+    st._check_workdir(other, str(tmp_path))  # accepted
+    other.self_training.rounds = 5
+    with pytest.raises(st.RunError, match="differs in self_training.rounds"):
+        st._check_workdir(other, str(tmp_path))

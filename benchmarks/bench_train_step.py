@@ -77,21 +77,33 @@ def bench(model, batch, dtype, hw, steps, warmup, num_classes=19):
   t0 = time.perf_counter()
   compiled = step.lower(params, opt_state, batch_stats, images, labels).compile()
   compile_s = time.perf_counter() - t0
+  (params, opt_state, loss), times = time_steps(
+      lambda c: compiled(c[0], c[1], batch_stats, images, labels), (params, opt_state, None), steps, warmup)
+  return summary(model, batch, dtype, hw, times, compile_s, loss=float(loss), steps=steps)
+
+
+def time_steps(advance, carry, steps, warmup):
+  """``carry = advance(carry)`` ``warmup`` times, then ``steps`` timed calls, each closed by
+  ``block_until_ready`` on everything it returns; (last carry, seconds per call)."""
   for _ in range(warmup):
-    params, opt_state, loss = compiled(params, opt_state, batch_stats, images, labels)
-  jax.block_until_ready(loss)
+    carry = advance(carry)
+  jax.block_until_ready(carry)
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    params, opt_state, loss = compiled(params, opt_state, batch_stats, images, labels)
-    jax.block_until_ready((params, loss))
+    carry = jax.block_until_ready(advance(carry))
     times.append(time.perf_counter() - t)
+  return carry, times
+
+
+def summary(model, batch, dtype, hw, times, compile_s, **extra):
+  """One JSON row: median/min step time, throughput, achieved TFLOP/s (DeepLab-v2 R101 only)."""
   ms = 1000 * float(np.median(times))
   return dict(model=model, batch=batch, hw=list(hw), dtype=dtype, bn="frozen", ms_median=ms,
               ms_min=1000 * min(times), img_per_s=batch * 1000 / ms,
               achieved_tflops=TFLOP_PER_IMAGE * batch / (ms / 1000) if model == "deeplabv2_resnet101" else None,
-              compile_s=compile_s, peak_mem_gib=peak_memory_gib(), loss=float(loss),
-              steps=steps, device=jax.devices()[0].device_kind, jax=jax.__version__)
+              compile_s=compile_s, peak_mem_gib=peak_memory_gib(), **extra,
+              device=jax.devices()[0].device_kind, jax=jax.__version__)
 
 
 def bench_project(model, batch, dtype, hw, steps, warmup, num_classes=19):
@@ -115,22 +127,9 @@ def bench_project(model, batch, dtype, hw, steps, warmup, num_classes=19):
   t0 = time.perf_counter()
   compiled = step.jitted.lower(state, data, np.float32(1.0)).compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(warmup):
-    state, m = compiled(state, data, np.float32(1.0))
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = compiled(state, data, np.float32(1.0))
-    jax.block_until_ready((state.params, m))
-    times.append(time.perf_counter() - t)
-  ms = 1000 * float(np.median(times))
-  return dict(step="project", model=model, batch=batch, hw=list(hw), dtype=dtype, bn="frozen", ms_median=ms,
-              ms_min=1000 * min(times), img_per_s=batch * 1000 / ms,
-              achieved_tflops=TFLOP_PER_IMAGE * batch / (ms / 1000) if model == "deeplabv2_resnet101" else None,
-              compile_s=compile_s, peak_mem_gib=peak_memory_gib(), loss=float(m["loss"]),
-              finite=bool(m["finite"]), steps=steps, devices=mesh.devices.size,
-              device=jax.devices()[0].device_kind, jax=jax.__version__)
+  (state, m), times = time_steps(lambda c: compiled(c[0], data, np.float32(1.0)), (state, None), steps, warmup)
+  return dict(step="project", **summary(model, batch, dtype, hw, times, compile_s, loss=float(m["loss"]),
+                                        finite=bool(m["finite"]), steps=steps, devices=mesh.devices.size))
 
 
 def main():

@@ -26,6 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cbst_jax import selection
+
 IGNORE_LABEL = 255
 KINDS = ("lrent", "lrl2", "lrkld")
 KEEP_RULES = ("objective", "cbst")
@@ -134,10 +136,8 @@ def lrkld_soft_labels(probs, thresholds, alpha, *, iterations: int = 48, keep_al
 
 
 def cbst_kept(probs, thresholds):
-    """CBST's selection, ``max_k p_k/λ_k ≥ 1``, in the same arithmetic as
-    ``cbst_jax.selection.select_pseudo_labels`` (so the kept pixels agree exactly)."""
-    ratio = probs.astype(jnp.float32) / jnp.asarray(thresholds, jnp.float32)
-    return jnp.max(ratio, axis=-1) >= 1
+    """CBST's selection, ``max_k p_k/λ_k ≥ 1``: the pixels ``select_pseudo_labels`` labels."""
+    return selection.select_pseudo_labels(probs, thresholds) != IGNORE_LABEL
 
 
 def soft_pseudo_labels(probs, thresholds, *, kind: str, alpha, keep: str = "objective"):

@@ -233,8 +233,8 @@ class MixedIterator(_Closing):
         self._prefetch = _Prefetcher(self._make, prefetch, workers)
 
     def record(self, domain: int, index: int, epoch: int, repeat: int = 0):
-        """One augmented (image, label) pair - (image, label, soft uint8) with soft labels - a
-        pure function of its arguments and the seeds."""
+        """One augmented (image, label) pair - (image, label, soft uint8 or None for source rows)
+        with soft labels - a pure function of its arguments and the seeds."""
         soft = self.target_soft_labels is not None
         if domain == SOURCE:
             rec = self.source[index]
@@ -252,8 +252,8 @@ class MixedIterator(_Closing):
         if not soft:
             return out
         image, label, geometry = out
-        if domain == SOURCE:
-            return image, label, np.zeros((*self.crop_size, self.num_classes), np.uint8)
+        if domain == SOURCE:  # source rows train on their hard labels: no soft label
+            return image, label, None
         top, cells = self.target_soft_labels(index)
         expect = tuple(-(-n // self.soft_stride) for n in geometry.size) + (self.num_classes,)
         if cells.shape != expect or top.shape != geometry.size:
@@ -272,11 +272,11 @@ class MixedIterator(_Closing):
         labels = np.empty((b, *self.crop_size), np.uint8)
         out = {"image": images, "label": labels, "domain": dom.copy(), "index": idx.copy()}
         if self.target_soft_labels is not None:
-            out["soft_label"] = np.empty((b, *self.crop_size, self.num_classes), np.uint8)
+            out["soft_label"] = np.zeros((b, *self.crop_size, self.num_classes), np.uint8)
         for j in range(b):
             parts = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]))
             images[j], labels[j] = parts[:2]
-            if len(parts) == 3:
+            if len(parts) == 3 and parts[2] is not None:
                 out["soft_label"][j] = parts[2]
         return out
 

@@ -26,137 +26,137 @@ PARAM_COUNTS_19 = {  # equal to the torch references' counts (test_convert.py)
 
 
 def abstract_variables(module, shape=(1, 64, 64, 3)):
-  return jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.uint8))
+    return jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.uint8))
 
 
 def output_shape(module, shape):
-  x = jax.ShapeDtypeStruct(shape, jnp.uint8)
-  return jax.eval_shape(lambda v, x: module.apply(v, x), abstract_variables(module, shape), x).shape
+    x = jax.ShapeDtypeStruct(shape, jnp.uint8)
+    return jax.eval_shape(lambda v, x: module.apply(v, x), abstract_variables(module, shape), x).shape
 
 
 def size(tree):
-  return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
 
 
 def images(n, h, w, seed=0):
-  return np.random.RandomState(seed).randint(0, 256, (n, h, w, 3)).astype(np.uint8)
+    return np.random.RandomState(seed).randint(0, 256, (n, h, w, 3)).astype(np.uint8)
 
 
 def test_registry_names_and_unknown():
-  assert set(PARAM_COUNTS_19) == set(models.MODELS)
-  with pytest.raises(KeyError, match="unknown model"):
-    models.get_model("unet", 19)
+    assert set(PARAM_COUNTS_19) == set(models.MODELS)
+    with pytest.raises(KeyError, match="unknown model"):
+        models.get_model("unet", 19)
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS_19))
 def test_param_counts(name):
-  variables = abstract_variables(models.get_model(name, 19))
-  assert size(variables["params"]) == PARAM_COUNTS_19[name]
-  assert set(variables) <= {"params", "batch_stats"}
+    variables = abstract_variables(models.get_model(name, 19))
+    assert size(variables["params"]) == PARAM_COUNTS_19[name]
+    assert set(variables) <= {"params", "batch_stats"}
 
 
 def test_output_strides():
-  # ceil-mode stem pool: 512 -> 256 -> 129 -> 65 (H/8 + 1 for H divisible by 8)
-  assert output_shape(models.get_model("deeplabv2_resnet101", 19), (2, 512, 1024, 3)) == (2, 65, 129, 19)
-  assert output_shape(models.get_model("deeplabv2_resnet_small", 4), (1, 64, 128, 3)) == (1, 9, 17, 4)
-  assert output_shape(models.get_model("resnet38", 19), (1, 504, 504, 3)) == (1, 63, 63, 19)
-  assert output_shape(models.get_model("resnet38_small", 4), (1, 61, 100, 3)) == (1, 8, 13, 4)
-  # FCN-8s: full input resolution
-  assert output_shape(models.get_model("fcn8s_vgg16", 19), (1, 500, 375, 3)) == (1, 500, 375, 19)
-  assert output_shape(models.get_model("fcn8s_vgg16_small", 4), (1, 64, 128, 3)) == (1, 64, 128, 4)
-  assert output_shape(models.get_model("fcn8s_vgg16_small", 4), (1, 50, 75, 3)) == (1, 50, 75, 4)
-  assert [models.get_model(n, 2).output_stride for n in ("deeplabv2_resnet101", "resnet38", "fcn8s_vgg16")] == [8, 8, 1]
+    # ceil-mode stem pool: 512 -> 256 -> 129 -> 65 (H/8 + 1 for H divisible by 8)
+    assert output_shape(models.get_model("deeplabv2_resnet101", 19), (2, 512, 1024, 3)) == (2, 65, 129, 19)
+    assert output_shape(models.get_model("deeplabv2_resnet_small", 4), (1, 64, 128, 3)) == (1, 9, 17, 4)
+    assert output_shape(models.get_model("resnet38", 19), (1, 504, 504, 3)) == (1, 63, 63, 19)
+    assert output_shape(models.get_model("resnet38_small", 4), (1, 61, 100, 3)) == (1, 8, 13, 4)
+    # FCN-8s: full input resolution
+    assert output_shape(models.get_model("fcn8s_vgg16", 19), (1, 500, 375, 3)) == (1, 500, 375, 19)
+    assert output_shape(models.get_model("fcn8s_vgg16_small", 4), (1, 64, 128, 3)) == (1, 64, 128, 4)
+    assert output_shape(models.get_model("fcn8s_vgg16_small", 4), (1, 50, 75, 3)) == (1, 50, 75, 4)
+    assert [models.get_model(n, 2).output_stride for n in ("deeplabv2_resnet101", "resnet38", "fcn8s_vgg16")] == [8, 8, 1]
 
 
 def test_param_groups():
-  module = models.get_model("deeplabv2_resnet_small", 3)
-  params = abstract_variables(module)["params"]
-  groups = models.param_groups("deeplabv2_resnet_small", params)
-  assert jax.tree_util.tree_structure(groups) == jax.tree_util.tree_structure(params)
-  assert groups["layer5"]["conv2d_list_3"] == {"kernel": "head", "bias": "head"}
-  assert groups["bn1"] == {"scale": "frozen", "bias": "frozen"}
-  assert groups["layer2_0"]["conv1"]["kernel"] == "backbone"
-  assert groups["layer2_0"]["downsample_1"]["scale"] == "frozen"
-  trained = models.param_groups(module, params, train_bn=True)
-  assert trained["bn1"]["scale"] == "backbone"
-  r38 = models.param_groups("resnet38_small", abstract_variables(models.get_model("resnet38_small", 3))["params"])
-  assert r38["conv6a"]["kernel"] == r38["linear"]["bias"] == "head"
-  assert r38["bn7"]["bias"] == "frozen" and r38["res5a_branch2b1"]["kernel"] == "backbone"
-  fcn = models.param_groups("fcn8s_vgg16_small", abstract_variables(models.get_model("fcn8s_vgg16_small", 3))["params"])
-  assert {fcn[n]["kernel"] for n in ("score_fr", "score_pool3", "upscore8")} == {"head"}
-  assert set(jax.tree_util.tree_leaves(fcn)) == {"head", "backbone"}
+    module = models.get_model("deeplabv2_resnet_small", 3)
+    params = abstract_variables(module)["params"]
+    groups = models.param_groups("deeplabv2_resnet_small", params)
+    assert jax.tree_util.tree_structure(groups) == jax.tree_util.tree_structure(params)
+    assert groups["layer5"]["conv2d_list_3"] == {"kernel": "head", "bias": "head"}
+    assert groups["bn1"] == {"scale": "frozen", "bias": "frozen"}
+    assert groups["layer2_0"]["conv1"]["kernel"] == "backbone"
+    assert groups["layer2_0"]["downsample_1"]["scale"] == "frozen"
+    trained = models.param_groups(module, params, train_bn=True)
+    assert trained["bn1"]["scale"] == "backbone"
+    r38 = models.param_groups("resnet38_small", abstract_variables(models.get_model("resnet38_small", 3))["params"])
+    assert r38["conv6a"]["kernel"] == r38["linear"]["bias"] == "head"
+    assert r38["bn7"]["bias"] == "frozen" and r38["res5a_branch2b1"]["kernel"] == "backbone"
+    fcn = models.param_groups("fcn8s_vgg16_small", abstract_variables(models.get_model("fcn8s_vgg16_small", 3))["params"])
+    assert {fcn[n]["kernel"] for n in ("score_fr", "score_pool3", "upscore8")} == {"head"}
+    assert set(jax.tree_util.tree_leaves(fcn)) == {"head", "backbone"}
 
 
 def test_frozen_and_trained_batchnorm():
-  x = images(2, 32, 48)
-  frozen = models.get_model("deeplabv2_resnet_small", 3)
-  variables = frozen.init(KEY, x)
-  variables["batch_stats"] = jax.tree_util.tree_map(lambda a: a + 0.3, variables["batch_stats"])
-  eval_out = frozen.apply(variables, x)
-  train_out, updates = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
-  np.testing.assert_array_equal(eval_out, train_out)  # running statistics in training too
-  chex_equal = jax.tree_util.tree_map(np.array_equal, updates["batch_stats"], variables["batch_stats"])
-  assert all(jax.tree_util.tree_leaves(chex_equal))
+    x = images(2, 32, 48)
+    frozen = models.get_model("deeplabv2_resnet_small", 3)
+    variables = frozen.init(KEY, x)
+    variables["batch_stats"] = jax.tree_util.tree_map(lambda a: a + 0.3, variables["batch_stats"])
+    eval_out = frozen.apply(variables, x)
+    train_out, updates = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(eval_out, train_out)  # running statistics in training too
+    chex_equal = jax.tree_util.tree_map(np.array_equal, updates["batch_stats"], variables["batch_stats"])
+    assert all(jax.tree_util.tree_leaves(chex_equal))
 
-  trained = models.get_model("deeplabv2_resnet_small", 3, train_bn=True)
-  out, updates = trained.apply(variables, x, train=True, mutable=["batch_stats"])
-  assert not np.allclose(out, eval_out)
-  mean = updates["batch_stats"]["bn1"]["mean"]
-  assert not np.allclose(mean, variables["batch_stats"]["bn1"]["mean"])
-  np.testing.assert_array_equal(trained.apply(variables, x), eval_out)  # eval: running statistics
+    trained = models.get_model("deeplabv2_resnet_small", 3, train_bn=True)
+    out, updates = trained.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(out, eval_out)
+    mean = updates["batch_stats"]["bn1"]["mean"]
+    assert not np.allclose(mean, variables["batch_stats"]["bn1"]["mean"])
+    np.testing.assert_array_equal(trained.apply(variables, x), eval_out)  # eval: running statistics
 
 
 def test_bfloat16_activations_keep_float32_params_and_logits():
-  x = images(1, 32, 32)
-  f32 = models.get_model("resnet38_small", 3)
-  bf16 = models.get_model("resnet38_small", 3, dtype="bfloat16")
-  variables = f32.init(KEY, x)
-  out32, out16 = f32.apply(variables, x), bf16.apply(variables, x)
-  assert out16.dtype == jnp.float32
-  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(bf16.init(KEY, x)))
-  assert np.linalg.norm(out16 - out32) / np.linalg.norm(out32) < 0.05
+    x = images(1, 32, 32)
+    f32 = models.get_model("resnet38_small", 3)
+    bf16 = models.get_model("resnet38_small", 3, dtype="bfloat16")
+    variables = f32.init(KEY, x)
+    out32, out16 = f32.apply(variables, x), bf16.apply(variables, x)
+    assert out16.dtype == jnp.float32
+    assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(bf16.init(KEY, x)))
+    assert np.linalg.norm(out16 - out32) / np.linalg.norm(out32) < 0.05
 
 
 def test_normalizations_and_uint8_or_float_input():
-  x = images(1, 4, 5)
-  caffe = normalize_images(x, "caffe")
-  np.testing.assert_allclose(caffe[..., 0], x[..., 2] - CAFFE_MEAN_BGR[0], rtol=1e-6)
-  imagenet = normalize_images(x, "imagenet")
-  np.testing.assert_allclose(imagenet[..., 1], (x[..., 1] / 255 - 0.456) / 0.224, rtol=1e-5)
-  with pytest.raises(ValueError):
-    normalize_images(x, "bgr")
-  module = models.get_model("fcn8s_vgg16_small", 3)
-  x = images(1, 32, 32)
-  variables = module.init(KEY, x)
-  np.testing.assert_array_equal(module.apply(variables, x), module.apply(variables, x.astype(np.float32)))
+    x = images(1, 4, 5)
+    caffe = normalize_images(x, "caffe")
+    np.testing.assert_allclose(caffe[..., 0], x[..., 2] - CAFFE_MEAN_BGR[0], rtol=1e-6)
+    imagenet = normalize_images(x, "imagenet")
+    np.testing.assert_allclose(imagenet[..., 1], (x[..., 1] / 255 - 0.456) / 0.224, rtol=1e-5)
+    with pytest.raises(ValueError):
+        normalize_images(x, "bgr")
+    module = models.get_model("fcn8s_vgg16_small", 3)
+    x = images(1, 32, 32)
+    variables = module.init(KEY, x)
+    np.testing.assert_array_equal(module.apply(variables, x), module.apply(variables, x.astype(np.float32)))
 
 
 def test_small_fcn_train_step_with_dropout():
-  module = models.get_model("fcn8s_vgg16_small", 3)
-  x, y = images(2, 32, 64), np.random.RandomState(1).randint(0, 3, (2, 32, 64))
-  params = module.init(KEY, x)["params"]
+    module = models.get_model("fcn8s_vgg16_small", 3)
+    x, y = images(2, 32, 64), np.random.RandomState(1).randint(0, 3, (2, 32, 64))
+    params = module.init(KEY, x)["params"]
 
-  def loss(p):
-    logits = module.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1).mean()
+    def loss(p):
+        logits = module.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)})
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1).mean()
 
-  grads = jax.grad(loss)(params)
-  assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
-  assert np.abs(grads["conv1_1"]["kernel"]).sum() > 0
+    grads = jax.grad(loss)(params)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    assert np.abs(grads["conv1_1"]["kernel"]).sum() > 0
 
 
 def test_save_and_load_variables(tmp_path):
-  module = models.get_model("deeplabv2_resnet_small", 2)
-  variables = jax.device_get(module.init(KEY, images(1, 32, 32)))
-  models.save_variables(tmp_path / "v.npz", variables, {"kind": "test"})
-  loaded = models.load_variables(tmp_path / "v.npz")
-  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(variables)
-  assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, loaded, variables)))
-  assert models.load_metadata(tmp_path / "v.npz") == {"kind": "test"}
+    module = models.get_model("deeplabv2_resnet_small", 2)
+    variables = jax.device_get(module.init(KEY, images(1, 32, 32)))
+    models.save_variables(tmp_path / "v.npz", variables, {"kind": "test"})
+    loaded = models.load_variables(tmp_path / "v.npz")
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(variables)
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, loaded, variables)))
+    assert models.load_metadata(tmp_path / "v.npz") == {"kind": "test"}
 
 
 def test_importing_models_pulls_no_torch_or_tensorflow():
-  code = ("import sys, cbst_jax, cbst_jax.models, cbst_jax.convert_weights; "
-          "print(sorted(m for m in ('torch', 'tensorflow', 'mxnet') if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert out.stdout.strip() == "[]"
+    code = ("import sys, cbst_jax, cbst_jax.models, cbst_jax.convert_weights; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'mxnet') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

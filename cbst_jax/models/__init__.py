@@ -44,50 +44,50 @@ __all__ = ["MODELS", "DeepLabV2", "ResNet38", "FCN8s", "WeightMismatchError", "g
 
 
 def get_model(name: str, num_classes: int, **options) -> nn.Module:
-  """Builds the registered network `name` (see MODELS) with `num_classes` outputs."""
-  if name not in MODELS:
-    raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-  if isinstance(options.get("dtype"), str):
-    options["dtype"] = DTYPES[options["dtype"]]
-  return MODELS[name](num_classes, **options)
+    """Builds the registered network `name` (see MODELS) with `num_classes` outputs."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    if isinstance(options.get("dtype"), str):
+        options["dtype"] = DTYPES[options["dtype"]]
+    return MODELS[name](num_classes, **options)
 
 
 def param_groups(name_or_module: str | nn.Module, params, train_bn: bool = False):
-  """Labels every leaf of `params`: 'head' (classifier, 10x LR), 'frozen' (BN scale/bias
-  when BN is frozen) or 'backbone'. Same nested-dict structure as `params`."""
-  module = get_model(name_or_module, 1) if isinstance(name_or_module, str) else name_or_module
-  flat = traverse_util.flatten_dict(params)
-  bn_modules = {path[:-1] for path in flat if path[-1] == "scale"}
+    """Labels every leaf of `params`: 'head' (classifier, 10x LR), 'frozen' (BN scale/bias
+    when BN is frozen) or 'backbone'. Same nested-dict structure as `params`."""
+    module = get_model(name_or_module, 1) if isinstance(name_or_module, str) else name_or_module
+    flat = traverse_util.flatten_dict(params)
+    bn_modules = {path[:-1] for path in flat if path[-1] == "scale"}
 
-  def label(path):
-    if path[0] in module.head_names:
-      return "head"
-    if path[:-1] in bn_modules and not train_bn:
-      return "frozen"
-    return "backbone"
+    def label(path):
+        if path[0] in module.head_names:
+            return "head"
+        if path[:-1] in bn_modules and not train_bn:
+            return "frozen"
+        return "backbone"
 
-  return traverse_util.unflatten_dict({path: label(path) for path in flat})
+    return traverse_util.unflatten_dict({path: label(path) for path in flat})
 
 
 def save_variables(path, variables, metadata: dict[str, Any] | None = None):
-  """Writes variables as an .npz of 'params/a/b/kernel'-style keys (+ 'meta/*' strings)."""
-  arrays = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(variables)).items()}
-  arrays.update({f"meta/{k}": np.array(str(v)) for k, v in (metadata or {}).items()})
-  with open(path, "wb") as f:
-    np.savez(f, **arrays)
+    """Writes variables as an .npz of 'params/a/b/kernel'-style keys (+ 'meta/*' strings)."""
+    arrays = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(variables)).items()}
+    arrays.update({f"meta/{k}": np.array(str(v)) for k, v in (metadata or {}).items()})
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_variables(path) -> dict[str, Any]:
-  """{'params': ..., 'batch_stats': ...} (nested dicts of numpy arrays) from an .npz
-  written by `save_variables` / `python -m cbst_jax.convert_weights`."""
-  with np.load(path, allow_pickle=False) as z:
-    flat = {tuple(k.split("/")): z[k] for k in z.files if not k.startswith("meta/")}
-  variables = traverse_util.unflatten_dict(flat)
-  variables.setdefault("batch_stats", {})
-  return variables
+    """{'params': ..., 'batch_stats': ...} (nested dicts of numpy arrays) from an .npz
+    written by `save_variables` / `python -m cbst_jax.convert_weights`."""
+    with np.load(path, allow_pickle=False) as z:
+        flat = {tuple(k.split("/")): z[k] for k in z.files if not k.startswith("meta/")}
+    variables = traverse_util.unflatten_dict(flat)
+    variables.setdefault("batch_stats", {})
+    return variables
 
 
 def load_metadata(path) -> dict[str, str]:
-  """The 'meta/*' strings of a converted file (kind, model, normalization, num_classes)."""
-  with np.load(path, allow_pickle=False) as z:
-    return {k[5:]: str(z[k]) for k in z.files if k.startswith("meta/")}
+    """The 'meta/*' strings of a converted file (kind, model, normalization, num_classes)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k[5:]: str(z[k]) for k in z.files if k.startswith("meta/")}

@@ -15,89 +15,89 @@ from cbst_jax.models.layers import BatchNorm, conv, max_pool, normalize_images
 
 
 class Bottleneck(nn.Module):
-  """1x1 (stride) -> 3x3 (dilation) -> 1x1 x4 bottleneck with a projection shortcut."""
-  planes: int
-  stride: int = 1
-  dilation: int = 1
-  downsample: bool = False
-  use_batch_stats: bool = False
-  dtype: Any = jnp.float32
+    """1x1 (stride) -> 3x3 (dilation) -> 1x1 x4 bottleneck with a projection shortcut."""
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    use_batch_stats: bool = False
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
-    bs = self.use_batch_stats
-    y = conv(self.planes, 1, "conv1", stride=self.stride, dtype=self.dtype)(x)
-    y = nn.relu(bn("bn1")(y, bs))
-    y = conv(self.planes, 3, "conv2", dilation=self.dilation, dtype=self.dtype)(y)
-    y = nn.relu(bn("bn2")(y, bs))
-    y = conv(self.planes * 4, 1, "conv3", dtype=self.dtype)(y)
-    y = bn("bn3")(y, bs)
-    if self.downsample:
-      x = conv(self.planes * 4, 1, "downsample_0", stride=self.stride, dtype=self.dtype)(x)
-      x = bn("downsample_1")(x, bs)
-    return nn.relu(x + y)
+    @nn.compact
+    def __call__(self, x):
+        bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
+        bs = self.use_batch_stats
+        y = conv(self.planes, 1, "conv1", stride=self.stride, dtype=self.dtype)(x)
+        y = nn.relu(bn("bn1")(y, bs))
+        y = conv(self.planes, 3, "conv2", dilation=self.dilation, dtype=self.dtype)(y)
+        y = nn.relu(bn("bn2")(y, bs))
+        y = conv(self.planes * 4, 1, "conv3", dtype=self.dtype)(y)
+        y = bn("bn3")(y, bs)
+        if self.downsample:
+            x = conv(self.planes * 4, 1, "downsample_0", stride=self.stride, dtype=self.dtype)(x)
+            x = bn("downsample_1")(x, bs)
+        return nn.relu(x + y)
 
 
 class ASPPv2(nn.Module):
-  """DeepLab-v2 classifier: sum of parallel dilated 3x3 convs (`layer5.conv2d_list.*`)."""
-  num_classes: int
-  rates: Sequence[int] = (6, 12, 18, 24)
-  dtype: Any = jnp.float32
+    """DeepLab-v2 classifier: sum of parallel dilated 3x3 convs (`layer5.conv2d_list.*`)."""
+    num_classes: int
+    rates: Sequence[int] = (6, 12, 18, 24)
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    init = nn.initializers.normal(0.01)  # as Res_Deeplab's Classifier_Module
-    outs = [conv(self.num_classes, 3, f"conv2d_list_{i}", dilation=r, use_bias=True,
-                 dtype=self.dtype, kernel_init=init)(x) for i, r in enumerate(self.rates)]
-    return sum(outs[1:], outs[0])
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.normal(0.01)  # as Res_Deeplab's Classifier_Module
+        outs = [conv(self.num_classes, 3, f"conv2d_list_{i}", dilation=r, use_bias=True,
+                     dtype=self.dtype, kernel_init=init)(x) for i, r in enumerate(self.rates)]
+        return sum(outs[1:], outs[0])
 
 
 class DeepLabV2(nn.Module):
-  """DeepLab-v2 ResNet; logits NHWC at output stride 8 (H/8+1 for H divisible by 8).
+    """DeepLab-v2 ResNet; logits NHWC at output stride 8 (H/8+1 for H divisible by 8).
 
-  Attributes:
-    num_classes: output channels.
-    layers: bottleneck blocks per stage ((3, 4, 23, 3) for ResNet-101).
-    width: planes of layer1 (64 for ResNet-101; stage s has width * 2**s).
-    train_bn: False = frozen BN (running statistics, affine not trained) as the references.
-    normalization: see `normalize_images` ('caffe' for the DeepLab init, 'imagenet' for
-      torchvision weights).
-    dtype: activation dtype (params stay float32); logits are returned in float32.
-  """
-  num_classes: int
-  layers: Sequence[int] = (3, 4, 23, 3)
-  width: int = 64
-  rates: Sequence[int] = (6, 12, 18, 24)
-  train_bn: bool = False
-  normalization: str = "caffe"
-  dtype: Any = jnp.float32
+    Attributes:
+      num_classes: output channels.
+      layers: bottleneck blocks per stage ((3, 4, 23, 3) for ResNet-101).
+      width: planes of layer1 (64 for ResNet-101; stage s has width * 2**s).
+      train_bn: False = frozen BN (running statistics, affine not trained) as the references.
+      normalization: see `normalize_images` ('caffe' for the DeepLab init, 'imagenet' for
+        torchvision weights).
+      dtype: activation dtype (params stay float32); logits are returned in float32.
+    """
+    num_classes: int
+    layers: Sequence[int] = (3, 4, 23, 3)
+    width: int = 64
+    rates: Sequence[int] = (6, 12, 18, 24)
+    train_bn: bool = False
+    normalization: str = "caffe"
+    dtype: Any = jnp.float32
 
-  head_names = ("layer5",)
-  output_stride = 8
+    head_names = ("layer5",)
+    output_stride = 8
 
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    bs = self.train_bn and train
-    x = normalize_images(images, self.normalization, self.dtype)
-    x = conv(self.width, 7, "conv1", stride=2, dtype=self.dtype)(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, bs))
-    x = max_pool(x, 3, 2, padding=1, ceil_mode=True)
-    stages = ((1, 1), (2, 1), (1, 2), (1, 4))  # (stride, dilation) of layer1..layer4
-    for s, (n_blocks, (stride, dilation)) in enumerate(zip(self.layers, stages)):
-      for i in range(n_blocks):
-        x = Bottleneck(self.width * 2**s, stride=stride if i == 0 else 1, dilation=dilation,
-                       downsample=i == 0, use_batch_stats=bs, dtype=self.dtype,
-                       name=f"layer{s + 1}_{i}")(x)
-    x = ASPPv2(self.num_classes, self.rates, dtype=self.dtype, name="layer5")(x)
-    return x.astype(jnp.float32)
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        bs = self.train_bn and train
+        x = normalize_images(images, self.normalization, self.dtype)
+        x = conv(self.width, 7, "conv1", stride=2, dtype=self.dtype)(x)
+        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, bs))
+        x = max_pool(x, 3, 2, padding=1, ceil_mode=True)
+        stages = ((1, 1), (2, 1), (1, 2), (1, 4))  # (stride, dilation) of layer1..layer4
+        for s, (n_blocks, (stride, dilation)) in enumerate(zip(self.layers, stages)):
+            for i in range(n_blocks):
+                x = Bottleneck(self.width * 2**s, stride=stride if i == 0 else 1, dilation=dilation,
+                               downsample=i == 0, use_batch_stats=bs, dtype=self.dtype,
+                               name=f"layer{s + 1}_{i}")(x)
+        x = ASPPv2(self.num_classes, self.rates, dtype=self.dtype, name="layer5")(x)
+        return x.astype(jnp.float32)
 
 
 def deeplabv2_resnet101(num_classes: int, **options) -> DeepLabV2:
-  return DeepLabV2(num_classes, layers=(3, 4, 23, 3), width=64, **options)
+    return DeepLabV2(num_classes, layers=(3, 4, 23, 3), width=64, **options)
 
 
 def deeplabv2_resnet_small(num_classes: int, **options) -> DeepLabV2:
-  """Same code, one block per stage and width 8 (CPU tests)."""
-  options.setdefault("normalization", "unit")
-  return DeepLabV2(num_classes, layers=(1, 1, 1, 1), width=8, **options)
+    """Same code, one block per stage and width 8 (CPU tests)."""
+    options.setdefault("normalization", "unit")
+    return DeepLabV2(num_classes, layers=(1, 1, 1, 1), width=8, **options)

@@ -14,115 +14,115 @@ FlatVariables = dict[tuple[str, ...], np.ndarray]
 
 
 class WeightMismatchError(ValueError):
-  """Checkpoint and model disagree; the message lists every offending key."""
+    """Checkpoint and model disagree; the message lists every offending key."""
 
-  def __init__(self, missing=(), unexpected=(), shape_mismatches=()):
-    lines = []
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatches", shape_mismatches)):
-      if items:
-        lines.append(f"{title} ({len(items)}):")
-        lines.extend(f"  {item}" for item in items)
-    super().__init__("checkpoint does not match the model\n" + "\n".join(lines))
-    self.missing, self.unexpected, self.shape_mismatches = list(missing), list(unexpected), list(shape_mismatches)
+    def __init__(self, missing=(), unexpected=(), shape_mismatches=()):
+        lines = []
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shape mismatches", shape_mismatches)):
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines.extend(f"  {item}" for item in items)
+        super().__init__("checkpoint does not match the model\n" + "\n".join(lines))
+        self.missing, self.unexpected, self.shape_mismatches = list(missing), list(unexpected), list(shape_mismatches)
 
 
 def _conv_kernel(w: np.ndarray) -> np.ndarray:
-  """torch/MXNet OIHW conv (or IOHW transposed-conv) weight -> Flax HW-IO (HW-OI)."""
-  return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    """torch/MXNet OIHW conv (or IOHW transposed-conv) weight -> Flax HW-IO (HW-OI)."""
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
 
 
 def _torch_leaf(tokens: list[str], w: np.ndarray):
-  """Maps a torch leaf name + array to (collection, leaf, array)."""
-  leaf = tokens[-1]
-  if leaf == "running_mean":
-    return "batch_stats", "mean", w
-  if leaf == "running_var":
-    return "batch_stats", "var", w
-  if leaf == "weight":
-    return ("params", "kernel", _conv_kernel(w)) if w.ndim == 4 else ("params", "scale", w)
-  if leaf == "bias":
-    return "params", "bias", w
-  raise KeyError(leaf)
+    """Maps a torch leaf name + array to (collection, leaf, array)."""
+    leaf = tokens[-1]
+    if leaf == "running_mean":
+        return "batch_stats", "mean", w
+    if leaf == "running_var":
+        return "batch_stats", "var", w
+    if leaf == "weight":
+        return ("params", "kernel", _conv_kernel(w)) if w.ndim == 4 else ("params", "scale", w)
+    if leaf == "bias":
+        return "params", "bias", w
+    raise KeyError(leaf)
 
 
 def torch_to_flat(state: dict[str, np.ndarray], prefix: str = "",
                   skip: str = r"(^|\.)num_batches_tracked$") -> tuple[FlatVariables, list[str], list[str]]:
-  """Generic torch -> Flax rename: `layer3.5.downsample.1.running_var` ->
-  ('batch_stats', 'layer3_5', 'downsample_1', 'var'); integer tokens join the previous one.
+    """Generic torch -> Flax rename: `layer3.5.downsample.1.running_var` ->
+    ('batch_stats', 'layer3_5', 'downsample_1', 'var'); integer tokens join the previous one.
 
-  Returns (flat variables, dropped names, names that could not be mapped)."""
-  flat, dropped, bad = {}, [], []
-  for name, w in state.items():
-    key = name[len(prefix):] if prefix and name.startswith(prefix) else name
-    if re.search(skip, key):
-      dropped.append(name)
-      continue
-    tokens = []
-    for t in key.split("."):
-      if t.isdigit() and tokens:
-        tokens[-1] += f"_{t}"
-      else:
-        tokens.append(t)
-    try:
-      collection, leaf, value = _torch_leaf(tokens, np.asarray(w))
-    except KeyError:
-      bad.append(name)
-      continue
-    flat[(collection, *tokens[:-1], leaf)] = value
-  return flat, dropped, bad
+    Returns (flat variables, dropped names, names that could not be mapped)."""
+    flat, dropped, bad = {}, [], []
+    for name, w in state.items():
+        key = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        if re.search(skip, key):
+            dropped.append(name)
+            continue
+        tokens = []
+        for t in key.split("."):
+            if t.isdigit() and tokens:
+                tokens[-1] += f"_{t}"
+            else:
+                tokens.append(t)
+        try:
+            collection, leaf, value = _torch_leaf(tokens, np.asarray(w))
+        except KeyError:
+            bad.append(name)
+            continue
+        flat[(collection, *tokens[:-1], leaf)] = value
+    return flat, dropped, bad
 
 
 def torch_resnet_to_flat(state, prefix: str = ""):
-  """torchvision `resnet101` or Caffe DeepLab-v2 (`Scale.`-prefixed) state dict -> DeepLabV2."""
-  return torch_to_flat(state, prefix, skip=r"(^|\.)num_batches_tracked$|^fc\.")
+    """torchvision `resnet101` or Caffe DeepLab-v2 (`Scale.`-prefixed) state dict -> DeepLabV2."""
+    return torch_to_flat(state, prefix, skip=r"(^|\.)num_batches_tracked$|^fc\.")
 
 
 def torchvision_vgg_to_flat(state, depths=(2, 2, 3, 3, 3)):
-  """torchvision `vgg16` state dict -> FCN8s backbone: features.N -> convS_I, classifier
-  0/3 -> fc6/fc7 as convolutions (fc6 (out, C*k*k) -> (k, k, C, out)); classifier.6 dropped."""
-  conv_names, index = {}, 0
-  for s, depth in enumerate(depths):
-    for i in range(depth):
-      conv_names[index] = f"conv{s + 1}_{i + 1}"
-      index += 2  # conv, relu
-    index += 1  # max-pool
-  last_width = None
-  flat, dropped, bad = {}, [], []
-  for name, w in state.items():
-    w = np.asarray(w)
-    m = re.fullmatch(r"features\.(\d+)\.(weight|bias)", name)
-    if m and int(m[1]) in conv_names:
-      module = conv_names[int(m[1])]
-      flat[("params", module, "kernel" if m[2] == "weight" else "bias")] = (
-          _conv_kernel(w) if m[2] == "weight" else w)
-      if m[2] == "weight":
-        last_width = w.shape[0]
-      continue
-    m = re.fullmatch(r"classifier\.(\d)\.(weight|bias)", name)
-    if m and m[1] in ("0", "3"):
-      module = "fc6" if m[1] == "0" else "fc7"
-      if m[2] == "bias":
-        flat[("params", module, "bias")] = w
-      else:
-        flat[("params", module, "kernel")] = w  # reshaped below, once widths are known
-      continue
-    if m and m[1] == "6":
-      dropped.append(name)
-      continue
-    bad.append(name)
-  for module, c_in in (("fc6", last_width), ("fc7", None)):
-    key = ("params", module, "kernel")
-    if key in flat:
-      w = flat[key]
-      c = c_in if c_in is not None else w.shape[1]
-      k = int(round(np.sqrt(w.shape[1] // c)))
-      if c * k * k != w.shape[1]:
-        bad.append(f"classifier weight {module} {w.shape} does not fold into {c} channels")
-        del flat[key]
-        continue
-      flat[key] = _conv_kernel(w.reshape(w.shape[0], c, k, k))
-  return flat, dropped, bad
+    """torchvision `vgg16` state dict -> FCN8s backbone: features.N -> convS_I, classifier
+    0/3 -> fc6/fc7 as convolutions (fc6 (out, C*k*k) -> (k, k, C, out)); classifier.6 dropped."""
+    conv_names, index = {}, 0
+    for s, depth in enumerate(depths):
+        for i in range(depth):
+            conv_names[index] = f"conv{s + 1}_{i + 1}"
+            index += 2  # conv, relu
+        index += 1  # max-pool
+    last_width = None
+    flat, dropped, bad = {}, [], []
+    for name, w in state.items():
+        w = np.asarray(w)
+        m = re.fullmatch(r"features\.(\d+)\.(weight|bias)", name)
+        if m and int(m[1]) in conv_names:
+            module = conv_names[int(m[1])]
+            flat[("params", module, "kernel" if m[2] == "weight" else "bias")] = (
+                _conv_kernel(w) if m[2] == "weight" else w)
+            if m[2] == "weight":
+                last_width = w.shape[0]
+            continue
+        m = re.fullmatch(r"classifier\.(\d)\.(weight|bias)", name)
+        if m and m[1] in ("0", "3"):
+            module = "fc6" if m[1] == "0" else "fc7"
+            if m[2] == "bias":
+                flat[("params", module, "bias")] = w
+            else:
+                flat[("params", module, "kernel")] = w  # reshaped below, once widths are known
+            continue
+        if m and m[1] == "6":
+            dropped.append(name)
+            continue
+        bad.append(name)
+    for module, c_in in (("fc6", last_width), ("fc7", None)):
+        key = ("params", module, "kernel")
+        if key in flat:
+            w = flat[key]
+            c = c_in if c_in is not None else w.shape[1]
+            k = int(round(np.sqrt(w.shape[1] // c)))
+            if c * k * k != w.shape[1]:
+                bad.append(f"classifier weight {module} {w.shape} does not fold into {c} channels")
+                del flat[key]
+                continue
+            flat[key] = _conv_kernel(w.reshape(w.shape[0], c, k, k))
+    return flat, dropped, bad
 
 
 _MXNET_LEAVES = {"weight": ("params", "kernel"), "bias": ("params", "bias"),
@@ -131,54 +131,54 @@ _MXNET_LEAVES = {"weight": ("params", "kernel"), "bias": ("params", "bias"),
 
 
 def mxnet_resnet38_to_flat(arrays: dict[str, np.ndarray], num_classes: int):
-  """CBST MXNet ResNet-38 (`arg:res4b3_branch2b1_weight`, `aux:bn7_moving_var`, ...) -> ResNet38.
+    """CBST MXNet ResNet-38 (`arg:res4b3_branch2b1_weight`, `aux:bn7_moving_var`, ...) -> ResNet38.
 
-  `linear1000` (ImageNet classifier) and `linear{C}` heads for another class count are
-  dropped; `linear{num_classes}` maps to the module `linear`."""
-  flat, dropped, bad = {}, [], []
-  for name, w in arrays.items():
-    key = name.split(":", 1)[1] if name[:4] in ("arg:", "aux:") else name
-    m = re.fullmatch(r"(.+?)_(weight|bias|gamma|beta|moving_mean|moving_var)", key)
-    if not m:
-      bad.append(name)
-      continue
-    module, (collection, leaf) = m[1], _MXNET_LEAVES[m[2]]
-    head = re.fullmatch(r"linear(\d+)", module)
-    if head:
-      if int(head[1]) != num_classes:
-        dropped.append(name)
-        continue
-      module = "linear"
-    w = np.asarray(w, np.float32)
-    flat[(collection, module, leaf)] = _conv_kernel(w) if leaf == "kernel" else w
-  return flat, dropped, bad
+    `linear1000` (ImageNet classifier) and `linear{C}` heads for another class count are
+    dropped; `linear{num_classes}` maps to the module `linear`."""
+    flat, dropped, bad = {}, [], []
+    for name, w in arrays.items():
+        key = name.split(":", 1)[1] if name[:4] in ("arg:", "aux:") else name
+        m = re.fullmatch(r"(.+?)_(weight|bias|gamma|beta|moving_mean|moving_var)", key)
+        if not m:
+            bad.append(name)
+            continue
+        module, (collection, leaf) = m[1], _MXNET_LEAVES[m[2]]
+        head = re.fullmatch(r"linear(\d+)", module)
+        if head:
+            if int(head[1]) != num_classes:
+                dropped.append(name)
+                continue
+            module = "linear"
+        w = np.asarray(w, np.float32)
+        flat[(collection, module, leaf)] = _conv_kernel(w) if leaf == "kernel" else w
+    return flat, dropped, bad
 
 
 def restore(template: FlatVariables, flat: FlatVariables, head_names=(), fresh: FlatVariables | None = None,
             unmapped=()) -> FlatVariables:
-  """Checks `flat` against `template` ({key: shape-bearing leaf}) and completes it.
+    """Checks `flat` against `template` ({key: shape-bearing leaf}) and completes it.
 
-  Head modules (top-level names in `head_names`) may be missing or have a different
-  shape (other class count): they come from `fresh`. Anything else missing, unexpected
-  or mis-shaped raises WeightMismatchError listing all problems."""
-  is_head = lambda key: key[1] in head_names
-  out, missing, unexpected, mismatched = {}, [], list(unmapped), []
-  for key, value in flat.items():
-    name = "/".join(key)
-    if key not in template:
-      unexpected.append(name)
-    elif tuple(value.shape) != tuple(template[key].shape):
-      if not is_head(key):
-        mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(template[key].shape)}")
-    else:
-      out[key] = np.asarray(value, np.float32)
-  for key in template:
-    if key in out:
-      continue
-    if is_head(key) and fresh is not None:
-      out[key] = np.asarray(fresh[key], np.float32)
-    elif not any(m.startswith("/".join(key) + ":") for m in mismatched):
-      missing.append("/".join(key))
-  if missing or unexpected or mismatched:
-    raise WeightMismatchError(missing, unexpected, mismatched)
-  return out
+    Head modules (top-level names in `head_names`) may be missing or have a different
+    shape (other class count): they come from `fresh`. Anything else missing, unexpected
+    or mis-shaped raises WeightMismatchError listing all problems."""
+    is_head = lambda key: key[1] in head_names
+    out, missing, unexpected, mismatched = {}, [], list(unmapped), []
+    for key, value in flat.items():
+        name = "/".join(key)
+        if key not in template:
+            unexpected.append(name)
+        elif tuple(value.shape) != tuple(template[key].shape):
+            if not is_head(key):
+                mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(template[key].shape)}")
+        else:
+            out[key] = np.asarray(value, np.float32)
+    for key in template:
+        if key in out:
+            continue
+        if is_head(key) and fresh is not None:
+            out[key] = np.asarray(fresh[key], np.float32)
+        elif not any(m.startswith("/".join(key) + ":") for m in mismatched):
+            missing.append("/".join(key))
+    if missing or unexpected or mismatched:
+        raise WeightMismatchError(missing, unexpected, mismatched)
+    return out

@@ -14,129 +14,129 @@ NORMALIZATIONS = ("imagenet", "caffe", "unit")
 
 
 def normalize_images(images, normalization: str, dtype=jnp.float32):
-  """Maps RGB pixel values in 0..255 (uint8 or float) to the input the weights expect.
+    """Maps RGB pixel values in 0..255 (uint8 or float) to the input the weights expect.
 
-  imagenet: /255 then torchvision mean/std (torchvision and CBST MXNet weights);
-  caffe: RGB->BGR minus the Caffe mean pixel, no scaling (DeepLab-v2 init);
-  unit: /255 only (networks trained from scratch).
-  """
-  x = images.astype(jnp.float32)
-  if normalization == "imagenet":
-    x = (x / 255.0 - jnp.asarray(IMAGENET_MEAN_RGB)) / jnp.asarray(IMAGENET_STD_RGB)
-  elif normalization == "caffe":
-    x = x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR)
-  elif normalization == "unit":
-    x = x / 255.0
-  else:
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-  return x.astype(dtype)
+    imagenet: /255 then torchvision mean/std (torchvision and CBST MXNet weights);
+    caffe: RGB->BGR minus the Caffe mean pixel, no scaling (DeepLab-v2 init);
+    unit: /255 only (networks trained from scratch).
+    """
+    x = images.astype(jnp.float32)
+    if normalization == "imagenet":
+        x = (x / 255.0 - jnp.asarray(IMAGENET_MEAN_RGB)) / jnp.asarray(IMAGENET_STD_RGB)
+    elif normalization == "caffe":
+        x = x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR)
+    elif normalization == "unit":
+        x = x / 255.0
+    else:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    return x.astype(dtype)
 
 
 class BatchNorm(nn.Module):
-  """BatchNorm over the last axis with torch semantics and frozen-statistics fast path.
+    """BatchNorm over the last axis with torch semantics and frozen-statistics fast path.
 
-  With `use_batch_stats=False` it is a per-channel affine map (running statistics),
-  which XLA fuses into the preceding convolution. With batch statistics it updates the
-  running averages like torch (momentum 0.1, unbiased variance) when 'batch_stats' is
-  mutable.
-  """
-  epsilon: float = 1e-5
-  momentum: float = 0.9
-  dtype: Any = jnp.float32
+    With `use_batch_stats=False` it is a per-channel affine map (running statistics),
+    which XLA fuses into the preceding convolution. With batch statistics it updates the
+    running averages like torch (momentum 0.1, unbiased variance) when 'batch_stats' is
+    mutable.
+    """
+    epsilon: float = 1e-5
+    momentum: float = 0.9
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, use_batch_stats: bool = False):
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if use_batch_stats:
-      xf = x.astype(jnp.float32)
-      axes = tuple(range(x.ndim - 1))
-      mean = xf.mean(axes)
-      var = jnp.maximum((xf * xf).mean(axes) - mean * mean, 0.0)
-      if self.is_mutable_collection("batch_stats") and not self.is_initializing():
-        n = x.size // c
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * n / max(n - 1, 1)
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = scale * lax.rsqrt(var + self.epsilon)
-    add = bias - mean * mul
-    return x * mul.astype(self.dtype) + add.astype(self.dtype)
+    @nn.compact
+    def __call__(self, x, use_batch_stats: bool = False):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if use_batch_stats:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = xf.mean(axes)
+            var = jnp.maximum((xf * xf).mean(axes) - mean * mean, 0.0)
+            if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+                n = x.size // c
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * n / max(n - 1, 1)
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        add = bias - mean * mul
+        return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, dilation: int = 1,
          padding: int | None = None, use_bias: bool = False, dtype=jnp.float32, **kw):
-  """nn.Conv with torch-style symmetric padding (default: 'same' for odd kernels)."""
-  pad = dilation * (kernel - 1) // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
-                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
+    """nn.Conv with torch-style symmetric padding (default: 'same' for odd kernels)."""
+    pad = dilation * (kernel - 1) // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
+                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
 
 
 def _pool_out(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
-  span = n + 2 * p - k
-  out = (-(-span // s) if ceil_mode else span // s) + 1
-  if ceil_mode and (out - 1) * s >= n + p:  # torch: last window must start inside input or left pad
-    out -= 1
-  return out
+    span = n + 2 * p - k
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p:  # torch: last window must start inside input or left pad
+        out -= 1
+    return out
 
 
 def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False):
-  """torch.nn.MaxPool2d on NHWC (pads with -inf; ceil_mode adds the extra right pad)."""
-  pads = []
-  for n in x.shape[1:3]:
-    out = _pool_out(n, kernel, stride, padding, ceil_mode)
-    pads.append((padding, (out - 1) * stride + kernel - n - padding))
-  if kernel == stride and padding == 0 and min(hi for _, hi in pads) >= 0:
-    # Non-overlapping windows as reshape + max: same values, and its gradient avoids
-    # select-and-scatter, which is several times slower on CPU.
-    (_, ph), (_, pw) = pads
-    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
-    n, h, w, c = x.shape
-    return x.reshape(n, h // kernel, kernel, w // kernel, kernel, c).max(axis=(2, 4))
-  return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
+    """torch.nn.MaxPool2d on NHWC (pads with -inf; ceil_mode adds the extra right pad)."""
+    pads = []
+    for n in x.shape[1:3]:
+        out = _pool_out(n, kernel, stride, padding, ceil_mode)
+        pads.append((padding, (out - 1) * stride + kernel - n - padding))
+    if kernel == stride and padding == 0 and min(hi for _, hi in pads) >= 0:
+        # Non-overlapping windows as reshape + max: same values, and its gradient avoids
+        # select-and-scatter, which is several times slower on CPU.
+        (_, ph), (_, pw) = pads
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
+        n, h, w, c = x.shape
+        return x.reshape(n, h // kernel, kernel, w // kernel, kernel, c).max(axis=(2, 4))
+    return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
 
 
 def pool_out_size(n: int, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> int:
-  """Output length of torch.nn.MaxPool2d along one axis."""
-  return _pool_out(n, kernel, stride, padding, ceil_mode)
+    """Output length of torch.nn.MaxPool2d along one axis."""
+    return _pool_out(n, kernel, stride, padding, ceil_mode)
 
 
 
 class ConvTranspose(nn.Module):
-  """torch.nn.ConvTranspose2d (no bias) computed as a stride-1 conv plus pixel shuffle.
+    """torch.nn.ConvTranspose2d (no bias) computed as a stride-1 conv plus pixel shuffle.
 
-  XLA lowers a transposed conv to a conv over the zero-dilated input, which costs
-  stride**2 times the useful work (FCN-8s' x8 upsampling dominated a small model). Here
-  each of the stride**2 output phases is a ceil(k/s)-tap conv of the input, stacked on the
-  channel axis and interleaved. The kernel is stored like flax's
-  `ConvTranspose(transpose_kernel=True)`: (k, k, out, in) = torch (in, out, k, k)
-  transposed (2, 3, 1, 0).
-  """
-  features: int
-  kernel_size: int
-  stride: int
-  padding: int = 0
-  kernel_init: Any = nn.initializers.lecun_normal()
-  dtype: Any = jnp.float32
+    XLA lowers a transposed conv to a conv over the zero-dilated input, which costs
+    stride**2 times the useful work (FCN-8s' x8 upsampling dominated a small model). Here
+    each of the stride**2 output phases is a ceil(k/s)-tap conv of the input, stacked on the
+    channel axis and interleaved. The kernel is stored like flax's
+    `ConvTranspose(transpose_kernel=True)`: (k, k, out, in) = torch (in, out, k, k)
+    transposed (2, 3, 1, 0).
+    """
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int = 0
+    kernel_init: Any = nn.initializers.lecun_normal()
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    k, s, p, c_out = self.kernel_size, self.stride, self.padding, self.features
-    n, h, w, c_in = x.shape
-    kernel = self.param("kernel", self.kernel_init, (k, k, c_out, c_in), jnp.float32)
-    taps = -(-k // s)
-    kp = jnp.pad(kernel, ((0, taps * s - k), (0, taps * s - k), (0, 0), (0, 0)))
-    kp = kp.reshape(taps, s, taps, s, c_out, c_in)[::-1, :, ::-1]  # tap r + s*m, m reversed
-    kp = kp.transpose(0, 2, 5, 1, 3, 4).reshape(taps * taps * c_in, s * s * c_out)
-    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (taps - 1, taps - 1), (taps - 1, taps - 1), (0, 0)))
-    hq, wq = h + taps - 1, w + taps - 1
-    cols = [xp[:, i:i + hq, j:j + wq] for i in range(taps) for j in range(taps)]
-    y = jnp.concatenate(cols, axis=-1) @ kp.astype(self.dtype)  # im2col: matmuls backprop fast on CPU
-    hq, wq = y.shape[1:3]
-    y = y.reshape(n, hq, wq, s, s, c_out).transpose(0, 1, 3, 2, 4, 5).reshape(n, hq * s, wq * s, c_out)
-    out_h, out_w = (h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k
-    return y[:, p:p + out_h, p:p + out_w]
+    @nn.compact
+    def __call__(self, x):
+        k, s, p, c_out = self.kernel_size, self.stride, self.padding, self.features
+        n, h, w, c_in = x.shape
+        kernel = self.param("kernel", self.kernel_init, (k, k, c_out, c_in), jnp.float32)
+        taps = -(-k // s)
+        kp = jnp.pad(kernel, ((0, taps * s - k), (0, taps * s - k), (0, 0), (0, 0)))
+        kp = kp.reshape(taps, s, taps, s, c_out, c_in)[::-1, :, ::-1]  # tap r + s*m, m reversed
+        kp = kp.transpose(0, 2, 5, 1, 3, 4).reshape(taps * taps * c_in, s * s * c_out)
+        xp = jnp.pad(x.astype(self.dtype), ((0, 0), (taps - 1, taps - 1), (taps - 1, taps - 1), (0, 0)))
+        hq, wq = h + taps - 1, w + taps - 1
+        cols = [xp[:, i:i + hq, j:j + wq] for i in range(taps) for j in range(taps)]
+        y = jnp.concatenate(cols, axis=-1) @ kp.astype(self.dtype)  # im2col: matmuls backprop fast on CPU
+        hq, wq = y.shape[1:3]
+        y = y.reshape(n, hq, wq, s, s, c_out).transpose(0, 1, 3, 2, 4, 5).reshape(n, hq * s, wq * s, c_out)
+        out_h, out_w = (h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k
+        return y[:, p:p + out_h, p:p + out_w]

@@ -22,74 +22,74 @@ DTYPE_FLAGS = {np.dtype(v): k for k, v in DTYPES.items()}
 
 class _Reader:
 
-  def __init__(self, data: bytes):
-    self.data, self.pos = data, 0
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
 
-  def take(self, fmt: str):
-    size = struct.calcsize(fmt)
-    if self.pos + size > len(self.data):
-      raise ValueError("truncated MXNet .params file")
-    values = struct.unpack_from(fmt, self.data, self.pos)
-    self.pos += size
-    return values if len(values) > 1 else values[0]
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise ValueError("truncated MXNet .params file")
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return values if len(values) > 1 else values[0]
 
-  def raw(self, n: int) -> bytes:
-    if self.pos + n > len(self.data):
-      raise ValueError("truncated MXNet .params file")
-    self.pos += n
-    return self.data[self.pos - n:self.pos]
+    def raw(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ValueError("truncated MXNet .params file")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
 
 
 def _read_ndarray(r: _Reader) -> np.ndarray:
-  magic = r.take("<I")
-  if magic == NDARRAY_V2_MAGIC:
-    stype = r.take("<i")
-    if stype != 0:
-      raise ValueError(f"sparse NDArray (storage type {stype}) is not supported")
-    ndim = r.take("<I")
-    shape = r.take(f"<{ndim}q") if ndim else ()
-  elif magic == NDARRAY_V1_MAGIC:
-    ndim = r.take("<I")
-    shape = r.take(f"<{ndim}q") if ndim else ()
-  else:  # legacy: the magic word was ndim, dims are uint32
-    ndim = magic
-    shape = r.take(f"<{ndim}I") if ndim else ()
-  shape = (shape,) if isinstance(shape, int) else tuple(shape)
-  if ndim == 0:
-    return np.zeros((0,), np.float32)
-  _dev_type, _dev_id, flag = r.take("<iii")
-  if flag not in DTYPES:
-    raise ValueError(f"unsupported MXNet dtype flag {flag}")
-  dtype = np.dtype(DTYPES[flag]).newbyteorder("<")
-  count = int(np.prod(shape))
-  return np.frombuffer(r.raw(count * dtype.itemsize), dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    magic = r.take("<I")
+    if magic == NDARRAY_V2_MAGIC:
+        stype = r.take("<i")
+        if stype != 0:
+            raise ValueError(f"sparse NDArray (storage type {stype}) is not supported")
+        ndim = r.take("<I")
+        shape = r.take(f"<{ndim}q") if ndim else ()
+    elif magic == NDARRAY_V1_MAGIC:
+        ndim = r.take("<I")
+        shape = r.take(f"<{ndim}q") if ndim else ()
+    else:  # legacy: the magic word was ndim, dims are uint32
+        ndim = magic
+        shape = r.take(f"<{ndim}I") if ndim else ()
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if ndim == 0:
+        return np.zeros((0,), np.float32)
+    _dev_type, _dev_id, flag = r.take("<iii")
+    if flag not in DTYPES:
+        raise ValueError(f"unsupported MXNet dtype flag {flag}")
+    dtype = np.dtype(DTYPES[flag]).newbyteorder("<")
+    count = int(np.prod(shape))
+    return np.frombuffer(r.raw(count * dtype.itemsize), dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def load_mxnet_params(path) -> dict[str, np.ndarray]:
-  """{name: array} from an MXNet `.params` file (names keep their `arg:`/`aux:` prefix)."""
-  with open(path, "rb") as f:
-    r = _Reader(f.read())
-  magic, _reserved = r.take("<QQ")
-  if magic != LIST_MAGIC:
-    raise ValueError(f"{path}: not an MXNet NDArray list (magic {magic:#x})")
-  arrays = [_read_ndarray(r) for _ in range(r.take("<Q"))]
-  names = [r.raw(r.take("<Q")).decode() for _ in range(r.take("<Q"))]
-  if len(names) != len(arrays):
-    raise ValueError(f"{path}: {len(arrays)} arrays but {len(names)} names")
-  return dict(zip(names, arrays))
+    """{name: array} from an MXNet `.params` file (names keep their `arg:`/`aux:` prefix)."""
+    with open(path, "rb") as f:
+        r = _Reader(f.read())
+    magic, _reserved = r.take("<QQ")
+    if magic != LIST_MAGIC:
+        raise ValueError(f"{path}: not an MXNet NDArray list (magic {magic:#x})")
+    arrays = [_read_ndarray(r) for _ in range(r.take("<Q"))]
+    names = [r.raw(r.take("<Q")).decode() for _ in range(r.take("<Q"))]
+    if len(names) != len(arrays):
+        raise ValueError(f"{path}: {len(arrays)} arrays but {len(names)} names")
+    return dict(zip(names, arrays))
 
 
 def save_mxnet_params(path, arrays: dict[str, np.ndarray]):
-  """Writes {name: array} in the v2 dense layout `mx.nd.save` produces (CPU context)."""
-  out = [struct.pack("<QQQ", LIST_MAGIC, 0, len(arrays))]
-  for a in arrays.values():
-    a = np.asarray(a)
-    shape = a.shape or (1,)
-    out.append(struct.pack(f"<IiI{len(shape)}q", NDARRAY_V2_MAGIC, 0, len(shape), *shape))
-    out.append(struct.pack("<iii", 1, 0, DTYPE_FLAGS[a.dtype]))
-    out.append(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes())
-  out.append(struct.pack("<Q", len(arrays)))
-  for name in arrays:
-    out.append(struct.pack("<Q", len(name.encode())) + name.encode())
-  with open(path, "wb") as f:
-    f.write(b"".join(out))
+    """Writes {name: array} in the v2 dense layout `mx.nd.save` produces (CPU context)."""
+    out = [struct.pack("<QQQ", LIST_MAGIC, 0, len(arrays))]
+    for a in arrays.values():
+        a = np.asarray(a)
+        shape = a.shape or (1,)
+        out.append(struct.pack(f"<IiI{len(shape)}q", NDARRAY_V2_MAGIC, 0, len(shape), *shape))
+        out.append(struct.pack("<iii", 1, 0, DTYPE_FLAGS[a.dtype]))
+        out.append(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes())
+    out.append(struct.pack("<Q", len(arrays)))
+    for name in arrays:
+        out.append(struct.pack("<Q", len(name.encode())) + name.encode())
+    with open(path, "wb") as f:
+        f.write(b"".join(out))

@@ -20,80 +20,80 @@ MXNET_BN_EPS = 1.001e-5
 
 
 class ResNet38(nn.Module):
-  """FCRNA model A1; logits NHWC at output stride 8 (ceil(H/8) for any H).
+    """FCRNA model A1; logits NHWC at output stride 8 (ceil(H/8) for any H).
 
-  Attributes:
-    num_classes: output channels (head conv `linear{num_classes}`).
-    widths: channels of conv1a, levels 2-4 and the (per-conv) widths of levels 5-7.
-    blocks: residual blocks of levels 2-5 (levels 6 and 7 have one each).
-    head_width: channels of `conv6a`.
-    head_dilation: dilation of both head convs (12).
-    dropout: rates before the last conv of levels 6 and 7.
-    train_bn, normalization, dtype: as for DeepLabV2 (weights expect 'imagenet').
-  """
-  num_classes: int
-  widths: Sequence[Any] = (64, 128, 256, 512, (512, 1024), (512, 1024, 2048), (1024, 2048, 4096))
-  blocks: Sequence[int] = (3, 3, 6, 3)
-  head_width: int = 512
-  head_dilation: int = 12
-  dropout: Sequence[float] = (0.3, 0.5)
-  train_bn: bool = False
-  normalization: str = "imagenet"
-  dtype: Any = jnp.float32
+    Attributes:
+      num_classes: output channels (head conv `linear{num_classes}`).
+      widths: channels of conv1a, levels 2-4 and the (per-conv) widths of levels 5-7.
+      blocks: residual blocks of levels 2-5 (levels 6 and 7 have one each).
+      head_width: channels of `conv6a`.
+      head_dilation: dilation of both head convs (12).
+      dropout: rates before the last conv of levels 6 and 7.
+      train_bn, normalization, dtype: as for DeepLabV2 (weights expect 'imagenet').
+    """
+    num_classes: int
+    widths: Sequence[Any] = (64, 128, 256, 512, (512, 1024), (512, 1024, 2048), (1024, 2048, 4096))
+    blocks: Sequence[int] = (3, 3, 6, 3)
+    head_width: int = 512
+    head_dilation: int = 12
+    dropout: Sequence[float] = (0.3, 0.5)
+    train_bn: bool = False
+    normalization: str = "imagenet"
+    dtype: Any = jnp.float32
 
-  head_names = ("conv6a", "linear")
-  output_stride = 8
+    head_names = ("conv6a", "linear")
+    output_stride = 8
 
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    bs = self.train_bn and train
-    dt = self.dtype
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        bs = self.train_bn and train
+        dt = self.dtype
 
-    def bn_relu(x, name):
-      return nn.relu(BatchNorm(epsilon=MXNET_BN_EPS, dtype=dt, name=name)(x, bs))
+        def bn_relu(x, name):
+            return nn.relu(BatchNorm(epsilon=MXNET_BN_EPS, dtype=dt, name=name)(x, bs))
 
-    def block(x, name, filters, kernels, stride=1, dilation=1, first_dilation=None,
-              project=False, dropout=0.0):
-      """`res_block` of resnet_v2.py: BN-ReLU-conv stages, optional projection."""
-      pre = bn_relu(x, f"bn{name}_branch2a")
-      y = conv(filters[0], kernels[0], f"res{name}_branch2a", stride=stride,
-               dilation=dilation if first_dilation is None else first_dilation, dtype=dt)(pre)
-      for i in range(1, len(filters)):
-        y = bn_relu(y, f"bn{name}_branch2b{i}")
-        if dropout and i == len(filters) - 1:
-          y = nn.Dropout(dropout, deterministic=not train)(y)
-        y = conv(filters[i], kernels[i], f"res{name}_branch2b{i}", dilation=dilation, dtype=dt)(y)
-      if project:
-        x = conv(filters[-1], 1, f"res{name}_branch1", stride=stride, dtype=dt)(pre)
-      return x + y
+        def block(x, name, filters, kernels, stride=1, dilation=1, first_dilation=None,
+                  project=False, dropout=0.0):
+            """`res_block` of resnet_v2.py: BN-ReLU-conv stages, optional projection."""
+            pre = bn_relu(x, f"bn{name}_branch2a")
+            y = conv(filters[0], kernels[0], f"res{name}_branch2a", stride=stride,
+                     dilation=dilation if first_dilation is None else first_dilation, dtype=dt)(pre)
+            for i in range(1, len(filters)):
+                y = bn_relu(y, f"bn{name}_branch2b{i}")
+                if dropout and i == len(filters) - 1:
+                    y = nn.Dropout(dropout, deterministic=not train)(y)
+                y = conv(filters[i], kernels[i], f"res{name}_branch2b{i}", dilation=dilation, dtype=dt)(y)
+            if project:
+                x = conv(filters[-1], 1, f"res{name}_branch1", stride=stride, dtype=dt)(pre)
+            return x + y
 
-    w = self.widths
-    x = normalize_images(images, self.normalization, dt)
-    x = conv(w[0], 3, "conv1a", dtype=dt)(x)
-    for level, n_blocks in zip((2, 3, 4), self.blocks[:3]):
-      filters = (w[level - 1],) * 2
-      x = block(x, f"{level}a", filters, (3, 3), stride=2, project=True)
-      for i in range(1, n_blocks):
-        x = block(x, f"{level}b{i}", filters, (3, 3))
-    x = block(x, "5a", w[4], (3, 3), dilation=2, first_dilation=1, project=True)
-    for i in range(1, self.blocks[3]):
-      x = block(x, f"5b{i}", w[4], (3, 3), dilation=2)
-    x = block(x, "6a", w[5], (1, 3, 1), dilation=4, project=True, dropout=self.dropout[0])
-    x = block(x, "7a", w[6], (1, 3, 1), dilation=4, project=True, dropout=self.dropout[1])
-    x = bn_relu(x, "bn7")
-    d = self.head_dilation
-    x = nn.relu(conv(self.head_width, 3, "conv6a", dilation=d, use_bias=True, dtype=dt)(x))
-    x = conv(self.num_classes, 3, "linear", dilation=d, use_bias=True, dtype=dt,
-             kernel_init=nn.initializers.normal(0.01))(x)
-    return x.astype(jnp.float32)
+        w = self.widths
+        x = normalize_images(images, self.normalization, dt)
+        x = conv(w[0], 3, "conv1a", dtype=dt)(x)
+        for level, n_blocks in zip((2, 3, 4), self.blocks[:3]):
+            filters = (w[level - 1],) * 2
+            x = block(x, f"{level}a", filters, (3, 3), stride=2, project=True)
+            for i in range(1, n_blocks):
+                x = block(x, f"{level}b{i}", filters, (3, 3))
+        x = block(x, "5a", w[4], (3, 3), dilation=2, first_dilation=1, project=True)
+        for i in range(1, self.blocks[3]):
+            x = block(x, f"5b{i}", w[4], (3, 3), dilation=2)
+        x = block(x, "6a", w[5], (1, 3, 1), dilation=4, project=True, dropout=self.dropout[0])
+        x = block(x, "7a", w[6], (1, 3, 1), dilation=4, project=True, dropout=self.dropout[1])
+        x = bn_relu(x, "bn7")
+        d = self.head_dilation
+        x = nn.relu(conv(self.head_width, 3, "conv6a", dilation=d, use_bias=True, dtype=dt)(x))
+        x = conv(self.num_classes, 3, "linear", dilation=d, use_bias=True, dtype=dt,
+                 kernel_init=nn.initializers.normal(0.01))(x)
+        return x.astype(jnp.float32)
 
 
 def resnet38(num_classes: int, **options) -> ResNet38:
-  return ResNet38(num_classes, **options)
+    return ResNet38(num_classes, **options)
 
 
 def resnet38_small(num_classes: int, **options) -> ResNet38:
-  """Same code, widths / 8 and one block per level (CPU tests)."""
-  options.setdefault("normalization", "unit")
-  return ResNet38(num_classes, widths=(8, 16, 32, 64, (64, 128), (64, 128, 256), (128, 256, 512)),
-                  blocks=(1, 1, 1, 1), head_width=64, **options)
+    """Same code, widths / 8 and one block per level (CPU tests)."""
+    options.setdefault("normalization", "unit")
+    return ResNet38(num_classes, widths=(8, 16, 32, 64, (64, 128), (64, 128, 256), (128, 256, 512)),
+                    blocks=(1, 1, 1, 1), head_width=64, **options)

@@ -29,22 +29,25 @@ def _config(workdir: str):
 
 
 def measure(workdir: str, alphas, kinds=("lrent", "lrl2", "lrkld"), keeps=("objective", "cbst")):
-    from cbst_jax import checkpointing, self_training as st
+    from cbst_jax import experiment
+    from cbst_jax.methods import SOURCE, portion_at
+    from cbst_jax.run_ledger import RunLedger
+    from cbst_jax.trainer import Trainer, variables_of
 
     cfg = _config(workdir)
-    exp = st.build(cfg, workdir)
-    rng = jax.random.key(cfg.seed)
-    variables = st.init_variables(cfg, exp.model, rng, tuple(cfg.input.crop))
-    template = st.fresh_state(exp, variables, jax.random.fold_in(rng, 1), cfg.source_training.optimizer)
-    ck = checkpointing.RunCheckpoints(os.path.join(workdir, "checkpoints", "source"), max_to_keep=1)
-    if ck.latest() is None:
+    ledger = RunLedger(workdir, cfg)
+    if not ledger.trained(SOURCE):
         raise SystemExit(f"{workdir}: no source checkpoint (run the experiment first)")
-    state, _ = ck.restore(checkpointing.abstract_like(template))
-    variables = st._variables(state)
-    portion = st.round_portion(cfg, 0)
+    exp = experiment.build(cfg, workdir)
+    rng = jax.random.key(cfg.seed)
+    variables = experiment.init_variables(cfg, exp.model, rng, tuple(cfg.input.crop))
+    trainer = Trainer(exp, ledger, variables)
+    variables = variables_of(ledger.source_state(trainer.like(variables, rng, trainer.kind(SOURCE))))
+    portion = portion_at(cfg.self_training.portion, 0)
+    hidden = exp.data.hidden_label_key
 
     def batches():
-        return (g for g, _ in st._eval_batches(exp, exp.target_train, exp.pl_label_key))
+        return (g for g, _ in exp.batches(exp.data.target_train, hidden))
 
     lam, _ = exp.predictor.thresholds(variables, batches, portion, "cbst", None, cfg.self_training.select_subsample)
 
@@ -61,7 +64,7 @@ def measure(workdir: str, alphas, kinds=("lrent", "lrl2", "lrkld"), keeps=("obje
                 top.append(mass[hard != 255].astype(np.float64) / 255)
         top = np.concatenate(top) if top else np.zeros(0)
         return {"kept_fraction": picked / max(valid, 1),
-                "precision": correct / picked if picked and exp.pl_label_key else None,
+                "precision": correct / picked if picked and hidden else None,
                 "top_mass": float(top.mean()) if top.size else None}
 
     rows = [dict(method="cbst", alpha=None, keep="cbst",

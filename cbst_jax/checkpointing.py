@@ -57,6 +57,3 @@ class RunCheckpoints:
             raise ValueError(f"checkpoint {self.directory}/{index} does not match this model's "
                              f"state (another architecture or class count?): {first[:300]}") from None
         return out["state"], out["meta"]
-
-    def close(self) -> None:
-        self._mngr.close()

@@ -1,24 +1,17 @@
-"""Experiment configuration: one ``ml_collections.ConfigDict`` schema shared by every
-experiment, its validation, and the absl entry point used by ``python -m experiments.<name>``.
-
-Unknown keys are rejected (the config is locked; ``--config.nope=1`` fails with a one-line
-message), and invalid values fail before any work starts, naming the key and what was expected.
+"""Experiment configuration: the one ``ml_collections.ConfigDict`` schema shared by every
+experiment and its validation. The configs of the experiments (``experiments/configs/*.py``)
+start from :func:`base_config`; the command line (``cbst_jax.main``) locks them, so an unknown
+key is rejected, and :func:`validate` rejects invalid values before any work starts, naming the
+key and what was expected.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
-import sys
 
 import ml_collections
 
-# CRST methods build on CBST's class-balanced thresholds: "mrent", "mrkld", "mrl2" add a model
-# regulariser to the retraining loss; "lrent", "lrl2", "lrkld" replace the hard pseudo-labels by
-# label-regularised soft ones (closed forms in cbst_jax.crst, storage in cbst_jax.soft_labels).
-METHODS = ("source_only", "st", "cbst", "cbst_sp", "mrent", "mrkld", "mrl2", "lrent", "lrl2", "lrkld")
-MODEL_REGULARIZERS = {"mrent", "mrkld", "mrl2"}
-LABEL_REGULARIZERS = {"lrent", "lrl2", "lrkld"}
+from cbst_jax import methods as methods_lib
 
 
 DOWNLOADS = {
@@ -42,8 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_classes = 19
     c.methods = "source_only,st,cbst,cbst_sp"   # run in order, each from the same source model
-    c.quick = False                             # tiny sizes for smoke tests (~1 minute)
-    c.preset = ""                               # synthetic only: "gpu" = 256x512 images for a lent GPU
+                                                # (the table: cbst_jax.methods)
+    c.variant = ""                              # the config file's variant (set by get_config)
     c.distributed = False                       # jax.distributed.initialize() (multi-host)
     c.coordinator_address = ""                  # multi-host without cluster auto-detection:
     c.num_processes = 0                         #   host:port of process 0, process count and
@@ -113,33 +106,15 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def finalize(config):
-    """A copy of ``config`` with the ``quick`` and ``preset`` shortcuts applied."""
-    c = copy.deepcopy(config)
-    synthetic = c.source.name.startswith("synthetic/")
-    if c.preset not in ("", "cpu", "gpu"):
-        _fail("preset", c.preset, "'', 'cpu' or 'gpu'")
-    if c.preset == "gpu":
-        if not synthetic:
-            _fail("preset", c.preset, "'' for real datasets (presets size the synthetic pair)")
-        c.synthetic.height, c.synthetic.width = 256, 512
-        c.input.crop = c.input.eval_size = (256, 512)
-        c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 3000, 500, 500
-        c.input.eval_batch_size = 32
-    if c.quick:
-        c.source_training.steps = min(c.source_training.steps, 60)
-        c.self_training.rounds = min(c.self_training.rounds, 2)
-        c.self_training.steps_per_round = 12
-        c.log_every = min(c.log_every, 10)
-        c.checkpoint_every = min(c.checkpoint_every, 25)
-        if synthetic:
-            c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 96, 48, 32
-            c.input.eval_batch_size = 16
-    return c
-
-
-def method_list(config) -> list[str]:
-    return [m.strip() for m in str(config.methods).split(",") if m.strip()]
+def apply_variant(config, variant: str, variants: dict):
+    """``config`` changed by the named variant of an experiment's config file (``""``: none).
+    The variant's name is kept in ``config.variant``; an unknown one raises KeyError."""
+    if variant:
+        if variant not in variants:
+            raise KeyError(f"{variant!r}; known: {', '.join(sorted(variants)) or 'none'}")
+        variants[variant](config)
+    config.variant = variant
+    return config
 
 
 def _fail(key, value, expected):
@@ -148,12 +123,12 @@ def _fail(key, value, expected):
 
 def validate(config, *, need_roots: bool = True) -> None:
     """Raises ConfigError on the first invalid value."""
-    methods = method_list(config)
-    if not methods:
-        _fail("methods", config.methods, "a comma-separated list of " + ", ".join(METHODS))
-    for m in methods:
-        if m not in METHODS:
-            _fail("methods", m, "one of " + ", ".join(METHODS))
+    names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
+    if not names:
+        _fail("methods", config.methods, "a comma-separated list of " + ", ".join(methods_lib.NAMES))
+    for m in names:
+        if m not in methods_lib.BY_NAME:
+            _fail("methods", m, "one of " + ", ".join(methods_lib.NAMES))
     if config.num_classes not in (13, 16, 19):
         _fail("num_classes", config.num_classes, "19, 16 (SYNTHIA protocol) or 13 (NTHU)")
     p0, dp, pmax = config.self_training.portion
@@ -237,40 +212,6 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise ConfigError(f"--seeds={text!r}: expected at least one seed")
     return seeds
-
-
-def main_for(get_config, description: str):
-    """absl entry point shared by the experiments: --config.x=..., --workdir, --seeds."""
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    bad = unknown_override(sys.argv[1:], get_config())
-    if bad:  # ml_collections would raise a traceback while defining the flag
-        print(f"error: {bad}", file=sys.stderr)
-        sys.exit(2)
-    config_flags.DEFINE_config_dict("config", get_config(), description, lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output folder (checkpoints, pseudo-labels, metrics, plots).")
-    flags.DEFINE_string("seeds", None, "Comma-separated seeds; results are aggregated as mean ± std.")
-    flags.DEFINE_bool("fresh", False, "Delete an existing workdir instead of resuming from it.")
-
-    def _main(argv):
-        del argv
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-        from cbst_jax import self_training
-        from cbst_jax.data import DatasetError
-        from cbst_jax.models import WeightMismatchError
-        try:
-            cfg = finalize(flags.FLAGS.config)
-            validate(cfg)
-            seeds = parse_seeds(flags.FLAGS.seeds) if flags.FLAGS.seeds else [cfg.seed]
-            workdir = flags.FLAGS.workdir or os.path.join("runs", description.split()[0])
-            return self_training.run_seeds(cfg, os.path.abspath(workdir), seeds, fresh=flags.FLAGS.fresh)
-        except (ConfigError, self_training.RunError, DatasetError, WeightMismatchError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return lambda: app.run(_main)
 
 
 def unknown_override(argv, config) -> str | None:

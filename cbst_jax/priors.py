@@ -31,6 +31,8 @@ from typing import Iterable
 import numpy as np
 from scipy import ndimage
 
+from cbst_jax.atomic_files import atomic_write
+
 NORMALIZATIONS = ("pixel", "class")
 
 
@@ -94,9 +96,7 @@ def resize_prior(prior: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def save_prior(path: str, prior: np.ndarray, **meta) -> None:
     """Writes ``prior`` and its construction settings to ``path`` (.npz) atomically."""
     path = os.fspath(path)
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, prior=np.asarray(prior, np.float32), meta=json.dumps(meta))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez_compressed(f, prior=np.asarray(prior, np.float32), meta=json.dumps(meta)))
 
 
 def load_prior(path: str, num_classes: int | None = None) -> np.ndarray:

@@ -16,20 +16,9 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from cbst_jax.atomic_files import atomic_write_bytes, atomic_write_json
+
 MANIFEST = "manifest.json"
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 class PseudoLabelStore:

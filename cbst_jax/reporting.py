@@ -2,7 +2,7 @@
 the mIoU-per-round plot, the pseudo-label class-share/precision plots and prediction grids.
 
 Only process 0 writes. Rows are keyed by (seed, method, round): a resumed run that repeats a
-phase rewrites the same key, and readers keep the last row of each key.
+phase appends the same key again, and readers keep the last row of each key.
 """
 from __future__ import annotations
 
@@ -14,33 +14,36 @@ import numpy as np
 
 from cbst_jax import labels as labels_lib
 from cbst_jax import metrics
+from cbst_jax.atomic_files import atomic_write
 
 
 class MetricsLog:
-    """Append-only JSON lines + optional TensorBoard events in a workdir."""
+    """Append-only JSON lines + optional TensorBoard events in a workdir (the events file is
+    opened on the first scalars written)."""
 
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = enabled
+        self._tensorboard = enabled and tensorboard
         self._tb = None
-        if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            if tensorboard:
-                try:
-                    from tensorboardX import SummaryWriter
-                    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-                except ImportError:  # the lent GPU image has no tensorboardX: jsonl only
-                    self._tb = None
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
+        os.makedirs(self.workdir, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(_jsonable(row)) + "\n")
+            f.write(json.dumps(jsonable(row)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def scalars(self, tag_prefix: str, step: int, values: dict) -> None:
+        if self._tensorboard and self._tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+            except ImportError:  # the lent GPU image has no tensorboardX: jsonl only
+                self._tensorboard = False
         if self._tb is not None:
             for k, v in values.items():
                 if np.isscalar(v) and np.isfinite(v):
@@ -52,38 +55,18 @@ class MetricsLog:
             self._tb.close()
 
 
-def _jsonable(x):
+def jsonable(x):
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, (np.floating, float)):
         return None if not np.isfinite(x) else float(x)
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-def read_rows(path: str, kind: str | None = None) -> list[dict]:
-    """Rows of a metrics.jsonl, last row per (kind, seed, method, round) key, in first-seen order."""
-    if not os.path.exists(path):
-        return []
-    rows: dict = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: skip it
-                continue
-            if kind is not None and r.get("kind") != kind:
-                continue
-            rows[(r.get("kind"), r.get("seed"), r.get("method"), r.get("round"))] = r
-    return list(rows.values())
 
 
 def _nan(v):
@@ -128,9 +111,7 @@ def _plt():
 
 
 def _atomic_savefig(fig, path):
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_miou_curves(rows: Sequence[dict], path: str) -> None:
@@ -222,9 +203,7 @@ def prediction_grid(columns: dict[str, Sequence[np.ndarray]], path: str, num_cla
     w = max(t.shape[1] for t in tiles)
     grid = np.concatenate([np.pad(t, ((0, 2), (0, w - t.shape[1]), (0, 0))) for t in tiles], 0)
     header = _header(names, [columns[k][0].shape[1] + 2 for k in names], grid.shape[1])
-    tmp = path + ".tmp.png"
-    Image.fromarray(np.concatenate([header, grid], 0)).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(np.concatenate([header, grid], 0)).save(f, format="PNG"))
 
 
 def _header(names, widths, total_width, height=14):

@@ -1,6 +1,7 @@
 """One data-parallel layout for one device, many devices and many hosts: a 1-D ``('data',)``
 mesh, replicated state and batch-sharded inputs. Host-local numpy batches become global
-arrays with ``jax.make_array_from_process_local_data``."""
+arrays with ``jax.make_array_from_process_local_data``. Multi-host runs agree on decisions
+about shared files through process 0 (:func:`agree`) and meet at :func:`barrier`s."""
 from __future__ import annotations
 
 import jax
@@ -31,14 +32,6 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def local_batch_size(global_batch: int, mesh: Mesh) -> int:
-    """This host's share of a global batch; the global batch must split evenly over devices."""
-    n_dev = mesh.devices.size
-    if global_batch % n_dev:
-        raise ValueError(f"global batch {global_batch} is not divisible by the {n_dev} devices of the mesh")
-    return global_batch // jax.process_count()
-
-
 def to_global(host_batch, mesh: Mesh):
     """Host-local numpy pytree (leading axis = this host's rows) -> global batch-sharded jax arrays."""
     sharding = batch_sharded(mesh)
@@ -58,3 +51,19 @@ def to_host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's answer to a yes/no question about shared files, so every process takes the
+    same branch (and so runs the same collectives) even while process 0 is writing those files."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.array(bool(flag))))
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

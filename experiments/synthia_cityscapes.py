@@ -1,14 +1,8 @@
-"""`python -m experiments.synthia_cityscapes --workdir=... --config.source.root=... --config.target.root=...`
+"""`python -m experiments.synthia_cityscapes`: the command line of `cbst_jax.main` with
+experiments/configs/synthia_cityscapes.py as its config (`--config=<variant>` picks a variant of it)."""
+import os
 
-Class-balanced self-training for synthia_cityscapes; settings in experiments/configs/synthia_cityscapes.py, overridable
-with `--config.<key>=<value>`; `--seeds=0,1,2` runs and aggregates several seeds.
-"""
-import sys
-
-from cbst_jax import config_lib
-from experiments.configs.synthia_cityscapes import get_config
-
-main = config_lib.main_for(get_config, "synthia_cityscapes self-training")
+from cbst_jax.main import launch
 
 if __name__ == "__main__":
-    sys.exit(main())
+    launch(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "synthia_cityscapes.py"))

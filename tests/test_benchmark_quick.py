@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_benchmark_two_seeds(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-m", "experiments.synthetic", "--config.quick=True", "--seeds=0,1",
+    res = subprocess.run([sys.executable, "-m", "experiments.synthetic", "--config=quick", "--seeds=0,1",
                           f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -95,7 +95,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     path = tmp_path / "other.npz"
     models.save_variables(path, variables)
     res = cli("experiments.synthetic", f"--workdir={tmp_path / 'w'}", f"--config.model.init={path}",
-              "--config.quick=True")
+              "--config=quick")
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "other.npz" in last and "another architecture" in last

@@ -154,13 +154,17 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_kill_between_checkpoint_and_evaluation(reference_run, tmp_path):
-    """A run killed after a stage's final checkpoint but before its evaluation row was written
-    evaluates that stage on resume, to the same row."""
+    """A run killed after a stage's final checkpoint but before its evaluation row was recorded
+    (in the ledger, and so in the log) evaluates that stage on resume, to the same row."""
     import shutil
 
     seed_dir, _ = reference_run
     workdir = tmp_path / "copy"
     shutil.copytree(os.path.dirname(seed_dir), workdir)
+    ledger = workdir / "seed_0" / "ledger.json"
+    recorded = json.loads(ledger.read_text())
+    del recorded["stages"]["cbst_sp/r1"]["eval"]
+    ledger.write_text(json.dumps(recorded))
     path = workdir / "seed_0" / "metrics.jsonl"
     lines = path.read_text().splitlines()
     kept = [l for l in lines if not ('"kind": "eval"' in l and '"method": "cbst_sp"' in l and '"round": 1' in l)]
@@ -211,14 +215,58 @@ def test_label_regularised_rounds(tmp_path):
 def test_workdir_config_check_ignores_launch_keys(tmp_path):
     """The processes of one multi-host run differ in process_id (and relaunches in the
     coordinator's port): they share a workdir; any other difference is refused."""
-    from cbst_jax import self_training as st
+    from cbst_jax.errors import RunError
+    from cbst_jax.run_ledger import check_workdir_config
     from experiments.configs import synthetic
 
     cfg = synthetic.get_config()
-    st._check_workdir(cfg, str(tmp_path))
+    check_workdir_config(cfg, str(tmp_path))
     other = synthetic.get_config()
     other.process_id, other.coordinator_address = 1, "10.0.0.1:1234"
-    st._check_workdir(other, str(tmp_path))  # accepted
+    check_workdir_config(other, str(tmp_path))  # accepted
     other.self_training.rounds = 5
-    with pytest.raises(st.RunError, match="differs in self_training.rounds"):
-        st._check_workdir(other, str(tmp_path))
+    with pytest.raises(RunError, match="differs in self_training.rounds"):
+        check_workdir_config(other, str(tmp_path))
+
+
+def test_st_sp_round_end_to_end(tmp_path):
+    """ST-SP (one pooled threshold over prior-weighted scores): a round's stored pseudo-labels
+    are select_pseudo_labels' labels at the pooled λ of q·p, λ taken from a numpy sort of the
+    prior-weighted confidences of the (untrained, seeded) source model on the target split."""
+    import jax
+    import ml_collections
+    from PIL import Image
+
+    from cbst_jax import experiment, priors, selection
+    from cbst_jax.data.experiment_data import open_experiment_data
+    from cbst_jax.predict import Predictor
+    from cbst_jax.sharding import make_mesh
+
+    workdir = str(tmp_path / "stsp")
+    res = run_experiment(workdir, ["--config.methods=source_only,st_sp", "--config.source_training.steps=0",
+                                   "--config.self_training.rounds=1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    seed_dir = os.path.join(workdir, "seed_0")
+    with open(os.path.join(seed_dir, "config.json")) as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    model = experiment.build_model(cfg)
+    variables = experiment.init_variables(cfg, model, jax.random.key(cfg.seed), tuple(cfg.input.crop))
+    canvas = tuple(cfg.input.eval_size)
+    prior = priors.resize_prior(priors.load_prior(os.path.join(seed_dir, "spatial_prior.npz"), 19), canvas)
+    target = open_experiment_data(cfg).target_train
+    images = np.stack([target[i]["image"] for i in range(len(target))])
+    mesh = make_mesh(jax.devices()[:8])
+    predictor = Predictor(model, 19, mesh, canvas, cfg.predict.scales, cfg.predict.flip)
+    probs = np.concatenate([np.asarray(jax.jit(predictor.probs)(variables, images[i:i + 16]))
+                            for i in range(0, len(images), 16)])
+    conf = np.sort((probs * prior[None]).max(-1).ravel())[::-1]
+    k = int(np.floor(conf.size * 0.2))
+    lam = np.full(19, conf[k - 1], np.float32)
+    pl = rows(seed_dir, "pseudo_labels")[("st_sp", 0)]
+    np.testing.assert_array_equal(np.asarray(pl["thresholds"], np.float32), lam)
+    want = np.asarray(selection.select_pseudo_labels(probs, lam, prior))
+    d = os.path.join(seed_dir, "pseudo_labels", "st_sp", "round_0")
+    got = np.stack([np.asarray(Image.open(os.path.join(d, f"{i:07d}.png"))) for i in range(len(target))])
+    np.testing.assert_array_equal(got, want)
+    assert 0 < pl["selected_fraction"] < 1
+    assert ("st_sp", 0) in rows(seed_dir, "eval")

@@ -1,4 +1,4 @@
-"""Optimiser groups against torch.optim.SGD / numpy, schedules, and the jitted data-parallel step
+"""Optimiser groups against torch.optim.SGD / numpy, the schedule, and the jitted data-parallel step
 (direct-loss parity, frozen/trained BN, 1 vs 8 devices, non-finite guard, no recompilation)."""
 import math
 from typing import Any
@@ -99,14 +99,15 @@ def _opt_problem():
 
 
 def _run_optax(params, labels, grads, scales, case, lr=0.01, total=10):
-    tx = train.make_optimizer(labels, lr=lr, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
-                              bias_lr_mult=case["bias_mult"], bias_weight_decay=case["bias_wd"],
-                              schedule=case["schedule"], total_steps=total)
+    """The optimiser at unit rate, its updates scaled by the step's rate (as the train step)."""
+    tx = train.make_optimizer(labels, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
+                              bias_lr_mult=case["bias_mult"], bias_weight_decay=case["bias_wd"])
     state = tx.init(params)
     p = params
-    for g, s in zip(grads, scales):
+    for t, (g, s) in enumerate(zip(grads, scales)):
         u, state = tx.update(g, state, p)
-        p = jax.tree.map(lambda w, d: w + s * d, p, u)
+        rate = train.learning_rate(lr, case["schedule"], t, total) * np.float32(s)
+        p = jax.tree.map(lambda w, d: w + rate * d, p, u)
     return p
 
 
@@ -147,34 +148,31 @@ def test_param_groups_match_torch_sgd(case):
         np.testing.assert_allclose(got[m][n], p.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_schedules_and_round_scale():
-    const = train.lr_schedule(0.1, "constant")
-    poly = train.lr_schedule(0.1, "poly", total_steps=100, power=0.9)
-    assert float(const(57)) == pytest.approx(0.1)
+def test_schedules():
+    assert train.learning_rate(0.1, "constant", 57, 100) == np.float32(0.1)
     for t in (0, 1, 50, 99):
-        assert float(poly(t)) == pytest.approx(0.1 * (1 - t / 100) ** 0.9, rel=1e-5)
-    assert float(poly(100)) == 0.0 and float(poly(150)) == 0.0
-    assert train.round_lr_scale(2) == pytest.approx(0.5)
-    assert train.round_lr_scale(3, 1.0) == 1.0 and train.round_lr_scale(0).dtype == np.float32
+        assert train.learning_rate(0.1, "poly", t, 100) == pytest.approx(0.1 * (1 - t / 100) ** 0.9, rel=1e-6)
+        assert train.learning_rate(0.1, "poly", t, 100).dtype == np.float32
+    assert train.learning_rate(0.1, "poly", 100, 100) == 0.0 and train.learning_rate(0.1, "poly", 150, 100) == 0.0
     with pytest.raises(ValueError):
-        train.lr_schedule(0.1, "poly")
+        train.learning_rate(0.1, "poly", 0, 0)
     with pytest.raises(ValueError):
         train.make_optimizer({"w": "neck"})
 
 
-def test_make_optimizer_is_memoised():
-    params, labels, _, _ = _opt_problem()
-    a = train.make_optimizer(labels, lr=0.5)
-    assert train.make_optimizer(tiny_labels(params), lr=0.5) is a
-    assert train.make_optimizer(labels, lr=0.25) is not a
-
-
 # ---------------------------------------------------------------------------- the step
-def _setup(model, mesh, lr=0.05, seed=0):
+LR = 0.05
+
+
+def _setup(model, mesh, seed=0):
     variables = init_variables(model, seed=seed)
     labels = tiny_labels(variables["params"], train_bn=model.train_bn)
-    tx = train.make_optimizer(labels, lr=lr, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0)
-    return variables, train.create_train_state(model, variables, tx, jax.random.key(seed), mesh)
+    tx = train.make_optimizer(labels, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0)
+    return variables, train.create_train_state(variables, tx, jax.random.key(seed), mesh), tx, labels
+
+
+def _step(model, tx, labels, cfg, mesh):
+    return train.make_train_step(model, tx, cfg, mesh, labels)
 
 
 @pytest.mark.parametrize("resolution,soft,reg", [("upsample", False, "mrkld"), ("stride", False, "none"),
@@ -182,7 +180,7 @@ def _setup(model, mesh, lr=0.05, seed=0):
 def test_step_matches_direct_loss_and_sgd(resolution, soft, reg):
     model = TinySeg()
     mesh = make_mesh(jax.devices()[:2])
-    variables, state = _setup(model, mesh)
+    variables, state, tx, labels = _setup(model, mesh)
     batch = make_batch(4, soft=soft)
     cfg = train.TrainConfig(loss_resolution=resolution, stride=2, regularizer=reg, reg_weight=0.3)
 
@@ -192,8 +190,8 @@ def test_step_matches_direct_loss_and_sgd(resolution, soft, reg):
                                         resolution=resolution, stride=2, regularizer=reg, reg_weight=0.3)[0]
 
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(direct))(variables["params"])
-    step = train.make_train_step(model, cfg, mesh)
-    new, m = step(state, to_global(batch, mesh), 0.5)
+    step = _step(model, tx, labels, cfg, mesh)
+    new, m = step(state, to_global(batch, mesh), LR * 0.5)
     assert bool(m["finite"]) and int(new.step) == 1
     np.testing.assert_allclose(float(m["loss"]), float(ref_loss), rtol=1e-5)
     np.testing.assert_allclose(float(m["ce"]) + 0.3 * float(m["reg"]), float(ref_loss), rtol=1e-5)
@@ -217,11 +215,11 @@ def test_one_device_equals_eight_devices():
     results = []
     for n in (1, 8):
         mesh = make_mesh(jax.devices()[:n])
-        _, state = _setup(model, mesh)
-        step = train.make_train_step(model, cfg, mesh)
+        _, state, tx, labels = _setup(model, mesh)
+        step = _step(model, tx, labels, cfg, mesh)
         seen = []
         for k in range(3):
-            state, m = step(state, to_global(make_batch(8, seed=k), mesh), np.float32(1.0))
+            state, m = step(state, to_global(make_batch(8, seed=k), mesh), np.float32(LR))
             seen.append(float(m["loss"]))
         assert len(state.params["head"]["kernel"].sharding.device_set) == n
         results.append((seen, host(state.params), host(state.batch_stats)))
@@ -235,10 +233,10 @@ def test_one_device_equals_eight_devices():
 def test_non_finite_step_returns_the_old_state():
     model = TinySeg(dropout=0.2)
     mesh = make_mesh()
-    _, state = _setup(model, mesh)
-    step = train.make_train_step(model, train.TrainConfig(), mesh)
+    _, state, tx, labels = _setup(model, mesh)
+    step = _step(model, tx, labels, train.TrainConfig(), mesh)
     batch = to_global(make_batch(8), mesh)
-    state, m = step(state, batch)
+    state, m = step(state, batch, LR)
     before = host(state)
     state, m = step(state, batch, np.float32(np.inf))  # the update overflows
     assert not bool(m["finite"]) and np.isfinite(float(m["loss"]))
@@ -247,31 +245,28 @@ def test_non_finite_step_returns_the_old_state():
     bad = state.replace(params=jax.device_put(jax.tree.map(lambda x: np.full_like(x, np.nan), before.params),
                                               state.params["head"]["kernel"].sharding))
     bad_host = host(bad)
-    bad, m = step(bad, batch)
+    bad, m = step(bad, batch, LR)
     assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), host(bad), bad_host)
     assert int(bad.step) == 1
-    state = train.create_train_state(model, {"params": before.params, "batch_stats": before.batch_stats},
-                                     state.tx, before.rng, mesh)
-    state, m = step(state, batch)
+    state = train.create_train_state({"params": before.params, "batch_stats": before.batch_stats},
+                                     tx, before.rng, mesh)
+    state, m = step(state, batch, LR)
     assert bool(m["finite"]) and int(state.step) == 1
 
 
 def test_no_recompilation_across_rounds_and_lr_scales():
     model = TinySeg(dropout=0.1)
     mesh = make_mesh()
-    variables, state = _setup(model, mesh)
-    step = train.make_train_step(model, train.TrainConfig(regularizer="mrl2", reg_weight=0.1), mesh)
+    variables, state, tx, labels = _setup(model, mesh)
+    step = _step(model, tx, labels, train.TrainConfig(regularizer="mrl2", reg_weight=0.1), mesh)
     batch = to_global(make_batch(8), mesh)
     for r in range(3):
-        if r:  # a new round: fresh optimiser (rebuilt, memoised) and state, smaller LR
-            tx = train.make_optimizer(tiny_labels(variables["params"]), lr=0.05, momentum=0.9,
-                                      weight_decay=5e-4, head_lr_mult=10.0)
-            state = train.create_train_state(model, {"params": host(state.params), "batch_stats": variables["batch_stats"]},
+        if r:  # a new round: fresh optimiser state from the same optimiser, smaller LR
+            state = train.create_train_state({"params": host(state.params), "batch_stats": variables["batch_stats"]},
                                              tx, jax.random.key(r), mesh)
-            state = train.reset_optimizer(state, mesh)
-        for lr_scale in (train.round_lr_scale(r), 0.5, 1):
-            state, m = step(state, batch, lr_scale)
+        for lr in (LR * 0.5 ** (r / 2), LR * 0.5, train.learning_rate(LR, "poly", r, 3)):
+            state, m = step(state, batch, lr)
             assert bool(m["finite"])
     assert step.jitted._cache_size() == 1
 
@@ -279,9 +274,9 @@ def test_no_recompilation_across_rounds_and_lr_scales():
 def test_bfloat16_model_float32_loss():
     model = TinySeg(dtype=jnp.bfloat16)
     mesh = make_mesh()
-    _, state = _setup(model, mesh)
-    step = train.make_train_step(model, train.TrainConfig(loss_resolution="stride", stride=2), mesh)
-    state, m = step(state, to_global(make_batch(8), mesh))
+    _, state, tx, labels = _setup(model, mesh)
+    step = _step(model, tx, labels, train.TrainConfig(loss_resolution="stride", stride=2), mesh)
+    state, m = step(state, to_global(make_batch(8), mesh), LR)
     assert m["loss"].dtype == jnp.float32 and bool(m["finite"])
     assert state.params["head"]["kernel"].dtype == jnp.float32
 
@@ -293,14 +288,14 @@ def test_uint8_soft_labels_are_renormalised():
 
     model = TinySeg()
     mesh = make_mesh(jax.devices()[:2])
-    variables, state = _setup(model, mesh)
+    variables, state, tx, labels = _setup(model, mesh)
     batch = make_batch(4, soft=True)
     q = soft_labels.quantize(batch["soft_label"])
     q[:, :3] = 0  # ignored rows stay ignored
     as_float = dict(batch, soft_label=q.astype(np.float32) / np.maximum(q.sum(-1, keepdims=True), 1))
-    step = train.make_train_step(model, train.TrainConfig(), mesh)
-    _, m_u8 = step(state, to_global(dict(batch, soft_label=q), mesh))
-    _, state2 = _setup(model, mesh)
-    _, m_f = step(state2, to_global(as_float, mesh))
+    step = _step(model, tx, labels, train.TrainConfig(), mesh)
+    _, m_u8 = step(state, to_global(dict(batch, soft_label=q), mesh), LR)
+    _, state2, _, _ = _setup(model, mesh)
+    _, m_f = step(state2, to_global(as_float, mesh), LR)
     np.testing.assert_allclose(float(m_u8["loss"]), float(m_f["loss"]), rtol=1e-6)
     assert int(m_u8["n_valid"]) == int(m_f["n_valid"])

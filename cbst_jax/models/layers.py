@@ -100,12 +100,6 @@ def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = Fa
     return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
 
 
-def pool_out_size(n: int, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> int:
-    """Output length of torch.nn.MaxPool2d along one axis."""
-    return _pool_out(n, kernel, stride, padding, ceil_mode)
-
-
-
 class ConvTranspose(nn.Module):
     """torch.nn.ConvTranspose2d (no bias) computed as a stride-1 conv plus pixel shuffle.
 

@@ -6,8 +6,8 @@ Cityscapes train with its 19 classes mapped to the 13 NTHU classes.
 from experiments.configs import gta5_cityscapes
 
 
-def get_config():
-    c = gta5_cityscapes.get_config()
+def get_config(variant: str = ""):
+    c = gta5_cityscapes.get_config(variant)
     c.num_classes = 13
     c.source.name, c.source.split = "cityscapes", "train"
     c.target.name, c.target.train_split, c.target.eval_split = "nthu", "train", "test"

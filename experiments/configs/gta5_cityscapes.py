@@ -9,7 +9,7 @@ train.py). Target: Cityscapes train (optionally the references' 505-image list v
 from cbst_jax import config_lib
 
 
-def get_config():
+def get_config(variant: str = ""):
     c = config_lib.base_config()
     c.methods = "cbst"
     c.model.name = "deeplabv2_resnet101"
@@ -37,4 +37,4 @@ def get_config():
     c.predict.scales = (1.0,)
     c.predict.flip = True
     c.checkpoint_every = 1000
-    return c
+    return config_lib.apply_variant(c, variant, {})

@@ -2,15 +2,15 @@
 network, CPU-sized by default.
 
 Default (`python -m experiments.synthetic`): source-only, ST, CBST and CBST-SP from one source
-model, 64x128 images, sized to finish in about 10 minutes on 2 CPU cores. `--config.quick=True`
-shrinks everything to a ~1 minute smoke run (used by the tests); `get_config("gpu")` (i.e.
-`--config=experiments/configs/synthetic.py:gpu` is not needed: pass `--config.preset=gpu`) is a
-256x512 version for a lent GPU.
+model, 64x128 images, sized to finish in about 10 minutes on 2 CPU cores. Variants
+(`--config=<variant>` with the launcher, or `--config=experiments/configs/synthetic.py:<variant>`):
+`quick` shrinks everything to a ~1 minute smoke run (used by the tests); `gpu` is a 256x512
+version for a lent GPU.
 """
 from cbst_jax import config_lib
 
 
-def get_config():
+def get_config(variant: str = ""):
     c = config_lib.base_config()
     c.methods = "source_only,st,cbst,cbst_sp"
     c.eval_classes = "synthetic"
@@ -50,4 +50,21 @@ def get_config():
     c.optim.head_lr_mult = 1.0
     c.log_every = 50
     c.checkpoint_every = 150
-    return c
+    return config_lib.apply_variant(c, variant, {"quick": _quick, "gpu": _gpu})
+
+
+def _quick(c):
+    c.source_training.steps = 60
+    c.self_training.rounds = 2
+    c.self_training.steps_per_round = 12
+    c.log_every = 10
+    c.checkpoint_every = 25
+    c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 96, 48, 32
+    c.input.eval_batch_size = 16
+
+
+def _gpu(c):
+    c.synthetic.height, c.synthetic.width = 256, 512
+    c.input.crop = c.input.eval_size = (256, 512)
+    c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 3000, 500, 500
+    c.input.eval_batch_size = 32

@@ -6,8 +6,8 @@ CBST's SYNTHIA settings: target portion from 0.2, source portion 0.02 (+0.0025 p
 from experiments.configs import gta5_cityscapes
 
 
-def get_config():
-    c = gta5_cityscapes.get_config()
+def get_config(variant: str = ""):
+    c = gta5_cityscapes.get_config(variant)
     c.num_classes = 16
     c.eval_classes = "miou13"
     c.source.name = "synthia"

@@ -1,0 +1,73 @@
+"""The three splits of an experiment, opened from its configuration: the labelled source, the
+unlabelled target split that is pseudo-labelled and adapted on, and the labelled target split
+it is evaluated on; and which classes its tables average over.
+
+Dataset knowledge the round loop should not carry lives here: the embedded pair's sizes and
+drawn classes, which readers take a list file, a ``labelled`` flag or a city, and the key under
+which the embedded target's training records keep their hidden ground truth (used only to
+report pseudo-label precision, never for training).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from cbst_jax import labels as labels_lib
+from cbst_jax.data import check_disjoint, open_dataset
+
+HIDDEN_LABEL = "hidden_label"
+_UNLABELLED_OPTION = ("cityscapes", "bdd100k", "nthu")
+
+
+@dataclasses.dataclass
+class ExperimentData:
+    source: object
+    target_train: object
+    target_eval: object
+    table_classes: list           # classes the tables show and mIoU averages
+    subset_classes: list | None   # SYNTHIA's 13 of 16 (mIoU*), else None
+    hidden_label_key: str | None  # where target-train records hold ground truth, if anywhere
+
+
+def open_side(config, side: str, split: str, *, labelled=None):
+    """``config.source`` or ``config.target`` opened at ``split``."""
+    d = config[side]
+    if d.name.startswith("synthetic/"):
+        s = config.synthetic
+        counts = {("source", "train"): s.num_source, ("target", "train"): s.num_target_train,
+                  ("target", "val"): s.num_target_val, ("target", "test"): s.num_target_val}
+        return open_dataset(d.name, None, split, height=s.height, width=s.width, seed=s.data_seed,
+                            num_images=counts.get((d.name.split("/")[1], split)))
+    opts = {"num_classes": config.num_classes}
+    if d.get("list_file") and split == d.get("train_split", d.get("split")):
+        opts["list_file"] = d.list_file
+    if labelled is not None and d.name in _UNLABELLED_OPTION:
+        opts["labelled"] = labelled
+    if d.name == "nthu" and d.get("city"):
+        opts["city"] = d.city
+    return open_dataset(d.name, d.root, split, **opts)
+
+
+def class_lists(config) -> tuple[list, list | None]:
+    """(classes of the tables, subset of the mIoU* column or None)."""
+    if config.eval_classes == "synthetic":
+        from cbst_jax.data.synthetic import DRAWN_CLASSES
+        return sorted(DRAWN_CLASSES), None
+    if config.eval_classes == "miou13":
+        return list(range(config.num_classes)), list(labels_lib.MIOU13_OF_16)
+    return list(range(config.num_classes)), None
+
+
+def open_experiment_data(config) -> ExperimentData:
+    """The splits of ``config``; the target evaluation split must be labelled and disjoint
+    from the split that is adapted on."""
+    from cbst_jax.data.io import DatasetError
+
+    source = open_side(config, "source", config.source.split)
+    target_train = open_side(config, "target", config.target.train_split, labelled=False)
+    target_eval = open_side(config, "target", config.target.eval_split)
+    check_disjoint(target_train, target_eval)
+    if not getattr(target_eval, "has_labels", True):
+        raise DatasetError(f"target evaluation split {config.target.eval_split!r} has no labels")
+    table, subset = class_lists(config)
+    hidden = HIDDEN_LABEL if HIDDEN_LABEL in target_train[0] else None
+    return ExperimentData(source, target_train, target_eval, table, subset, hidden)

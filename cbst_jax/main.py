@@ -1,0 +1,145 @@
+"""The command line of every experiment:
+
+    python -m cbst_jax.main --config=experiments/configs/synthetic.py[:variant] [--config.<key>=<value> ...]
+                            [--workdir=DIR] [--seeds=0,1,2] [--fresh]
+
+``experiments/<name>.py`` are one-line launchers of this with their own config as the default,
+so ``python -m experiments.gta5_cityscapes --config.target.root=...`` works, and there
+``--config=<variant>`` alone picks a variant of that config (``get_config("<variant>")``, e.g.
+``python -m experiments.synthetic --config=quick``). Each seed runs in ``<workdir>/seed_<s>``
+(``cbst_jax.self_training.run``); with several seeds the tables report mean ± std.
+
+A user's mistake ends with a one-line ``error: ...`` naming the key, file or value and what was
+expected, and exit status 2.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import sys
+import time
+
+from cbst_jax import config_lib
+
+EXIT_USAGE = 2
+
+
+def load_config(spec: str):
+    """``path/to/config.py[:variant]`` -> ``get_config()`` / ``get_config(variant)`` of that file."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise config_lib.ConfigError(f"--config={spec!r}: expected a config file (e.g. experiments/configs/synthetic.py)")
+    module_spec = importlib.util.spec_from_file_location("_cbst_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(variant) if variant else module.get_config()
+    except KeyError as e:
+        raise config_lib.ConfigError(f"--config={spec!r}: unknown variant {e}") from None
+
+
+def _config_spec(argv, default: str | None):
+    """The ``--config`` value of ``argv`` (a bare variant name completed with ``default``'s file)."""
+    spec = default
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+            if default and not spec.endswith(".py") and ".py:" not in spec:
+                spec = f"{default.partition(':')[0]}:{spec}"
+                argv[i] = f"--config={spec}"
+    if spec is None:
+        raise config_lib.ConfigError("--config is required: a config file, e.g. experiments/configs/synthetic.py")
+    return spec
+
+
+def launch(default_config: str | None = None) -> None:
+    """Parses the command line (``default_config``: the launcher's config file) and runs."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    argv = list(sys.argv)
+    try:
+        spec = _config_spec(argv, default_config)
+        bad = config_lib.unknown_override(argv[1:], load_config(spec))
+        if bad:
+            raise config_lib.ConfigError(bad)
+    except config_lib.ConfigError as e:  # before absl, which would raise a traceback
+        _fail(e)
+    config_flags.DEFINE_config_file("config", spec, "the experiment's config file[:variant]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output folder (checkpoints, pseudo-labels, metrics, plots).")
+    flags.DEFINE_string("seeds", None, "Comma-separated seeds; results are aggregated as mean ± std.")
+    flags.DEFINE_bool("fresh", False, "Start over: remove an existing workdir of ours first.")
+
+    def parse(args):
+        try:
+            return flags.FLAGS(args)
+        except (flags.Error, ValueError, TypeError) as e:  # e.g. --config.seed=abc
+            _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+    def main(_):
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
+        workdir = flags.FLAGS.workdir or os.path.join("runs", name)
+        return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh)
+
+    sys.argv = argv
+    app.run(main, flags_parser=parse)
+
+
+def _fail(message) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def run_command(config, workdir: str, seeds_text: str | None, fresh: bool) -> int:
+    """Validates, then runs every seed; a user-facing error is one line and exit status 2."""
+    from cbst_jax.data import DatasetError
+    from cbst_jax.errors import RunError
+    from cbst_jax.models import WeightMismatchError
+
+    try:
+        config = copy.deepcopy(config)
+        config_lib.validate(config)
+        seeds = config_lib.parse_seeds(seeds_text) if seeds_text else [config.seed]
+        return run_seeds(config, os.path.abspath(workdir), seeds, fresh=fresh)
+    except (config_lib.ConfigError, RunError, DatasetError, WeightMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def run_seeds(config, workdir: str, seeds, fresh: bool = False) -> int:
+    """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds."""
+    import jax
+
+    from cbst_jax import run_outputs, self_training
+    from cbst_jax import sharding as shd
+
+    if config.distributed:
+        kwargs = {}
+        if config.coordinator_address:
+            kwargs = dict(coordinator_address=config.coordinator_address, num_processes=config.num_processes,
+                          process_id=config.process_id)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; no-op elsewhere
+        shd.maybe_initialize_distributed(True, **kwargs)
+    if fresh and jax.process_index() == 0 and os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+    shd.barrier("fresh")
+    rows, pl_rows = [], []
+    t0 = time.time()
+    for s in seeds:
+        cfg = copy.deepcopy(config)
+        cfg.seed = int(s)
+        seed_rows, seed_pl_rows = self_training.run(cfg, os.path.join(workdir, f"seed_{s}"))
+        rows += seed_rows
+        pl_rows += seed_pl_rows
+    if jax.process_index() == 0:
+        run_outputs.write_aggregate(config, workdir, seeds, rows, pl_rows, time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    launch()
+

@@ -1,0 +1,92 @@
+"""The self-training methods, as one table: the only place where ST, CBST, their spatial-prior
+variants and the CRST regularisers differ.
+
+Every method starts from the same source model (round 0) and runs the same rounds
+(label the target at the round's portion p_r, retrain, evaluate). What a method changes:
+
+* ``policy``: how the thresholds λ are set from the round's portion (``cbst_jax.selection``):
+  ``"st"`` one λ over all pixels pooled, ``"cbst"`` one λ_c per class;
+* ``spatial_prior``: the scores are q·p (the spatial prior q of ``cbst_jax.priors``) instead of
+  p, both for the thresholds and for the labels (CBST-SP, ST-SP);
+* ``label_regularizer``: CRST LR*: soft pseudo-labels, the closed-form minimisers of the
+  label-regularised objective at CBST's λ (``cbst_jax.crst``, stored by ``cbst_jax.soft_labels``);
+* ``model_regularizer``: CRST MR*: a regulariser of the model's target predictions added to the
+  retraining loss (``cbst_jax.losses``).
+
+Stages: a run is the source stage, then ``(method, round)`` for every self-training method and
+round. :class:`Stage` names them; its ``key`` ("source", "cbst/r2") is what checkpoints record.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    policy: str | None                   # "st" | "cbst"; None: no self-training (source-only)
+    spatial_prior: bool = False
+    label_regularizer: str | None = None  # "lrent" | "lrl2" | "lrkld"
+    model_regularizer: str | None = None  # "mrent" | "mrkld" | "mrl2"
+
+    @property
+    def self_trains(self) -> bool:
+        return self.policy is not None
+
+    @property
+    def soft_labels(self) -> bool:
+        return self.label_regularizer is not None
+
+
+TABLE = (
+    Method("source_only", None),
+    Method("st", "st"),
+    Method("st_sp", "st", spatial_prior=True),
+    Method("cbst", "cbst"),
+    Method("cbst_sp", "cbst", spatial_prior=True),
+    Method("mrent", "cbst", model_regularizer="mrent"),
+    Method("mrkld", "cbst", model_regularizer="mrkld"),
+    Method("mrl2", "cbst", model_regularizer="mrl2"),
+    Method("lrent", "cbst", label_regularizer="lrent"),
+    Method("lrl2", "cbst", label_regularizer="lrl2"),
+    Method("lrkld", "cbst", label_regularizer="lrkld"),
+)
+BY_NAME = {m.name: m for m in TABLE}
+NAMES = tuple(BY_NAME)
+
+
+def parse(text: str) -> list[Method]:
+    """``"source_only,st,cbst"`` -> the methods, in order; KeyError names an unknown one."""
+    names = [m.strip() for m in str(text).split(",") if m.strip()]
+    return [BY_NAME[n] for n in names]
+
+
+def portion_at(schedule, round_idx: int) -> float:
+    """The self-paced schedule ``min(first + r·step, max)``, shared by the target portion p_r
+    (``self_training.portion``) and the source subset (``input.source_portion``)."""
+    first, step, last = schedule
+    return float(min(first + round_idx * step, last))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One unit of a run: the source model (``round is None``) or a method's round."""
+    method: str
+    round: int | None = None
+
+    @property
+    def key(self) -> str:
+        return "source" if self.round is None else f"{self.method}/r{self.round}"
+
+    @property
+    def label(self) -> str:
+        """How tables and figure names show the stage: "source_only", "cbst r2"."""
+        return self.method if self.round is None else f"{self.method} r{self.round}"
+
+
+SOURCE = Stage("source_only", None)
+
+
+def stages(methods, rounds: int) -> list[Stage]:
+    """The run's stages in order: the source model, then each self-training method's rounds."""
+    return [SOURCE] + [Stage(m.name, r) for m in methods if m.self_trains for r in range(rounds)]

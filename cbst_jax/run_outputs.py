@@ -1,0 +1,137 @@
+"""What a run reports: the rows of each stage (evaluation, pseudo-label statistics), the kept
+predictions, the per-round pseudo-label figures, and per seed and over seeds the paper-style
+tables and plots (``results.md``, ``summary.json``, ``figures/``). Only process 0 writes."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from cbst_jax import labels as labels_lib
+from cbst_jax import metrics, reporting
+from cbst_jax.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
+from cbst_jax.data.experiment_data import class_lists
+from cbst_jax.methods import Stage, parse as parse_methods
+
+
+# ---------------------------------------------------------------------------- rows
+def eval_row(exp, stage: Stage, cm, extra=None) -> dict:
+    iou = metrics.per_class_iou(cm)
+    row = {"kind": "eval", "seed": exp.config.seed, "method": stage.method, "round": stage.round,
+           "iou": iou.tolist(), "miou": metrics.mean_iou(cm, exp.data.table_classes),
+           "pixel_acc": metrics.pixel_accuracy(cm)}
+    if exp.data.subset_classes is not None:
+        row["miou_subset"] = metrics.mean_iou(cm, exp.data.subset_classes)
+    row.update(extra or {})
+    return row
+
+
+def pseudo_label_row(seed, manifest) -> dict:
+    """A round's pseudo-labels: portion, thresholds, each class's share of the selected pixels,
+    the selected fraction, and (where the target has hidden labels) per-class precision."""
+    sel = np.asarray(manifest["selected"], np.float64)
+    share = sel / max(sel.sum(), 1)
+    row = {"kind": "pseudo_labels", "seed": seed, "method": manifest["method"], "round": manifest["round"],
+           "portion": manifest["portion"], "thresholds": manifest["thresholds"], "share": share.tolist(),
+           "selected_fraction": float(sel.sum() / max(manifest["valid_pixels"], 1))}
+    if manifest["has_ground_truth"]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row["precision"] = np.where(sel > 0, np.asarray(manifest["correct"]) / np.maximum(sel, 1),
+                                        np.nan).tolist()
+    return row
+
+
+# ---------------------------------------------------------------------------- per stage
+def _predictions_path(exp, stage: Stage) -> str:
+    name = stage.method if stage.round is None else f"{stage.method}_r{stage.round}"
+    return os.path.join(exp.workdir, "predictions", f"{name}.npz")
+
+
+def save_predictions(exp, stage: Stage, preds) -> None:
+    if jax.process_index() != 0 or not preds:
+        return
+    path = _predictions_path(exp, stage)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: np.savez_compressed(f, *preds))
+
+
+def load_predictions(exp, stage: Stage):
+    path = _predictions_path(exp, stage)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        return [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))]
+
+
+def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> None:
+    """Per round: target-train images, their hidden ground truth (embedded pair only) and pseudo-labels."""
+    if jax.process_index() != 0:
+        return
+    target, hidden = exp.data.target_train, exp.data.hidden_label_key
+    idx = range(min(n, len(target)))
+    recs = [target[i] for i in idx]
+    cols = {"target image": [rec["image"] for rec in recs]}
+    if hidden:
+        cols["ground truth"] = [rec[hidden] for rec in recs]
+    cols[f"{stage.label} pseudo-labels"] = [store.read(i) for i in idx]
+    os.makedirs(os.path.join(exp.workdir, "figures"), exist_ok=True)
+    reporting.prediction_grid(cols, os.path.join(exp.workdir, "figures",
+                                                 f"pseudo_labels_{stage.method}_r{stage.round}.png"), exp.num_classes)
+
+
+# ---------------------------------------------------------------------------- per seed
+def write_seed_report(exp, rows, pl_rows) -> None:
+    """Table, curves and the prediction grid (image, GT, source-only, each method's last round)."""
+    cfg = exp.config
+    names = labels_lib.class_names(cfg.num_classes)
+    table_classes, subset = exp.data.table_classes, exp.data.subset_classes
+    sub_rows = [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
+    table = reporting.eval_table(sub_rows, [names[c] for c in table_classes], subset, subset_name="mIoU*")
+    figs = os.path.join(exp.workdir, "figures")
+    os.makedirs(figs, exist_ok=True)
+    reporting.plot_miou_curves(rows, os.path.join(figs, "miou_per_round.png"))
+    adapted = [m.name for m in exp.methods if m.self_trains]
+    reporting.plot_pseudo_label_stats(pl_rows, names, os.path.join(figs, "pseudo_label_stats.png"), methods=adapted)
+    k = 4
+    recs = [exp.data.target_eval[i] for i in range(min(k, len(exp.data.target_eval)))]
+    cols = {"image": [rec["image"] for rec in recs], "ground truth": [rec["label"] for rec in recs]}
+    src = load_predictions(exp, Stage("source_only"))
+    if src:
+        cols["source-only"] = src[:len(recs)]
+    if cfg.self_training.rounds > 0:
+        for name in adapted:
+            p = load_predictions(exp, Stage(name, cfg.self_training.rounds - 1))
+            if p:
+                cols[name] = p[:len(recs)]
+    reporting.prediction_grid(cols, os.path.join(figs, "predictions.png"), cfg.num_classes)
+    note = ""
+    if cfg.select_by_eval:
+        best = max((r for r in rows if r.get("round") is not None), key=lambda r: r["miou"], default=None)
+        if best:
+            note = (f"\nBest round picked ON THE EVALUATION SPLIT (config.select_by_eval=True): "
+                    f"{best['method']} r{best['round']} mIoU {100 * best['miou']:.1f}.\n")
+    text = f"# Results, seed {cfg.seed}\n\n{table}\n{note}"
+    atomic_write_bytes(os.path.join(exp.workdir, "results.md"), text.encode())
+    print(f"\n{table}{note}", flush=True)
+
+
+# ---------------------------------------------------------------------------- over seeds
+def write_aggregate(config, workdir, seeds, rows, pl_rows, wall_s) -> None:
+    """mean ± std over seeds: ``results.md``, ``summary.json`` and the figures of ``workdir``."""
+    names = labels_lib.class_names(config.num_classes)
+    table_classes, _ = class_lists(config)
+    sub = [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
+    table = reporting.seed_aggregate_table(sub, [names[c] for c in table_classes])
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+    reporting.plot_miou_curves(rows, os.path.join(workdir, "figures", "miou_per_round.png"))
+    adapted = [m.name for m in parse_methods(config.methods) if m.self_trains]
+    reporting.plot_pseudo_label_stats(pl_rows, names, os.path.join(workdir, "figures", "pseudo_label_stats.png"),
+                                      methods=adapted)
+    text = (f"# Results over seeds {list(seeds)}\n\n{table}\n\nwall time {wall_s / 60:.1f} min "
+            f"on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
+    atomic_write_bytes(os.path.join(workdir, "results.md"), text.encode())
+    atomic_write_json(os.path.join(workdir, "summary.json"),
+                      reporting.jsonable({"seeds": list(seeds), "wall_s": wall_s, "rows": rows}))
+    if len(seeds) > 1:
+        print(f"\n{text}", flush=True)

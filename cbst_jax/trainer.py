@@ -1,0 +1,154 @@
+"""Retraining: the source phase and each self-training round run the jitted train step over a
+mixed source/target stream (``cbst_jax.data.pipeline``), checkpointing their progress through
+the run ledger, and stop with a one-line error on a non-finite loss.
+
+One optimiser per kind (``sgd`` | ``adam``) and one jitted step per (kind, model regulariser)
+are built once per run; every round starts from a fresh optimiser state of the same optimiser
+(both references reset SGD momentum every round), so rounds never recompile the step.
+"""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from cbst_jax import checkpointing
+from cbst_jax import sharding as shd
+from cbst_jax import train as train_lib
+from cbst_jax.data import pipeline
+from cbst_jax.errors import RunError
+from cbst_jax.methods import SOURCE, Stage
+
+
+class Trainer:
+    def __init__(self, exp, ledger, variables):
+        from cbst_jax import models
+
+        self.exp, self.ledger = exp, ledger
+        self.labels = models.param_groups(exp.model, variables["params"], train_bn=exp.config.model.train_bn)
+        self._tx, self._steps = {}, {}
+        self.last_loss = None
+
+    # ------------------------------------------------------------------ optimisers and states
+    def optimizer(self, kind: str):
+        if kind not in self._tx:
+            o = self.exp.config.optim
+            self._tx[kind] = train_lib.make_optimizer(self.labels, momentum=o.momentum, weight_decay=o.weight_decay,
+                                                      head_lr_mult=o.head_lr_mult, optimizer=kind)
+        return self._tx[kind]
+
+    def kind(self, stage: Stage) -> str:
+        cfg = self.exp.config
+        return cfg.source_training.optimizer if stage == SOURCE else cfg.self_training.optimizer
+
+    def fresh_state(self, variables, rng, kind: str):
+        """A train state with a new optimiser state. The variables are copied through the host,
+        so donating the new state never frees the buffers of the state it came from (the
+        source model is reused by every method)."""
+        variables = jax.tree.map(lambda x: np.array(jax.device_get(x)), variables)
+        return train_lib.create_train_state(variables, self.optimizer(kind), rng, self.exp.mesh)
+
+    def round_state(self, state, stage: Stage, run_rng):
+        """The state a round starts from: the previous model, a fresh optimiser, the round's RNG."""
+        rng = jax.random.fold_in(run_rng, zlib.crc32(stage.key.encode()) % (2 ** 31))
+        return self.fresh_state(variables_of(state), rng, self.kind(stage))
+
+    def like(self, variables, run_rng, kind: str):
+        """Shapes, dtypes and shardings of a state of this optimiser kind (to restore into)."""
+        return checkpointing.abstract_like(self.fresh_state(variables, jax.random.fold_in(run_rng, 1), kind))
+
+    def step_for(self, kind: str, regularizer: str | None):
+        key = (kind, regularizer)
+        if key not in self._steps:
+            cfg = self.exp.config
+            self._steps[key] = train_lib.make_train_step(self.exp.model, self.optimizer(kind), train_lib.TrainConfig(
+                loss_resolution=cfg.self_training.loss_resolution, stride=self.exp.model.output_stride,
+                regularizer=regularizer or "none", reg_weight=cfg.self_training.reg_weight if regularizer else 0.0,
+                train_bn=cfg.model.train_bn), self.exp.mesh, self.labels)
+        return self._steps[key]
+
+    # ------------------------------------------------------------------ a phase
+    def train(self, state, stage: Stage, regularizer: str | None, *, steps: int, lr: float, schedule: str,
+              iterator: pipeline.MixedIterator, start_step: int = 0, recent_losses=()):
+        """Trains steps ``start_step .. steps-1``; returns the state (``last_loss``: the mean
+        loss of the last ``log_every`` steps)."""
+        cfg = self.exp.config
+        step_fn = self.step_for(self.kind(stage), regularizer)
+        log = self.ledger.log
+        pending, losses_seen = None, list(recent_losses)
+        bar = tqdm(range(start_step, steps), desc=f"{stage.key} train", disable=jax.process_index() != 0,
+                   leave=False, initial=start_step, total=steps)
+        for k in bar:
+            host = next(iterator)
+            fields = {"image": host["image"], "label": host["label"], "is_target": host["domain"] == pipeline.TARGET}
+            if "soft_label" in host:
+                fields["soft_label"] = host["soft_label"]
+            batch = shd.to_global(fields, self.exp.mesh)
+            lr_k = train_lib.learning_rate(lr, schedule, k, steps)
+            state, m = step_fn(state, batch, lr_k)
+            if pending is not None:
+                self._check(stage, *pending, losses_seen)
+            pending = (k, m)
+            if (k + 1) % cfg.log_every == 0 or k + 1 == steps:
+                self._check(stage, *pending, losses_seen)
+                pending = None
+                mean = float(np.mean(losses_seen[-cfg.log_every:]))
+                bar.set_postfix(loss=f"{mean:.4f}")
+                log.scalars(f"train/{stage.key}", k + 1, {"loss": mean, "lr": float(lr_k)})
+            if (k + 1) % cfg.checkpoint_every == 0 and k + 1 < steps:
+                if pending is not None:
+                    self._check(stage, *pending, losses_seen)
+                    pending = None
+                self.ledger.save_progress(stage, state, k + 1, iterator.get_state(), losses_seen[-cfg.log_every:])
+        if pending is not None:
+            self._check(stage, *pending, losses_seen)
+        self.last_loss = float(np.mean(losses_seen[-cfg.log_every:])) if losses_seen else None
+        return state
+
+    def _check(self, stage: Stage, k, m, losses_seen):
+        if not bool(m["finite"]):
+            raise RunError(f"non-finite loss in stage {stage.key} at step {k}: stopped; the last good "
+                           f"checkpoint ({self.ledger.last_checkpoint()}) is intact")
+        losses_seen.append(float(m["loss"]))
+
+
+def variables_of(state) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def mixed_iterator(exp, round_idx: int | None, target_labels=None, mine_classes=(), target_soft_labels=None):
+    """The training stream of the source phase (``round_idx`` None: the whole source set) or
+    of a round (its source subset and the pseudo-labelled target)."""
+    cfg = exp.config
+    data = exp.data
+    s0, ds, smax = cfg.input.source_portion
+    if round_idx is None:
+        sampler = pipeline.MixedSampler(tuple(range(len(data.source))), 0, cfg.input.batch_size, "pooled",
+                                        seed=int(np.random.SeedSequence([cfg.seed, 999]).generate_state(1)[0]))
+    else:
+        per_batch = int(round(cfg.input.source_share * cfg.input.batch_size)) if cfg.input.sampler == "paired" else None
+        sampler = pipeline.round_sampler(
+            len(data.source), len(data.target_train), round_idx, batch_size=cfg.input.batch_size,
+            mode=cfg.input.sampler, source_per_batch=per_batch, s0=s0, ds=ds, s_max=smax,
+            subset_schedule="cumulative" if cfg.input.source_subset == "nested" else "fresh", seed=cfg.seed)
+    return pipeline.MixedIterator(data.source, data.target_train, sampler, crop_size=tuple(cfg.input.crop),
+                                  target_labels=target_labels, scale_range=tuple(cfg.input.scale_range),
+                                  flip=cfg.input.flip, mine_classes=mine_classes, p_mine=cfg.input.mine_prob,
+                                  workers=cfg.input.workers, target_soft_labels=target_soft_labels,
+                                  soft_stride=cfg.self_training.soft_label_stride, num_classes=cfg.num_classes)
+
+
+def round_steps(exp, iterator) -> int:
+    """Training steps of a round: ``steps_per_round``, or ``epochs_per_round`` epochs."""
+    st = exp.config.self_training
+    if st.steps_per_round > 0:
+        return int(st.steps_per_round)
+    return max(1, int(round(st.epochs_per_round * iterator.sampler.batches_per_epoch())))
+
+
+def round_lr(config, round_idx: int) -> float:
+    """The round's base learning rate ``lr · decay^r`` (CBST: decay 1/√2; CRST: 1)."""
+    return config.self_training.lr * config.self_training.lr_round_decay ** round_idx
+

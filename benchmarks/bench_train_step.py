@@ -108,7 +108,7 @@ def summary(model, batch, dtype, hw, times, compile_s, **extra):
 
 def bench_project(model, batch, dtype, hw, steps, warmup, num_classes=19):
     """The same workload through the project's own step (``cbst_jax.train.make_train_step``):
-    TrainState, parameter groups, align_corners upsampling loss, ``lr_scale`` argument, gradient
+    TrainState, parameter groups, align_corners upsampling loss, the ``lr`` argument, gradient
     norm and the non-finite guard, batch sharded over a ('data',) mesh of all local devices."""
     from cbst_jax import sharding as shd, train
 
@@ -121,13 +121,15 @@ def bench_project(model, batch, dtype, hw, steps, warmup, num_classes=19):
             "is_target": np.arange(batch) % 2 == 1}
     data = shd.to_global(host, mesh)
     variables = jax.jit(module.init)(jax.random.key(0, impl="rbg"), host["image"][:1])
-    tx = train.make_optimizer(models.param_groups(module, variables["params"]), lr=2.5e-4)
-    state = train.create_train_state(module, variables, tx, 0, mesh)
-    step = train.make_train_step(module, train.TrainConfig(loss_resolution="upsample", stride=8), mesh)
+    groups = models.param_groups(module, variables["params"])
+    tx = train.make_optimizer(groups)
+    state = train.create_train_state(variables, tx, 0, mesh)
+    step = train.make_train_step(module, tx, train.TrainConfig(loss_resolution="upsample", stride=8), mesh, groups)
+    lr = np.float32(2.5e-4)
     t0 = time.perf_counter()
-    compiled = step.jitted.lower(state, data, np.float32(1.0)).compile()
+    compiled = step.jitted.lower(state, data, lr).compile()
     compile_s = time.perf_counter() - t0
-    (state, m), times = time_steps(lambda c: compiled(c[0], data, np.float32(1.0)), (state, None), steps, warmup)
+    (state, m), times = time_steps(lambda c: compiled(c[0], data, lr), (state, None), steps, warmup)
     return dict(step="project", **summary(model, batch, dtype, hw, times, compile_s, loss=float(m["loss"]),
                                           finite=bool(m["finite"]), steps=steps, devices=mesh.devices.size))
 

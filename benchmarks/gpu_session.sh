@@ -16,7 +16,7 @@ timeout 140 python3 -m benchmarks.bench_train_step --step project --configs 2:fl
     --steps 8 --warmup 1 2>&1 | grep '^{' | tee -a "$LOG"; cp "$OUT/bench_jax.json" "$OUT/bench_jax_project.json" 2>/dev/null
 echo "== pseudo-labelling" | tee -a "$LOG"; timeout 140 python3 -m benchmarks.bench_pseudo_label --images 8 --batch 2 2>&1 | grep '^{' | tee -a "$LOG"
 echo "== parity + synthetic round" | tee -a "$LOG"
-( timeout 110 python3 -m experiments.synthetic --config.preset=gpu --config.methods=source_only,cbst \
+( timeout 110 python3 -m experiments.synthetic --config=gpu --config.methods=source_only,cbst \
     --config.synthetic.num_source=1000 --config.synthetic.num_target_train=200 --config.synthetic.num_target_val=200 \
     --config.source_training.steps=300 --config.self_training.rounds=1 --config.self_training.steps_per_round=100 \
     --config.input.workers=12 --workdir=/tmp/syn > /tmp/syn.log 2>&1;

@@ -37,20 +37,22 @@ def load_config(spec: str):
     try:
         return module.get_config(variant) if variant else module.get_config()
     except KeyError as e:
-        raise config_lib.ConfigError(f"--config={spec!r}: unknown variant {e}") from None
+        raise config_lib.ConfigError(f"--config={spec!r}: unknown variant {e.args[0]}") from None
 
 
 def _config_spec(argv, default: str | None):
-    """The ``--config`` value of ``argv`` (a bare variant name completed with ``default``'s file)."""
+    """The ``--config`` value of ``argv`` (a bare variant name completed with ``default``'s file);
+    ``argv`` is rewritten with that ``--config`` first, as ml_collections wants it before any
+    ``--config.<key>`` override."""
     spec = default
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            spec = arg.split("=", 1)[1]
-            if default and not spec.endswith(".py") and ".py:" not in spec:
-                spec = f"{default.partition(':')[0]}:{spec}"
-                argv[i] = f"--config={spec}"
+    for arg in [a for a in argv[1:] if a.startswith("--config=")]:
+        spec = arg.split("=", 1)[1]
+        if default and not spec.endswith(".py") and ".py:" not in spec:
+            spec = f"{default.partition(':')[0]}:{spec}"
+        argv.remove(arg)
     if spec is None:
         raise config_lib.ConfigError("--config is required: a config file, e.g. experiments/configs/synthetic.py")
+    argv.insert(1, f"--config={spec}")
     return spec
 
 
@@ -67,6 +69,7 @@ def launch(default_config: str | None = None) -> None:
             raise config_lib.ConfigError(bad)
     except config_lib.ConfigError as e:  # before absl, which would raise a traceback
         _fail(e)
+    sys.argv = argv  # ml_collections reads the config file's name from sys.argv when defining the flag
     config_flags.DEFINE_config_file("config", spec, "the experiment's config file[:variant]", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output folder (checkpoints, pseudo-labels, metrics, plots).")
     flags.DEFINE_string("seeds", None, "Comma-separated seeds; results are aggregated as mean ± std.")
@@ -85,7 +88,6 @@ def launch(default_config: str | None = None) -> None:
         workdir = flags.FLAGS.workdir or os.path.join("runs", name)
         return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh)
 
-    sys.argv = argv
     app.run(main, flags_parser=parse)
 
 

@@ -9,6 +9,7 @@ redoes the round's labelling from the same model, which gives the same bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,6 +20,27 @@ from PIL import Image
 from cbst_jax.atomic_files import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a round's labelling found, written last into its store: the portion and policy,
+    the thresholds λ, per class the pixels predicted (``class_counts``) / selected / selected
+    and correct (``correct``, where the target has hidden labels), the valid pixel count, the
+    classes chosen for rare-class mining, and (LR* rounds) the soft labels' cell stride."""
+    method: str
+    round: int
+    portion: float
+    policy: str
+    thresholds: list
+    class_counts: list
+    selected: list
+    correct: list
+    valid_pixels: int
+    mine_classes: list
+    num_records: int
+    has_ground_truth: bool
+    soft_label_stride: int | None
 
 
 class PseudoLabelStore:
@@ -74,12 +96,12 @@ class PseudoLabelStore:
             raise FileNotFoundError(f"{path}: soft pseudo-label of target record {index} is missing "
                                     f"(labelling of {self.directory} did not finish)") from None
 
-    def finish(self, manifest: dict) -> None:
-        atomic_write_json(os.path.join(self.directory, MANIFEST), manifest)
+    def finish(self, manifest: Manifest) -> None:
+        atomic_write_json(os.path.join(self.directory, MANIFEST), dataclasses.asdict(manifest))
 
     def complete(self) -> bool:
         return os.path.exists(os.path.join(self.directory, MANIFEST))
 
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         with open(os.path.join(self.directory, MANIFEST)) as f:
-            return json.load(f)
+            return Manifest(**json.load(f))

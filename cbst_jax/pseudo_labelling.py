@@ -16,10 +16,10 @@ import numpy as np
 from cbst_jax import sharding as shd
 from cbst_jax.methods import Method, Stage
 from cbst_jax.predict import local_rows
-from cbst_jax.pseudo_label_store import PseudoLabelStore
+from cbst_jax.pseudo_label_store import Manifest, PseudoLabelStore
 
 
-def label_target(exp, variables, method: Method, stage: Stage, portion: float, store: PseudoLabelStore) -> dict:
+def label_target(exp, variables, method: Method, stage: Stage, portion: float, store: PseudoLabelStore) -> Manifest:
     """Thresholds at ``portion``, then the pseudo-labels of the whole target train split;
     returns the manifest (also written, last, into ``store``)."""
     cfg = exp.config
@@ -55,11 +55,11 @@ def label_target(exp, variables, method: Method, stage: Stage, portion: float, s
         correct += np.asarray(k, np.int64)
         valid_n += int(v)
     shd.barrier("pl-written")
-    manifest = {"method": method.name, "round": stage.round, "portion": portion, "policy": method.policy,
-                "thresholds": lam.tolist(), "class_counts": np.asarray(class_counts).tolist(),
-                "selected": picked.tolist(), "correct": correct.tolist(), "valid_pixels": valid_n,
-                "mine_classes": mining_classes(class_counts, c), "num_records": len(target),
-                "has_ground_truth": hidden is not None, "soft_label_stride": stride if kind else None}
+    manifest = Manifest(method=method.name, round=stage.round, portion=portion, policy=method.policy,
+                        thresholds=lam.tolist(), class_counts=np.asarray(class_counts).tolist(),
+                        selected=picked.tolist(), correct=correct.tolist(), valid_pixels=valid_n,
+                        mine_classes=mining_classes(class_counts, c), num_records=len(target),
+                        has_ground_truth=hidden is not None, soft_label_stride=stride if kind else None)
     if show:
         store.finish(manifest)
     shd.barrier("pl-done")

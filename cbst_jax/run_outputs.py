@@ -30,14 +30,14 @@ def eval_row(exp, stage: Stage, cm, extra=None) -> dict:
 def pseudo_label_row(seed, manifest) -> dict:
     """A round's pseudo-labels: portion, thresholds, each class's share of the selected pixels,
     the selected fraction, and (where the target has hidden labels) per-class precision."""
-    sel = np.asarray(manifest["selected"], np.float64)
+    sel = np.asarray(manifest.selected, np.float64)
     share = sel / max(sel.sum(), 1)
-    row = {"kind": "pseudo_labels", "seed": seed, "method": manifest["method"], "round": manifest["round"],
-           "portion": manifest["portion"], "thresholds": manifest["thresholds"], "share": share.tolist(),
-           "selected_fraction": float(sel.sum() / max(manifest["valid_pixels"], 1))}
-    if manifest["has_ground_truth"]:
+    row = {"kind": "pseudo_labels", "seed": seed, "method": manifest.method, "round": manifest.round,
+           "portion": manifest.portion, "thresholds": manifest.thresholds, "share": share.tolist(),
+           "selected_fraction": float(sel.sum() / max(manifest.valid_pixels, 1))}
+    if manifest.has_ground_truth:
         with np.errstate(invalid="ignore", divide="ignore"):
-            row["precision"] = np.where(sel > 0, np.asarray(manifest["correct"]) / np.maximum(sel, 1),
+            row["precision"] = np.where(sel > 0, np.asarray(manifest.correct) / np.maximum(sel, 1),
                                         np.nan).tolist()
     return row
 

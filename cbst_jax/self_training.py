@@ -137,8 +137,8 @@ class _Loop:
         returns the trained state and the round's step count."""
         cfg = self.exp.config
         manifest = store.manifest()
-        mine = manifest["mine_classes"] if cfg.self_training.mine_rare else ()
-        soft = store.read_soft if manifest.get("soft_label_stride") else None
+        mine = manifest.mine_classes if cfg.self_training.mine_rare else ()
+        soft = store.read_soft if manifest.soft_label_stride else None
         it = mixed_iterator(self.exp, stage.round, target_labels=store.read, mine_classes=mine, target_soft_labels=soft)
         if progress is not None:
             it.set_state(progress.iterator)

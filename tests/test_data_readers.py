@@ -148,6 +148,46 @@ def test_cityscapes_splits_names_and_pins(tmp_path):
     _check_record(target[0], written["train"][0], labelled=False)
 
 
+def test_cityscapes_13_classes_match_nthu_13(tmp_path):
+    make_cityscapes(tmp_path / "cs", n_train=1, n_val=1)
+    make_nthu(tmp_path / "nthu", cities=("Tokyo",), n_train=1, n_test=1)
+    ids = np.arange(40, dtype=np.uint8).reshape(1, 40).repeat(32, 0)[:, :40]
+    ids = np.pad(ids, ((0, 0), (0, 24)), constant_values=7)  # 32 x 64, every labelId 0..39 once per row
+    cs_label = tmp_path / "cs/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"
+    nthu_label = tmp_path / "nthu/Tokyo/Labels/Test/pic_000_eval.png"
+    _write(cs_label, ids, "L")
+    _write(nthu_label, ids, "L")
+    cs13 = open_dataset("cityscapes", tmp_path / "cs", "val", num_classes=13)
+    nthu13 = open_dataset("nthu", tmp_path / "nthu", "test", city="tokyo", num_classes=13)
+    assert cs13.num_classes == nthu13.num_classes == 13
+    with pytest.warns(DatasetWarning):  # ids 34..39 are outside the labelId table
+        a, b = cs13[0]["label"], nthu13[0]["label"]
+    assert np.array_equal(a, b)
+    want = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
+    assert a[0, :40].tolist() == [want.get(i, 255) for i in range(40)]
+    train13 = open_dataset("cityscapes", tmp_path / "cs", "train", num_classes=13)
+    assert set(np.unique(train13[0]["label"])) <= set(range(13)) | {255}
+    with pytest.raises(DatasetError, match="num_classes=12, expected one of 19, 16, 13"):
+        open_dataset("cityscapes", tmp_path / "cs", "val", num_classes=12)
+
+
+def test_opening_nthu_cities_decodes_nothing(tmp_path):
+    from cbst_jax.data import nthu
+
+    assert nthu.CITIES == ("Rome", "Rio", "Tokyo", "Taipei")
+    written = make_nthu(tmp_path, cities=nthu.CITIES, n_train=2, n_test=1)
+    for city in nthu.CITIES:  # corrupt every image: opening must still work, reading must not
+        for path in (tmp_path / city / "Images").rglob("*.jpg"):
+            path.write_bytes(b"broken")
+    for city in nthu.CITIES:
+        train = open_dataset("nthu", tmp_path, "train", city=city, num_classes=13)
+        test = open_dataset("nthu", tmp_path, "test", city=city, num_classes=13)
+        assert (train.names, test.names) == (written[city]["train"], written[city]["test"])
+        assert train.city == test.city == city
+        with pytest.raises(DatasetError, match=f"{city}/Images/Test/pic_000.jpg: not a readable image"):
+            test[0]
+
+
 def test_cityscapes_list_file_forms(tmp_path):
     make_cityscapes(tmp_path, n_train=4, n_val=0)
     lst = write_list_file(tmp_path / "train.lst", [

@@ -1,6 +1,8 @@
 """Folder readers on tiny fixtures in each official layout: records, label tables, names, counters, errors."""
+import hashlib
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -10,7 +12,8 @@ import pytest
 from PIL import Image
 
 from cbst_jax import labels as L
-from cbst_jax.data import DatasetError, DatasetWarning, check_disjoint, open_dataset
+from cbst_jax.data import DatasetError, DatasetWarning, check_disjoint, open_dataset, split_overlap, without_eval_overlap
+from cbst_jax.data.overlap import image_hash
 from cbst_jax.data.io import read_png_any_depth, resize_nearest
 from fixtures_layouts import (make_bdd100k, make_cityscapes, make_gta5, make_nthu, make_synthia, write_list_file,
                               write_png16)
@@ -208,8 +211,95 @@ def test_target_split_overlapping_eval_is_refused(tmp_path):
     make_cityscapes(tmp_path, n_train=2, n_val=2)
     val = open_dataset("cityscapes", tmp_path, "val")
     check_disjoint(open_dataset("cityscapes", tmp_path, "train", labelled=False), val)
-    with pytest.raises(DatasetError, match="share 2 images .*frankfurt_000000_000019"):
+    with pytest.raises(DatasetError, match="2 training images are evaluation images "
+                                           r"\(frankfurt_000000_000019 = frankfurt_000000_000019, "):
         check_disjoint(open_dataset("cityscapes", tmp_path, "val", labelled=False), val)
+
+
+# ---------------------------------------------------------------- evaluation overlap by content
+
+def test_image_hash_compares_shape_and_pixels():
+    a = np.arange(36, dtype=np.uint8).reshape(2, 6, 3)
+    assert image_hash(a) == image_hash(a.copy()) == image_hash(np.asfortranarray(a))
+    assert image_hash(a) != image_hash(a.reshape(4, 3, 3))  # same bytes, another shape
+    b = a.copy()
+    b[1, 5, 2] += 1
+    assert image_hash(a) != image_hash(b)
+    assert image_hash(a) == hashlib.sha1(b"(2, 6, 3)|" + a.dtype.str.encode() + b"|" + a.tobytes()).hexdigest()
+
+
+def test_colliding_names_with_other_pixels_are_no_overlap(tmp_path):
+    written = make_nthu(tmp_path, cities=("Rome",), n_train=3, n_test=2)
+    assert set(written["Rome"]["test"]) <= set(written["Rome"]["train"])  # pic_000, pic_001 in both
+    train = open_dataset("nthu", tmp_path, "train", city="Rome")
+    test = open_dataset("nthu", tmp_path, "test", city="Rome")
+    assert split_overlap(train, test, progress=False) == []
+    check_disjoint(train, test, progress=False)
+    adapt, report = without_eval_overlap(train, test, progress=False)
+    assert adapt is train
+    assert report == {"train_images": 3, "eval_images": 2, "shared_names": 2, "overlap_pairs": 0,
+                      "train_images_in_eval": 0, "eval_images_in_train": 0, "allow_eval_overlap": False,
+                      "excluded_train_images": 0, "adaptation_images": 3, "overlapping": [], "city": "Rome"}
+
+
+def test_renamed_and_reencoded_copies_of_eval_images_are_found_and_left_out(tmp_path):
+    make_nthu(tmp_path, cities=("Taipei",), n_train=3, n_test=3)
+    images = tmp_path / "Taipei/Images"
+    shutil.copy(images / "Test/pic_001.jpg", images / "Train/zz_renamed.jpg")  # same bytes, new name
+    decoded = np.asarray(Image.open(images / "Test/pic_002.jpg").convert("RGB"))
+    Image.fromarray(decoded).save(images / "Train/aa_as_png.png")  # other bytes, same decoded pixels
+    train = open_dataset("nthu", tmp_path, "train", city="Taipei")
+    test = open_dataset("nthu", tmp_path, "test", city="Taipei")
+    assert train.names == ["aa_as_png", "pic_000", "pic_001", "pic_002", "zz_renamed"]
+    assert split_overlap(train, test, progress=False) == [(0, 2), (4, 1)]
+    with pytest.raises(DatasetError, match=r"2 training images are evaluation images \(aa_as_png = pic_002, "
+                                           r"zz_renamed = pic_001\)"):
+        check_disjoint(train, test, progress=False)
+
+    adapt, report = without_eval_overlap(train, test, progress=False)
+    assert adapt.names == ["pic_000", "pic_001", "pic_002"] and len(adapt) == 3
+    assert np.array_equal(adapt[1]["image"], train[2]["image"]) and adapt[-1]["name"] == "pic_002"
+    assert (adapt.num_classes, adapt.has_labels, adapt.city, adapt.dataset) == (19, False, "Taipei", "nthu")
+    assert report["overlap_pairs"] == 2 and report["excluded_train_images"] == 2
+    assert report["adaptation_images"] == 3 and report["shared_names"] == 3
+    assert report["overlapping"] == [["aa_as_png", "pic_002"], ["zz_renamed", "pic_001"]]
+    assert split_overlap(adapt, test, progress=False) == []
+    clone = pickle.loads(pickle.dumps(adapt))  # worker processes receive pickled sources
+    assert clone.names == adapt.names and np.array_equal(clone[0]["image"], adapt[0]["image"])
+
+    published, report = without_eval_overlap(train, test, allow_overlap=True, progress=False)
+    assert published is train
+    assert report["allow_eval_overlap"] and report["eval_images_in_train"] == 2
+    assert report["excluded_train_images"] == 0 and report["adaptation_images"] == 5
+
+
+def test_hashes_are_computed_once_per_source():
+    from cbst_jax.data import overlap
+
+    class Counting:
+        names = ["a", "b", "c"]
+
+        def __init__(self, images):
+            self.images, self.reads = images, 0
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return {"image": self.images[i], "name": self.names[i]}
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (4, 5, 3), dtype=np.uint8) for _ in range(3)]
+    train, evals = Counting(imgs), Counting([imgs[2], imgs[0]])
+    assert split_overlap(train, evals, progress=False) == [(0, 1), (2, 0)]
+    assert split_overlap(train, evals, progress=False) == [(0, 1), (2, 0)]
+    assert overlap.exclude(train, [0, 2]).names == ["b"]
+    assert overlap.content_hashes(overlap.exclude(train, [1]), progress=False) == [image_hash(imgs[0]),
+                                                                                   image_hash(imgs[2])]
+    assert (train.reads, evals.reads) == (3, 2)
+    with pytest.raises(IndexError):
+        overlap.SubsetSource(train, [3])
 
 
 # ---------------------------------------------------------------- SYNTHIA

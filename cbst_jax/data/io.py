@@ -298,18 +298,6 @@ class FolderSource:
         return record
 
 
-def check_disjoint(train_source, eval_source) -> None:
-    """Refuse a training (e.g. pseudo-labelled target) source that shares images with the evaluation source.
-
-    Images are compared by ``names`` (file stems). Raises DatasetError naming the overlap.
-    """
-    overlap = sorted(set(train_source.names) & set(eval_source.names))
-    if overlap:
-        shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
-        raise DatasetError(f"training and evaluation sources share {len(overlap)} images ({shown}); "
-                           f"a target split must not overlap the evaluation split")
-
-
 def require_dir(path: str, dataset: str, layout: str) -> str:
     """``path`` if it is a directory, else DatasetError naming the expected layout."""
     if not os.path.isdir(path):

@@ -1,6 +1,8 @@
 """Folder readers on tiny fixtures in each official layout: records, label tables, names, counters, errors."""
+import collections
 import hashlib
 import os
+import re
 import pickle
 import shutil
 import subprocess
@@ -205,6 +207,30 @@ def test_cityscapes_list_file_forms(tmp_path):
     bad = write_list_file(tmp_path / "bad.lst", ["frankfurt/frankfurt_000000_000294"])
     with pytest.raises(DatasetError, match="bad.lst line 1: frankfurt_000000_000294 is not in leftImg8bit/train"):
         open_dataset("cityscapes", tmp_path, "train", list_file=bad)
+
+
+def test_builtin_cityscapes_list_names_the_505_image_subset(tmp_path):
+    from cbst_jax.data import lists
+
+    assert "cityscapes_train_ClsConfSet" in lists.names()
+    lines = open(lists.find("builtin:cityscapes_train_ClsConfSet")).read().splitlines()
+    stems = [re.fullmatch(r"leftImg8bit/train/([a-z]+)/(\1_\d{6}_\d{6})_leftImg8bit\.png\t"
+                          r"gtFine/train/\1/\2_gtFine_labelIds\.png", line).group(2) for line in lines]
+    assert len(stems) == len(set(stems)) == 505 and stems == sorted(stems)
+    cities = collections.Counter(s.rsplit("_", 2)[0] for s in stems)
+    assert (len(cities), cities["hamburg"], cities["dusseldorf"]) == (18, 95, 8)  # reference-cbst.md §3
+    # a Cityscapes train split holding these images plus others: the list selects exactly them
+    make_cityscapes(tmp_path, n_val=0, size=(4, 8), stems={"train": stems + ["aachen_000999_000019"]})
+    src = open_dataset("cityscapes", tmp_path, "train", list_file="builtin:cityscapes_train_ClsConfSet",
+                       labelled=False)
+    assert src.names == stems and len(src) == 505
+    with pytest.raises(DatasetError, match="list_file builtin:nope: no such built-in list; available: "
+                                           "builtin:cityscapes_train_ClsConfSet"):
+        open_dataset("cityscapes", tmp_path, "train", list_file="builtin:nope")
+    os.remove(tmp_path / "leftImg8bit/train/ulm/ulm_000084_000019_leftImg8bit.png")
+    with pytest.raises(DatasetError, match="builtin:cityscapes_train_ClsConfSet line 450: ulm_000084_000019 is "
+                                           "not in leftImg8bit/train"):
+        open_dataset("cityscapes", tmp_path, "train", list_file="builtin:cityscapes_train_ClsConfSet")
 
 
 def test_target_split_overlapping_eval_is_refused(tmp_path):

@@ -170,19 +170,34 @@ def remap(raw: np.ndarray, lut: np.ndarray, known: np.ndarray) -> tuple[np.ndarr
 # ---------------------------------------------------------------- list files
 
 def read_list_file(path) -> list[tuple[int, str]]:
-    """(line number, first whitespace-separated token) of every non-blank, non-# line."""
+    """(line number, first whitespace-separated token) of every non-blank, non-# line.
+
+    ``path`` is a file, or ``"builtin:<name>"`` for a list shipped in ``cbst_jax/data/lists``.
+    """
+    if isinstance(path, str) and path.startswith("builtin:"):
+        from cbst_jax.data import lists
+
+        found = lists.find(path)
+        if found is None:
+            raise DatasetError(f"list_file {path}: no such built-in list; available: "
+                               f"{', '.join(lists.PREFIX + n for n in lists.names())}")
+        return _parse_list(found, path)
+    return _parse_list(path, path)
+
+
+def _parse_list(path, shown) -> list[tuple[int, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as exc:
-        raise DatasetError(f"list_file {path}: cannot read ({exc.strerror})") from None
+        raise DatasetError(f"list_file {shown}: cannot read ({exc.strerror})") from None
     entries = []
     for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if line and not line.startswith("#"):
             entries.append((lineno, line.split()[0]))
     if not entries:
-        raise DatasetError(f"list_file {path}: no entries")
+        raise DatasetError(f"list_file {shown}: no entries")
     return entries
 
 

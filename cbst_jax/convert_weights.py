@@ -14,8 +14,9 @@ class names and palette (`cbst_jax.models.read_metadata`).
 
 Heads absent from the checkpoint or trained for another class count are initialised fresh
 (seed `--seed`); any other missing, unexpected or mis-shaped key is an error. The torch kinds
-need PyTorch (`pip install 'cbst_jax[convert]'`), imported here only; checkpoints load with
-`torch.load(..., weights_only=True)`, so a pickle holding anything but tensors is refused.
+need PyTorch (`pip install torch`, or cbst_jax's `[convert]` extra), imported here only;
+checkpoints load with `torch.load(..., weights_only=True)`, so a pickle holding anything but
+tensors is refused.
 Bad input is a one-line error and exit status 2.
 """
 import argparse
@@ -52,8 +53,8 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
     try:
         import torch  # the converter is the only place that imports torch
     except ImportError:
-        raise ConvertError(f"{path}: reading a PyTorch checkpoint needs torch, which is not installed; "
-                           f"pip install 'cbst_jax[convert]' (or torch)") from None
+        raise ConvertError(f"{path}: reading a PyTorch checkpoint needs torch, which is not installed: "
+                           f"pip install torch, or install cbst_jax with its [convert] extra") from None
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04" and head[:1] != b"\x80":

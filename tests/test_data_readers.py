@@ -233,6 +233,23 @@ def test_builtin_cityscapes_list_names_the_505_image_subset(tmp_path):
         open_dataset("cityscapes", tmp_path, "train", list_file="builtin:cityscapes_train_ClsConfSet")
 
 
+def test_builtin_gta5_list_is_crst_filtered_19984(tmp_path):
+    from cbst_jax.data import lists
+    from cbst_jax.data.io import Item, select_by_list
+
+    lines = open(lists.find("gta5_crst_19984")).read().splitlines()
+    ids = [re.fullmatch(r"images/(\d{5})\.png\tlabels/\1\.png", line).group(1) for line in lines]
+    assert len(ids) == len(set(ids)) == 19984 and ids == sorted(ids)
+    assert (ids[0], ids[-1], 24966 - len(ids)) == ("00001", "24966", 4982)
+    # the reader's list resolution on the 24,966 GTA5 names (no files needed to select)
+    items = [Item(f"{i:05d}", f"images/{i:05d}.png") for i in range(1, 24967)]
+    chosen = select_by_list(items, "builtin:gta5_crst_19984", "gta5")
+    assert [item.name for item in chosen] == ids
+    make_gta5(tmp_path, n=3)
+    with pytest.raises(DatasetError, match=r"builtin:gta5_crst_19984 line 4: 'images/00004.png' is not an image"):
+        open_dataset("gta5", tmp_path, "train", list_file="builtin:gta5_crst_19984")
+
+
 def test_target_split_overlapping_eval_is_refused(tmp_path):
     make_cityscapes(tmp_path, n_train=2, n_val=2)
     val = open_dataset("cityscapes", tmp_path, "val")

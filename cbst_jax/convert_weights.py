@@ -1,4 +1,4 @@
-"""Converts PyTorch / MXNet checkpoints into `.npz` variables for `cbst_jax.models`.
+"""Converts PyTorch / MXNet checkpoints into weights files for `cbst_jax.models`.
 
   python -m cbst_jax.convert_weights KIND IN OUT [--num-classes 19] [--model NAME] [--seed 0]
 
@@ -8,12 +8,23 @@ KINDs (default target model in brackets):
   torchvision-vgg16      torchvision ImageNet VGG16 state dict       [fcn8s_vgg16]
   mxnet-resnet38         CBST MXNet ResNet-38 `.params` (ImageNet or source model) [resnet38]
 
+OUT records the architecture, the class count (none when the head is freshly initialised: a
+backbone-only init), the input normalisation the weights expect and, for 19/16/13 classes, the
+class names and palette (`cbst_jax.models.read_metadata`).
+
 Heads absent from the checkpoint or trained for another class count are initialised fresh
-(seed `--seed`); any other missing, unexpected or mis-shaped key is an error. torch is
-imported here only, and loads with `weights_only=True`.
+(seed `--seed`); any other missing, unexpected or mis-shaped key is an error. The torch kinds
+need PyTorch (`pip install torch`, or cbst_jax's `[convert]` extra), imported here only;
+checkpoints load with `torch.load(..., weights_only=True)`, so a pickle holding anything but
+tensors is refused.
+Bad input is a one-line error and exit status 2.
 """
 import argparse
+import os
+import pickle
+import struct
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +44,61 @@ KINDS = {
 }
 
 
+class ConvertError(ValueError):
+    """An input the converter cannot use; the message is one line naming the file."""
+
+
 def load_torch_state_dict(path) -> dict[str, np.ndarray]:
     """A torch checkpoint as {name: float32 array}, unwrapping {'state_dict': ...}."""
-    import torch  # the converter is the only place that imports torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        import torch  # the converter is the only place that imports torch
+    except ImportError:
+        raise ConvertError(f"{path}: reading a PyTorch checkpoint needs torch, which is not installed: "
+                           f"pip install torch, or install cbst_jax with its [convert] extra") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise ConvertError(f"{path}: not a PyTorch checkpoint (neither the zip format of torch.save nor a pickle)")
+    try:
+        with warnings.catch_warnings():  # e.g. torch's pickle-protocol notice: the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise ConvertError(f"{path}: refused: torch.load(weights_only=True) will not unpickle it (it holds "
+                               f"Python objects besides tensors); load it in a trusted session and re-save "
+                               f"torch.save(model.state_dict(), path)") from None
+        raise ConvertError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # zip errors, EOFError on truncated files, ...
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint, damaged or truncated? "
+                           f"({_first_line(exc)})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path}: holds a {type(state).__name__}, expected a state dict {{name: tensor}}")
+    arrays = {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
+    if not arrays:
+        raise ConvertError(f"{path}: the checkpoint holds no tensors")
+    return arrays
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def load_checkpoint(kind: str, path) -> dict[str, np.ndarray]:
+    """The arrays of checkpoint ``path`` for ``kind``; ConvertError if it cannot be read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: file not found")
+    if kind != "mxnet-resnet38":
+        return load_torch_state_dict(path)
+    try:
+        return load_mxnet_params(path)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{path}: not a readable MXNet .params file ({_first_line(exc)})") from None
 
 
 def to_flat(kind: str, source: dict[str, np.ndarray], module, num_classes: int):
@@ -60,7 +117,8 @@ def to_flat(kind: str, source: dict[str, np.ndarray], module, num_classes: int):
 
 def convert(kind: str, source: dict[str, np.ndarray], num_classes: int, model: str | None = None,
             seed: int = 0):
-    """(variables, metadata) for `model` from a loaded checkpoint `source`."""
+    """(variables, metadata) for `model` from a loaded checkpoint `source`; the metadata is
+    ready for `models.save_variables` (num_classes None when a head was initialised fresh)."""
     model = model or KINDS[kind][0]
     normalization = KINDS[kind][1]
     module = models.get_model(model, num_classes, normalization=normalization)
@@ -75,12 +133,13 @@ def convert(kind: str, source: dict[str, np.ndarray], num_classes: int, model: s
     restored = importers.restore(template, flat, module.head_names, fresh, unmapped)
     head_fresh = sorted({k[1] for k in restored if k[1] in module.head_names and
                          (k not in flat or flat[k].shape != restored[k].shape)})
-    meta = dict(kind=kind, model=model, num_classes=num_classes, normalization=normalization,
-                fresh_heads=",".join(head_fresh), dropped=len(dropped))
+    meta = models.make_metadata(model, None if head_fresh else num_classes, normalization, kind=kind,
+                                fresh_heads=head_fresh, head_classes=num_classes, dropped=len(dropped),
+                                seed=seed)
     return traverse_util.unflatten_dict(restored), meta
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("input")
@@ -89,17 +148,28 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="target model (default: the kind's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of freshly initialised heads")
     args = parser.parse_args(argv)
-    if args.kind == "mxnet-resnet38":
-        source = load_mxnet_params(args.input)
-    else:
-        source = load_torch_state_dict(args.input)
-    variables, meta = convert(args.kind, source, args.num_classes, args.model, args.seed)
-    models.save_variables(args.output, variables, meta)
+    try:
+        if args.model is not None and args.model not in models.MODELS:
+            raise ConvertError(f"--model {args.model!r}, expected one of {', '.join(sorted(models.MODELS))}")
+        if args.num_classes < 1:
+            raise ConvertError(f"--num-classes {args.num_classes}, expected a positive integer")
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise ConvertError(f"{args.output}: folder {out_dir} does not exist")
+        source = load_checkpoint(args.kind, args.input)
+        variables, meta = convert(args.kind, source, args.num_classes, args.model, args.seed)
+        meta["source"] = os.path.basename(args.input)
+        models.save_variables(args.output, variables, meta)
+    except (ConvertError, models.WeightMismatchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     n = sum(v.size for v in jax.tree_util.tree_leaves(variables["params"]))
-    print(f"{args.output}: {meta['model']} with {n:,} params, normalization={meta['normalization']!r}, "
-          f"fresh heads: {meta['fresh_heads'] or 'none'}, dropped {meta['dropped']} checkpoint entries",
-          file=sys.stderr)
+    classes = meta["num_classes"] if meta["num_classes"] is not None else "none (backbone-only init)"
+    print(f"{args.output}: {meta['architecture']} with {n:,} params, normalization={meta['normalization']!r}, "
+          f"classes: {classes}, fresh heads: {', '.join(meta['fresh_heads']) or 'none'}, "
+          f"dropped {meta['dropped']} checkpoint entries", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

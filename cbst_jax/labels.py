@@ -94,6 +94,12 @@ NTHU13_TRAINIDS = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 NTHU13_CLASSES = tuple(CITYSCAPES_CLASSES[t] for t in NTHU13_TRAINIDS)
 # 19-class trainId -> 13-class index (wall, fence, pole, terrain, truck, train -> 255).
 TRAINID_TO_NTHU13 = _lut([(t, i) for i, t in enumerate(NTHU13_TRAINIDS)])
+# Cityscapes labelId -> 13-class index: the Cityscapes side of Cityscapes -> NTHU (the same
+# table maps NTHU's labelId ``_eval.png`` maps, so both domains share one class order).
+CITYSCAPES_ID_TO_NTHU13 = _lut([
+    (7, 0), (8, 1), (11, 2), (19, 3), (20, 4), (21, 5), (23, 6), (24, 7), (25, 8), (26, 9), (28, 10),
+    (32, 11), (33, 12),
+])
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:

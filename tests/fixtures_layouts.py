@@ -170,20 +170,25 @@ def make_gta5(root, n: int = 4, size=(32, 64), seed: int = 0, mismatched: int = 
 
 
 def make_cityscapes(root, n_train: int = 4, n_val: int = 2, n_test: int = 0, size=(32, 64), seed: int = 1,
-                    cities=None) -> dict[str, list[str]]:
+                    cities=None, stems=None) -> dict[str, list[str]]:
     """``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` + ``gtFine/.../*_gtFine_labelIds.png`` ('L').
 
     Images are spread round-robin over ``cities`` (default CITYSCAPES_FIXTURE_CITIES). Test
-    labels are written all-zero, like the withheld ones in gtFine_trainvaltest.zip.
+    labels are written all-zero, like the withheld ones in gtFine_trainvaltest.zip. ``stems``
+    ({split: [stem, ...]}) writes exactly those images for the splits it names instead.
     """
     rng = np.random.default_rng(seed)
     cities = cities or CITYSCAPES_FIXTURE_CITIES
+    stems = stems or {}
     to_id, written = _trainid_to_labelid(), {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         written[split] = []
-        for i in range(n):
-            city = cities[split][i % len(cities[split])]
-            stem = f"{city}_{i:06d}_{(19 * i + 19) % 1000000:06d}"
+        for i in range(len(stems[split]) if split in stems else n):
+            if split in stems:
+                stem = stems[split][i]
+            else:
+                stem = f"{cities[split][i % len(cities[split])]}_{i:06d}_{(19 * i + 19) % 1000000:06d}"
+            city = stem.rsplit("_", 2)[0]
             train = scene_trainids(rng, size)
             _save(os.path.join(root, "leftImg8bit", split, city, stem + "_leftImg8bit.png"), scene_image(rng, train))
             label = to_id[train] if split != "test" else np.zeros(size, np.uint8)

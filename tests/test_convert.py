@@ -305,10 +305,10 @@ def test_deeplabv2_parity_and_head_handling(prefix, source_classes):
     module = models.get_model("deeplabv2_resnet_small", 5, normalization="caffe")
     x = images(1, 33, 40)
     if source_classes == 5:
-        assert meta["fresh_heads"] == ""
+        assert meta["fresh_heads"] == [] and meta["num_classes"] == 5
         assert_parity(module, variables, ref, x, "caffe")
     else:  # COCO-style head of another class count: skipped, freshly initialised
-        assert meta["fresh_heads"] == "layer5"
+        assert meta["fresh_heads"] == ["layer5"] and meta["num_classes"] is None  # backbone-only init
         assert variables["params"]["layer5"]["conv2d_list_0"]["kernel"].shape[-1] == 5
         np.testing.assert_array_equal(variables["params"]["layer4_0"]["conv2"]["kernel"],
                                       state[prefix + "layer4.0.conv2.weight"].transpose(2, 3, 1, 0))
@@ -319,7 +319,8 @@ def test_torchvision_resnet_keys_load_backbone_and_report_mismatches():
     state = {k: v for k, v in state_numpy(ref).items() if not k.startswith("layer5")}
     state["fc.weight"], state["fc.bias"] = np.zeros((1000, 256), np.float32), np.zeros(1000, np.float32)
     variables, meta = convert_weights.convert("torchvision-resnet101", state, 3, model="deeplabv2_resnet_small")
-    assert meta["fresh_heads"] == "layer5" and meta["normalization"] == "imagenet"
+    assert meta["fresh_heads"] == ["layer5"] and meta["normalization"] == "imagenet"
+    assert meta["architecture"] == "deeplabv2_resnet_small" and meta["num_classes"] is None
     assert int(meta["dropped"]) > 2  # fc + num_batches_tracked
     broken = dict(state)
     del broken["layer2.0.bn1.running_var"]
@@ -343,10 +344,10 @@ def test_resnet38_parity_with_mxnet_layout(source_classes):
         arrays["arg:linear1000_bias"] = np.zeros(1000, np.float32)
     variables, meta = convert_weights.convert("mxnet-resnet38", arrays, 4, model="resnet38_small")
     if source_classes == 4:
-        assert meta["fresh_heads"] == ""
+        assert meta["fresh_heads"] == [] and meta["num_classes"] == 4
         assert_parity(small.clone(normalization="imagenet"), variables, ref, images(1, 33, 40), "imagenet")
     else:
-        assert meta["fresh_heads"] == "conv6a,linear"
+        assert meta["fresh_heads"] == ["conv6a", "linear"] and meta["num_classes"] is None
 
 
 def test_fcn8s_reference_padding_parity_from_torchvision_vgg():
@@ -410,13 +411,16 @@ def test_param_counts_match_torch_references():
 
 # ----------------------------------------------------------------------------- command line
 def test_convert_weights_command_torch_and_mxnet(tmp_path):
-    ref = randomize(TorchResDeeplab(6, layers=(1, 1, 1, 1), width=8))
+    ref = randomize(TorchResDeeplab(19, layers=(1, 1, 1, 1), width=8))
     torch.save({"state_dict": {"Scale." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "init.pth")
-    convert_weights.main(["deeplab-init", str(tmp_path / "init.pth"), str(tmp_path / "dl.npz"),
-                          "--num-classes", "6", "--model", "deeplabv2_resnet_small"])
+    assert convert_weights.main(["deeplab-init", str(tmp_path / "init.pth"), str(tmp_path / "dl.npz"),
+                                 "--model", "deeplabv2_resnet_small"]) == 0
     variables = models.load_variables(tmp_path / "dl.npz")
-    assert models.load_metadata(tmp_path / "dl.npz")["normalization"] == "caffe"
-    assert_parity(models.get_model("deeplabv2_resnet_small", 6, normalization="caffe"), variables, ref,
+    meta = models.read_metadata(tmp_path / "dl.npz")
+    assert (meta["architecture"], meta["num_classes"], meta["normalization"]) == ("deeplabv2_resnet_small", 19, "caffe")
+    assert meta["class_names"][0] == "road" and meta["palette"][18] == [119, 11, 32] and meta["source"] == "init.pth"
+    normalization = models.resolve_normalization("auto", meta, "deeplabv2_resnet_small")
+    assert_parity(models.get_model("deeplabv2_resnet_small", 19, normalization=normalization), variables, ref,
                   images(1, 33, 40), "caffe")
 
     small = models.get_model("resnet38_small", 3)
@@ -424,5 +428,75 @@ def test_convert_weights_command_torch_and_mxnet(tmp_path):
     save_mxnet_params(tmp_path / "src.params", ref38.mxnet_arrays())
     convert_weights.main(["mxnet-resnet38", str(tmp_path / "src.params"), str(tmp_path / "r38.npz"),
                           "--num-classes", "3", "--model", "resnet38_small"])
+    meta38 = models.read_metadata(tmp_path / "r38.npz")
+    assert (meta38["num_classes"], meta38["normalization"], meta38["class_names"]) == (3, "imagenet", None)
     assert_parity(small.clone(normalization="imagenet"), models.load_variables(tmp_path / "r38.npz"), ref38,
                   images(1, 33, 40), "imagenet")
+
+
+def test_torchvision_resnet101_file_records_imagenet_normalisation_and_no_classes(tmp_path):
+    ref = randomize(TorchResDeeplab(3, layers=(1, 1, 1, 1), width=8))
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("layer5")}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 256), torch.zeros(1000)
+    torch.save(state, tmp_path / "resnet101.pth")
+    convert_weights.main(["torchvision-resnet101", str(tmp_path / "resnet101.pth"), str(tmp_path / "r.npz"),
+                          "--model", "deeplabv2_resnet_small"])
+    meta = models.read_metadata(tmp_path / "r.npz")
+    assert (meta["normalization"], meta["num_classes"], meta["fresh_heads"]) == ("imagenet", None, ["layer5"])
+    assert models.resolve_normalization("auto", meta, "deeplabv2_resnet_small") == "imagenet"
+    with pytest.raises(models.WeightFileError, match="weights expect normalization 'imagenet'"):
+        models.resolve_normalization("caffe", meta, "deeplabv2_resnet_small")
+
+
+def _cli(*args, block_torch=False):
+    """Runs the converter in a fresh interpreter: (exit status, stderr lines)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "")
+            + "from cbst_jax import convert_weights\nsys.exit(convert_weights.main(sys.argv[1:]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    return res.returncode, res.stderr.strip().splitlines()
+
+
+def test_bad_inputs_are_one_line_errors_with_exit_2(tmp_path, capsys):
+    ref = randomize(TorchResDeeplab(19, layers=(1, 1, 1, 1), width=8))
+    torch.save(ref.state_dict(), tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 3])
+    (tmp_path / "garbage.pth").write_bytes(os.urandom(2000))
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    torch.save(ref, tmp_path / "module.pth")  # a pickled nn.Module, not a state dict
+    torch.save({"epoch": 3}, tmp_path / "no_tensors.pth")
+    save_mxnet_params(tmp_path / "ok.params", {"arg:a_weight": np.zeros((2, 2), np.float32)})
+    (tmp_path / "truncated.params").write_bytes((tmp_path / "ok.params").read_bytes()[:40])
+    out = tmp_path / "out.npz"
+    cases = [
+        (("deeplab-init", tmp_path / "missing.pth", out), "missing.pth: file not found"),
+        (("deeplab-init", tmp_path / "truncated.pth", out), "truncated.pth: not a readable PyTorch checkpoint"),
+        (("deeplab-init", tmp_path / "garbage.pth", out), "garbage.pth: not a"),
+        (("deeplab-init", tmp_path / "notes.txt", out), "notes.txt: not a"),
+        (("deeplab-init", tmp_path / "module.pth", out), "module.pth: refused: torch.load(weights_only=True)"),
+        (("deeplab-init", tmp_path / "no_tensors.pth", out), "no_tensors.pth: the checkpoint holds no tensors"),
+        (("mxnet-resnet38", tmp_path / "truncated.params", out), "truncated.params: not a readable MXNet"),
+        (("mxnet-resnet38", tmp_path / "notes.txt", out), "notes.txt: not a readable MXNet .params file"),
+        (("deeplab-init", tmp_path / "ok.pth", tmp_path / "nowhere" / "out.npz"), "does not exist"),
+        (("deeplab-init", tmp_path / "ok.pth", out, "--model", "unet"), "--model 'unet', expected one of"),
+        (("torchvision-resnet101", tmp_path / "ok.pth", out, "--model", "resnet38_small"),
+         "checkpoint does not match the model: missing"),
+    ]
+    for args, message in cases:
+        status = convert_weights.main(list(map(str, args)))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(lines) == 1, (args, lines)
+        assert lines[0].startswith("error: ") and message in lines[0], (args, lines)
+    assert not out.exists()
+    status, lines = _cli("deeplab-init", tmp_path / "ok.pth", out, block_torch=True)
+    assert status == 2 and len(lines) == 1 and "needs torch, which is not installed" in lines[0], lines
+    assert "pip install torch, or install cbst_jax with its [convert] extra" in lines[0]
+    # the MXNet kind needs no torch
+    status, lines = _cli("mxnet-resnet38", tmp_path / "ok.params", out, "--model", "resnet38_small", block_torch=True)
+    assert status == 2 and len(lines) == 1, lines
+    assert "checkpoint does not match the model: missing" in lines[0] and "arg:a_weight (2, 2)" in lines[0]

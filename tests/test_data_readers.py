@@ -1,6 +1,10 @@
 """Folder readers on tiny fixtures in each official layout: records, label tables, names, counters, errors."""
+import collections
+import hashlib
 import os
+import re
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -10,7 +14,8 @@ import pytest
 from PIL import Image
 
 from cbst_jax import labels as L
-from cbst_jax.data import DatasetError, DatasetWarning, check_disjoint, open_dataset
+from cbst_jax.data import DatasetError, DatasetWarning, check_disjoint, open_dataset, split_overlap, without_eval_overlap
+from cbst_jax.data.overlap import image_hash
 from cbst_jax.data.io import read_png_any_depth, resize_nearest
 from fixtures_layouts import (make_bdd100k, make_cityscapes, make_gta5, make_nthu, make_synthia, write_list_file,
                               write_png16)
@@ -148,6 +153,46 @@ def test_cityscapes_splits_names_and_pins(tmp_path):
     _check_record(target[0], written["train"][0], labelled=False)
 
 
+def test_cityscapes_13_classes_match_nthu_13(tmp_path):
+    make_cityscapes(tmp_path / "cs", n_train=1, n_val=1)
+    make_nthu(tmp_path / "nthu", cities=("Tokyo",), n_train=1, n_test=1)
+    ids = np.arange(40, dtype=np.uint8).reshape(1, 40).repeat(32, 0)[:, :40]
+    ids = np.pad(ids, ((0, 0), (0, 24)), constant_values=7)  # 32 x 64, every labelId 0..39 once per row
+    cs_label = tmp_path / "cs/gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"
+    nthu_label = tmp_path / "nthu/Tokyo/Labels/Test/pic_000_eval.png"
+    _write(cs_label, ids, "L")
+    _write(nthu_label, ids, "L")
+    cs13 = open_dataset("cityscapes", tmp_path / "cs", "val", num_classes=13)
+    nthu13 = open_dataset("nthu", tmp_path / "nthu", "test", city="tokyo", num_classes=13)
+    assert cs13.num_classes == nthu13.num_classes == 13
+    with pytest.warns(DatasetWarning):  # ids 34..39 are outside the labelId table
+        a, b = cs13[0]["label"], nthu13[0]["label"]
+    assert np.array_equal(a, b)
+    want = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
+    assert a[0, :40].tolist() == [want.get(i, 255) for i in range(40)]
+    train13 = open_dataset("cityscapes", tmp_path / "cs", "train", num_classes=13)
+    assert set(np.unique(train13[0]["label"])) <= set(range(13)) | {255}
+    with pytest.raises(DatasetError, match="num_classes=12, expected one of 19, 16, 13"):
+        open_dataset("cityscapes", tmp_path / "cs", "val", num_classes=12)
+
+
+def test_opening_nthu_cities_decodes_nothing(tmp_path):
+    from cbst_jax.data import nthu
+
+    assert nthu.CITIES == ("Rome", "Rio", "Tokyo", "Taipei")
+    written = make_nthu(tmp_path, cities=nthu.CITIES, n_train=2, n_test=1)
+    for city in nthu.CITIES:  # corrupt every image: opening must still work, reading must not
+        for path in (tmp_path / city / "Images").rglob("*.jpg"):
+            path.write_bytes(b"broken")
+    for city in nthu.CITIES:
+        train = open_dataset("nthu", tmp_path, "train", city=city, num_classes=13)
+        test = open_dataset("nthu", tmp_path, "test", city=city, num_classes=13)
+        assert (train.names, test.names) == (written[city]["train"], written[city]["test"])
+        assert train.city == test.city == city
+        with pytest.raises(DatasetError, match=f"{city}/Images/Test/pic_000.jpg: not a readable image"):
+            test[0]
+
+
 def test_cityscapes_list_file_forms(tmp_path):
     make_cityscapes(tmp_path, n_train=4, n_val=0)
     lst = write_list_file(tmp_path / "train.lst", [
@@ -164,12 +209,140 @@ def test_cityscapes_list_file_forms(tmp_path):
         open_dataset("cityscapes", tmp_path, "train", list_file=bad)
 
 
+def test_builtin_cityscapes_list_names_the_505_image_subset(tmp_path):
+    from cbst_jax.data import lists
+
+    assert "cityscapes_train_ClsConfSet" in lists.names()
+    lines = open(lists.find("builtin:cityscapes_train_ClsConfSet")).read().splitlines()
+    stems = [re.fullmatch(r"leftImg8bit/train/([a-z]+)/(\1_\d{6}_\d{6})_leftImg8bit\.png\t"
+                          r"gtFine/train/\1/\2_gtFine_labelIds\.png", line).group(2) for line in lines]
+    assert len(stems) == len(set(stems)) == 505 and stems == sorted(stems)
+    cities = collections.Counter(s.rsplit("_", 2)[0] for s in stems)
+    assert (len(cities), cities["hamburg"], cities["dusseldorf"]) == (18, 95, 8)  # reference-cbst.md §3
+    # a Cityscapes train split holding these images plus others: the list selects exactly them
+    make_cityscapes(tmp_path, n_val=0, size=(4, 8), stems={"train": stems + ["aachen_000999_000019"]})
+    src = open_dataset("cityscapes", tmp_path, "train", list_file="builtin:cityscapes_train_ClsConfSet",
+                       labelled=False)
+    assert src.names == stems and len(src) == 505
+    with pytest.raises(DatasetError, match="list_file builtin:nope: no such built-in list; available: "
+                                           "builtin:cityscapes_train_ClsConfSet"):
+        open_dataset("cityscapes", tmp_path, "train", list_file="builtin:nope")
+    os.remove(tmp_path / "leftImg8bit/train/ulm/ulm_000084_000019_leftImg8bit.png")
+    with pytest.raises(DatasetError, match="builtin:cityscapes_train_ClsConfSet line 450: ulm_000084_000019 is "
+                                           "not in leftImg8bit/train"):
+        open_dataset("cityscapes", tmp_path, "train", list_file="builtin:cityscapes_train_ClsConfSet")
+
+
+def test_builtin_gta5_list_is_crst_filtered_19984(tmp_path):
+    from cbst_jax.data import lists
+    from cbst_jax.data.io import Item, select_by_list
+
+    lines = open(lists.find("gta5_crst_19984")).read().splitlines()
+    ids = [re.fullmatch(r"images/(\d{5})\.png\tlabels/\1\.png", line).group(1) for line in lines]
+    assert len(ids) == len(set(ids)) == 19984 and ids == sorted(ids)
+    assert (ids[0], ids[-1], 24966 - len(ids)) == ("00001", "24966", 4982)
+    # the reader's list resolution on the 24,966 GTA5 names (no files needed to select)
+    items = [Item(f"{i:05d}", f"images/{i:05d}.png") for i in range(1, 24967)]
+    chosen = select_by_list(items, "builtin:gta5_crst_19984", "gta5")
+    assert [item.name for item in chosen] == ids
+    make_gta5(tmp_path, n=3)
+    with pytest.raises(DatasetError, match=r"builtin:gta5_crst_19984 line 4: 'images/00004.png' is not an image"):
+        open_dataset("gta5", tmp_path, "train", list_file="builtin:gta5_crst_19984")
+
+
 def test_target_split_overlapping_eval_is_refused(tmp_path):
     make_cityscapes(tmp_path, n_train=2, n_val=2)
     val = open_dataset("cityscapes", tmp_path, "val")
     check_disjoint(open_dataset("cityscapes", tmp_path, "train", labelled=False), val)
-    with pytest.raises(DatasetError, match="share 2 images .*frankfurt_000000_000019"):
+    with pytest.raises(DatasetError, match="2 training images are evaluation images "
+                                           r"\(frankfurt_000000_000019 = frankfurt_000000_000019, "):
         check_disjoint(open_dataset("cityscapes", tmp_path, "val", labelled=False), val)
+
+
+# ---------------------------------------------------------------- evaluation overlap by content
+
+def test_image_hash_compares_shape_and_pixels():
+    a = np.arange(36, dtype=np.uint8).reshape(2, 6, 3)
+    assert image_hash(a) == image_hash(a.copy()) == image_hash(np.asfortranarray(a))
+    assert image_hash(a) != image_hash(a.reshape(4, 3, 3))  # same bytes, another shape
+    b = a.copy()
+    b[1, 5, 2] += 1
+    assert image_hash(a) != image_hash(b)
+    assert image_hash(a) == hashlib.sha1(b"(2, 6, 3)|" + a.dtype.str.encode() + b"|" + a.tobytes()).hexdigest()
+
+
+def test_colliding_names_with_other_pixels_are_no_overlap(tmp_path):
+    written = make_nthu(tmp_path, cities=("Rome",), n_train=3, n_test=2)
+    assert set(written["Rome"]["test"]) <= set(written["Rome"]["train"])  # pic_000, pic_001 in both
+    train = open_dataset("nthu", tmp_path, "train", city="Rome")
+    test = open_dataset("nthu", tmp_path, "test", city="Rome")
+    assert split_overlap(train, test, progress=False) == []
+    check_disjoint(train, test, progress=False)
+    adapt, report = without_eval_overlap(train, test, progress=False)
+    assert adapt is train
+    assert report == {"train_images": 3, "eval_images": 2, "shared_names": 2, "overlap_pairs": 0,
+                      "train_images_in_eval": 0, "eval_images_in_train": 0, "allow_eval_overlap": False,
+                      "excluded_train_images": 0, "adaptation_images": 3, "overlapping": [], "city": "Rome"}
+
+
+def test_renamed_and_reencoded_copies_of_eval_images_are_found_and_left_out(tmp_path):
+    make_nthu(tmp_path, cities=("Taipei",), n_train=3, n_test=3)
+    images = tmp_path / "Taipei/Images"
+    shutil.copy(images / "Test/pic_001.jpg", images / "Train/zz_renamed.jpg")  # same bytes, new name
+    decoded = np.asarray(Image.open(images / "Test/pic_002.jpg").convert("RGB"))
+    Image.fromarray(decoded).save(images / "Train/aa_as_png.png")  # other bytes, same decoded pixels
+    train = open_dataset("nthu", tmp_path, "train", city="Taipei")
+    test = open_dataset("nthu", tmp_path, "test", city="Taipei")
+    assert train.names == ["aa_as_png", "pic_000", "pic_001", "pic_002", "zz_renamed"]
+    assert split_overlap(train, test, progress=False) == [(0, 2), (4, 1)]
+    with pytest.raises(DatasetError, match=r"2 training images are evaluation images \(aa_as_png = pic_002, "
+                                           r"zz_renamed = pic_001\)"):
+        check_disjoint(train, test, progress=False)
+
+    adapt, report = without_eval_overlap(train, test, progress=False)
+    assert adapt.names == ["pic_000", "pic_001", "pic_002"] and len(adapt) == 3
+    assert np.array_equal(adapt[1]["image"], train[2]["image"]) and adapt[-1]["name"] == "pic_002"
+    assert (adapt.num_classes, adapt.has_labels, adapt.city, adapt.dataset) == (19, False, "Taipei", "nthu")
+    assert report["overlap_pairs"] == 2 and report["excluded_train_images"] == 2
+    assert report["adaptation_images"] == 3 and report["shared_names"] == 3
+    assert report["overlapping"] == [["aa_as_png", "pic_002"], ["zz_renamed", "pic_001"]]
+    assert split_overlap(adapt, test, progress=False) == []
+    clone = pickle.loads(pickle.dumps(adapt))  # worker processes receive pickled sources
+    assert clone.names == adapt.names and np.array_equal(clone[0]["image"], adapt[0]["image"])
+
+    published, report = without_eval_overlap(train, test, allow_overlap=True, progress=False)
+    assert published is train
+    assert report["allow_eval_overlap"] and report["eval_images_in_train"] == 2
+    assert report["excluded_train_images"] == 0 and report["adaptation_images"] == 5
+
+
+def test_hashes_are_computed_once_per_source():
+    from cbst_jax.data import overlap
+
+    class Counting:
+        names = ["a", "b", "c"]
+
+        def __init__(self, images):
+            self.images, self.reads = images, 0
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return {"image": self.images[i], "name": self.names[i]}
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (4, 5, 3), dtype=np.uint8) for _ in range(3)]
+    train, evals = Counting(imgs), Counting([imgs[2], imgs[0]])
+    assert split_overlap(train, evals, progress=False) == [(0, 1), (2, 0)]
+    assert split_overlap(train, evals, progress=False) == [(0, 1), (2, 0)]
+    assert overlap.exclude(train, [0, 2]).names == ["b"]
+    assert overlap.content_hashes(overlap.exclude(train, [1]), progress=False) == [image_hash(imgs[0]),
+                                                                                   image_hash(imgs[2])]
+    assert (train.reads, evals.reads) == (3, 2)
+    with pytest.raises(IndexError):
+        overlap.SubsetSource(train, [3])
 
 
 # ---------------------------------------------------------------- SYNTHIA

@@ -9,6 +9,9 @@ CITYSCAPES_19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22
                  25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 CITYSCAPES_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 23: 9, 24: 10, 25: 11,
                  26: 12, 28: 13, 32: 14, 33: 15}
+# labelId -> NTHU 13-class index (road, sidewalk, building, light, sign, vegetation, sky, person,
+# rider, car, bus, motorcycle, bicycle), as the public cross-city loaders map the _eval.png maps.
+NTHU_13 = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
 SYNTHIA_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12,
               19: 13, 12: 14, 11: 15}
 
@@ -17,6 +20,7 @@ SYNTHIA_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 
     (L.CITYSCAPES_ID_TO_TRAINID, CITYSCAPES_19),
     (L.CITYSCAPES_ID_TO_TRAINID16, CITYSCAPES_16),
     (L.SYNTHIA_ID_TO_TRAINID16, SYNTHIA_16),
+    (L.CITYSCAPES_ID_TO_NTHU13, NTHU_13),
 ])
 def test_every_entry(lut, table):
     assert lut.dtype == np.uint8 and lut.shape == (256,)
@@ -44,6 +48,7 @@ def test_subsets_and_palette():
     for i, t in enumerate(L.NTHU13_TRAINIDS):
         assert L.TRAINID_TO_NTHU13[t] == i
     assert (L.TRAINID_TO_NTHU13 != 255).sum() == 13
+    np.testing.assert_array_equal(L.CITYSCAPES_ID_TO_NTHU13, L.TRAINID_TO_NTHU13[L.CITYSCAPES_ID_TO_TRAINID])
     assert [L.CITYSCAPES_CLASSES[t] for t in L.TRAINID16_TO_TRAINID19] == list(L.SYNTHIA16_CLASSES)
     assert tuple(L.CITYSCAPES_PALETTE[0]) == (128, 64, 128) and tuple(L.CITYSCAPES_PALETTE[10]) == (70, 130, 180)
     assert len({tuple(c) for c in L.CITYSCAPES_PALETTE}) == 19

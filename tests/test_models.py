@@ -1,5 +1,6 @@
 """Model zoo without torch: registry, sizes (via eval_shape), options, parameter groups,
 weight files. Numeric parity with PyTorch lives in test_convert.py."""
+import os
 import subprocess
 import sys
 
@@ -145,14 +146,102 @@ def test_small_fcn_train_step_with_dropout():
     assert np.abs(grads["conv1_1"]["kernel"]).sum() > 0
 
 
-def test_save_and_load_variables(tmp_path):
+def test_save_and_load_variables_with_metadata(tmp_path):
     module = models.get_model("deeplabv2_resnet_small", 2)
     variables = jax.device_get(module.init(KEY, images(1, 32, 32)))
-    models.save_variables(tmp_path / "v.npz", variables, {"kind": "test"})
+    meta = models.make_metadata("deeplabv2_resnet_small", 2, "caffe", kind="test")
+    models.save_variables(tmp_path / "v.npz", variables, meta)
+    assert sorted(os.listdir(tmp_path)) == ["v.npz"]  # written via a temporary name, renamed
     loaded = models.load_variables(tmp_path / "v.npz")
     assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(variables)
     assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, loaded, variables)))
-    assert models.load_metadata(tmp_path / "v.npz") == {"kind": "test"}
+    got = models.read_metadata(tmp_path / "v.npz")
+    assert got == meta and got["class_names"] is None and got["num_classes"] == 2
+
+
+def test_metadata_tables_for_known_protocols():
+    from cbst_jax import labels
+
+    m19 = models.make_metadata("resnet38", 19, "imagenet")
+    assert m19["class_names"][13] == "car" and m19["palette"][0] == [128, 64, 128]
+    m13 = models.make_metadata("resnet38", 13, "imagenet")
+    assert m13["class_names"] == list(labels.NTHU13_CLASSES) and m13["palette"][3] == [250, 170, 30]
+    assert models.make_metadata("resnet38", 16, "imagenet")["class_names"][9] == "sky"
+    backbone = models.make_metadata("deeplabv2_resnet101", None, "imagenet")
+    assert backbone["num_classes"] is None and backbone["class_names"] is None and backbone["palette"] is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architecture": "unet"}, "architecture 'unet', expected one of"),
+    ({"normalization": "bgr"}, "normalization 'bgr', expected one of imagenet, caffe, unit"),
+    ({"num_classes": 0}, "num_classes 0, expected a positive integer or null"),
+    ({"num_classes": "19"}, "num_classes '19'"),
+    ({"format": "other"}, "format 'other'"),
+    ({"class_names": ["road"]}, "class_names must be a list of num_classes=19 strings"),
+    ({"palette": [[0, 0, 300]] * 19}, "palette must be num_classes=19"),
+])
+def test_bad_metadata_is_refused_naming_the_file(tmp_path, change, message):
+    variables = {"params": {"a": {"kernel": np.zeros(2, np.float32)}}}
+    good = models.make_metadata("demo_segnet", 19, "unit")
+    with pytest.raises(models.WeightFileError, match=f"bad.npz: bad weights metadata: {message}"):
+        models.save_variables(tmp_path / "bad.npz", variables, dict(good, **change))
+    assert not (tmp_path / "bad.npz").exists()
+    # a file written by something else with the same bad metadata is refused on reading
+    import json
+    np.savez(tmp_path / "bad.npz", **{"params/a/kernel": np.zeros(2), "__metadata__": np.array(json.dumps(
+        dict(good, **change)))})
+    for read in (models.read_metadata, models.load_variables):
+        with pytest.raises(models.WeightFileError, match=f"bad.npz: bad weights metadata: {message}") as err:
+            read(tmp_path / "bad.npz")
+        assert "\n" not in str(err.value)
+
+
+def test_files_that_are_not_weights_files_give_one_line_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("learning rate 1e-4\n")
+    np.savez(tmp_path / "plain.npz", **{"params/a/kernel": np.zeros(2)})  # no metadata (e.g. an old file)
+    import pickle
+    (tmp_path / "model.pth").write_bytes(pickle.dumps({"conv1.weight": [1.0, 2.0]}, protocol=2))
+    good = tmp_path / "good.npz"
+    models.save_variables(good, {"params": {"a": {"kernel": np.ones((64, 64), np.float32)}}},
+                          models.make_metadata("demo_segnet", 19, "unit"))
+    (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    cases = {
+        "missing.npz": "weights file not found",
+        "notes.txt": r"not a converted-weights .npz \(a text file\); convert it with: python -m cbst_jax.convert_weights",
+        "plain.npz": r"not a converted-weights .npz \(a zip archive without cbst_jax weights metadata\)",
+        "model.pth": r"not a converted-weights .npz \(a Python pickle, e.g. a PyTorch .pth\)",
+        "truncated.npz": r"not a converted-weights .npz \(a damaged or truncated zip archive\)",
+        "empty.npz": r"not a converted-weights .npz \(an empty file\)",
+    }
+    for name, message in cases.items():
+        for read in (models.read_metadata, models.load_variables):
+            with pytest.raises(models.WeightFileError, match=f"{name}: {message}") as err:
+                read(tmp_path / name)
+            assert "\n" not in str(err.value)
+            assert isinstance(err.value, models.WeightMismatchError)  # caught by the runners' handler
+
+
+def test_resolve_normalization():
+    meta = models.make_metadata("deeplabv2_resnet101", None, "imagenet")
+    resolve = models.resolve_normalization
+    assert resolve("auto", meta, "deeplabv2_resnet101") == "imagenet"
+    assert resolve("imagenet", meta, "deeplabv2_resnet101") == "imagenet"
+    # no weights file: the architecture's own default, or the explicit choice
+    assert resolve("auto", None, "deeplabv2_resnet101") == "caffe"
+    assert resolve("auto", None, "resnet38") == "imagenet"
+    assert resolve("auto", None, "demo_segnet") == "unit"
+    assert resolve("unit", None, "deeplabv2_resnet101") == "unit"
+    with pytest.raises(models.WeightFileError, match=r"w.npz: the weights expect normalization 'imagenet', but "
+                                                     r"model.normalization='caffe'; use 'auto' or 'imagenet'"):
+        resolve("caffe", meta, "deeplabv2_resnet101", path="w.npz")
+    with pytest.raises(models.WeightFileError, match=r"w.npz: weights of 'deeplabv2_resnet101', but "
+                                                     r"model.name='resnet38' \(another architecture\)"):
+        resolve("auto", meta, "resnet38", path="w.npz")
+    with pytest.raises(models.WeightFileError, match="model.normalization='bgr', expected 'auto' or one of"):
+        resolve("bgr", meta, "deeplabv2_resnet101")
+    with pytest.raises(models.WeightFileError, match="model.name='unet'"):
+        resolve("auto", None, "unet")
 
 
 def test_importing_models_pulls_no_torch_or_tensorflow():

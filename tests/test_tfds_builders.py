@@ -88,6 +88,35 @@ def test_tfds_errors(built):
         open_dataset("bdd100k", data / "cbst_gta5" / "1.0.0", "train")
 
 
+def test_cityscapes_builds_the_splits_that_exist(tmp_path):
+    written = make_cityscapes(tmp_path / "cs", n_train=0, n_val=2)  # val only, as for evaluation
+    assert not (tmp_path / "cs/leftImg8bit/train").exists()
+    build("cityscapes", tmp_path / "cs", tmp_path / "data")
+    val = open_dataset("cityscapes", tmp_path / "data", "val")
+    assert val.names == written["val"] and val.has_labels
+    folder = open_dataset("cityscapes", tmp_path / "cs", "val", num_classes=13)
+    assert np.array_equal(open_dataset("cityscapes", tmp_path / "data", "val", num_classes=13)[1]["label"],
+                          folder[1]["label"])
+    with pytest.raises(DatasetError, match=r"split 'train' not in .* \(has validation\)"):
+        open_dataset("cityscapes", tmp_path / "data", "train")
+    (tmp_path / "other" / "gtFine").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no leftImg8bit/train, val or test folder under"):
+        build("cityscapes", tmp_path / "other", tmp_path / "data2")
+    with pytest.raises(DatasetError, match="missing is not a folder holding the extracted dataset"):
+        build("cityscapes", tmp_path / "missing", tmp_path / "data2")
+
+
+def test_builtin_list_on_a_built_dataset(built):
+    from cbst_jax.data import lists
+
+    stems = [line.split("/")[3][: -len("_leftImg8bit.png\tgtFine")] for line in
+             open(lists.find("cityscapes_train_ClsConfSet")).read().splitlines()]
+    assert len(stems) == 505
+    with pytest.raises(DatasetError, match="builtin:cityscapes_train_ClsConfSet line 1: .*aachen_000010_000019.* "
+                                           "is not in this cityscapes split"):
+        open_dataset("cityscapes", built / "data", "train", list_file="builtin:cityscapes_train_ClsConfSet")
+
+
 def test_corrupt_image_fails_the_build_naming_it(tmp_path):
     make_gta5(tmp_path / "gta5", n=2)
     path = tmp_path / "gta5/images/00002.png"

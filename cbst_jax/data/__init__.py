@@ -6,6 +6,10 @@ Names: gta5, cityscapes, synthia, bdd100k, nthu (official on-disk layouts, or TF
 by ``cbst_jax.data.tfds_builders``) and synthetic/source, synthetic/target (generated in memory by
 ``cbst_jax.data.synthetic``). Importing this package imports neither tensorflow_datasets nor any
 reader; they load on first use. Layouts, options and label encodings: docs/datasets.md.
+
+Evaluation-split guard (``cbst_jax.data.overlap``): ``split_overlap`` finds adaptation images
+that are also evaluation images by decoded content, ``without_eval_overlap`` returns the
+adaptation split without them plus a report.
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import importlib
 import inspect
 import os
 
-from cbst_jax.data.io import DatasetError, DatasetWarning, FolderSource, check_disjoint
+from cbst_jax.data.io import DatasetError, DatasetWarning, FolderSource
+from cbst_jax.data.overlap import SubsetSource, check_disjoint, exclude, split_overlap, without_eval_overlap
 
-__all__ = ["open_dataset", "check_disjoint", "is_tfds_dir", "DatasetError", "DatasetWarning", "FolderSource",
-           "DATASETS"]
+__all__ = ["open_dataset", "check_disjoint", "split_overlap", "exclude", "without_eval_overlap", "SubsetSource",
+           "is_tfds_dir", "DatasetError", "DatasetWarning", "FolderSource", "DATASETS"]
 
 # name -> (module, opener)
 _READERS = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from cbst_jax.labels import CITYSCAPES_ID_TO_TRAINID, CITYSCAPES_ID_TO_TRAINID16
+from cbst_jax.labels import CITYSCAPES_ID_TO_NTHU13, CITYSCAPES_ID_TO_TRAINID, CITYSCAPES_ID_TO_TRAINID16
 from cbst_jax.data.io import (DatasetError, FolderSource, Item, known_mask, list_images, read_list_file,
                               require_dir)
 
@@ -18,6 +18,8 @@ LAYOUT = ("<root>/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png and "
 SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 STEM = re.compile(r"([A-Za-z-]+_\d{6}_\d{6})")
 IMAGE_SUFFIX = "_leftImg8bit.png"
+# num_classes -> labelId table: 19 train classes, SYNTHIA's 16, NTHU's 13 (Cityscapes -> NTHU)
+PROTOCOLS = {19: CITYSCAPES_ID_TO_TRAINID, 16: CITYSCAPES_ID_TO_TRAINID16, 13: CITYSCAPES_ID_TO_NTHU13}
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
@@ -38,15 +40,17 @@ def open_cityscapes(root, split: str = "train", *, list_file=None, num_classes: 
     """Cityscapes source. ``split``: train, val (alias validation) or test.
 
     ``labelled``: None = labelled for train/val, unlabelled for test (its labels are withheld);
-    False serves a labelled split as an unlabelled target split. ``num_classes``: 19, or 16
-    (``CITYSCAPES_ID_TO_TRAINID16``: terrain, truck and train ignored). ``list_file``: see
-    :func:`parse_list_entry`.
+    False serves a labelled split as an unlabelled target split. ``num_classes``: 19; 16
+    (``CITYSCAPES_ID_TO_TRAINID16``: terrain, truck and train ignored, SYNTHIA's protocol); or 13
+    (``CITYSCAPES_ID_TO_NTHU13``: the NTHU cross-city classes, in the order of ``nthu`` with
+    ``num_classes=13``). ``list_file``: a path, or ``builtin:<name>`` for a list shipped with the
+    package (``cbst_jax.data.lists``); see :func:`parse_list_entry`.
     """
     root = os.fspath(root)
     if split not in SPLITS:
         raise DatasetError(f"cityscapes: split {split!r}, expected one of {sorted(SPLITS)}")
-    if num_classes not in (19, 16):
-        raise DatasetError(f"cityscapes: num_classes={num_classes!r}, expected 19 or 16")
+    if num_classes not in PROTOCOLS:
+        raise DatasetError(f"cityscapes: num_classes={num_classes!r}, expected one of 19, 16, 13")
     folder = SPLITS[split]
     if labelled is None:
         labelled = folder != "test"
@@ -84,6 +88,5 @@ def open_cityscapes(root, split: str = "train", *, list_file=None, num_classes: 
         for item in items:
             if not os.path.isfile(item.label):
                 raise DatasetError(f"cityscapes: label {item.label} missing for image {item.image}")
-    lut = CITYSCAPES_ID_TO_TRAINID if num_classes == 19 else CITYSCAPES_ID_TO_TRAINID16
-    return FolderSource("cityscapes", folder, items, num_classes, lut, known_mask(range(34)),
+    return FolderSource("cityscapes", folder, items, num_classes, PROTOCOLS[num_classes], known_mask(range(34)),
                         has_labels=labelled, root=root)

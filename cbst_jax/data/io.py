@@ -170,19 +170,34 @@ def remap(raw: np.ndarray, lut: np.ndarray, known: np.ndarray) -> tuple[np.ndarr
 # ---------------------------------------------------------------- list files
 
 def read_list_file(path) -> list[tuple[int, str]]:
-    """(line number, first whitespace-separated token) of every non-blank, non-# line."""
+    """(line number, first whitespace-separated token) of every non-blank, non-# line.
+
+    ``path`` is a file, or ``"builtin:<name>"`` for a list shipped in ``cbst_jax/data/lists``.
+    """
+    if isinstance(path, str) and path.startswith("builtin:"):
+        from cbst_jax.data import lists
+
+        found = lists.find(path)
+        if found is None:
+            raise DatasetError(f"list_file {path}: no such built-in list; available: "
+                               f"{', '.join(lists.PREFIX + n for n in lists.names())}")
+        return _parse_list(found, path)
+    return _parse_list(path, path)
+
+
+def _parse_list(path, shown) -> list[tuple[int, str]]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as exc:
-        raise DatasetError(f"list_file {path}: cannot read ({exc.strerror})") from None
+        raise DatasetError(f"list_file {shown}: cannot read ({exc.strerror})") from None
     entries = []
     for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if line and not line.startswith("#"):
             entries.append((lineno, line.split()[0]))
     if not entries:
-        raise DatasetError(f"list_file {path}: no entries")
+        raise DatasetError(f"list_file {shown}: no entries")
     return entries
 
 
@@ -296,18 +311,6 @@ class FolderSource:
         if self.has_labels:
             record["label"] = self.label_for(item, image.shape[:2])
         return record
-
-
-def check_disjoint(train_source, eval_source) -> None:
-    """Refuse a training (e.g. pseudo-labelled target) source that shares images with the evaluation source.
-
-    Images are compared by ``names`` (file stems). Raises DatasetError naming the overlap.
-    """
-    overlap = sorted(set(train_source.names) & set(eval_source.names))
-    if overlap:
-        shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
-        raise DatasetError(f"training and evaluation sources share {len(overlap)} images ({shown}); "
-                           f"a target split must not overlap the evaluation split")
 
 
 def require_dir(path: str, dataset: str, layout: str) -> str:

@@ -106,7 +106,7 @@ class CbstGta5(_CbstBuilder):
 
 
 class CbstCityscapes(_CbstBuilder):
-    """Cityscapes fine annotations as 19 trainIds; splits train, validation, test (unlabelled, if present)."""
+    """Cityscapes fine annotations as 19 trainIds; splits train, validation, test (unlabelled): those present."""
 
     name = "cbst_cityscapes"
     DATASET = "cityscapes"
@@ -116,10 +116,13 @@ class CbstCityscapes(_CbstBuilder):
         "and manual_dir/gtFine/{train,val,test}/.")
 
     def _folder_sources(self, root):
-        sources = {"train": cityscapes.open_cityscapes(root, "train"),
-                   "validation": cityscapes.open_cityscapes(root, "val")}
-        if os.path.isdir(os.path.join(root, "leftImg8bit", "test")):
-            sources["test"] = cityscapes.open_cityscapes(root, "test")
+        """Every split whose ``leftImg8bit/<split>`` folder exists (e.g. only val for evaluation)."""
+        sources = {split: cityscapes.open_cityscapes(root, folder)
+                   for split, folder in (("train", "train"), ("validation", "val"), ("test", "test"))
+                   if os.path.isdir(os.path.join(root, "leftImg8bit", folder))}
+        if not sources:
+            raise DatasetError(f"cityscapes: no leftImg8bit/train, val or test folder under {root}; "
+                               f"expected layout: {cityscapes.LAYOUT}")
         return sources
 
 
@@ -211,6 +214,9 @@ def build(name: str, manual_dir, data_dir, config: str | None = None):
     """
     if name not in BUILDERS:
         raise DatasetError(f"no TFDS builder for {name!r}, expected one of {', '.join(BUILDERS)}")
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+        raise DatasetError(f"{name}: {manual_dir} is not a folder holding the extracted dataset "
+                           f"(see docs/datasets.md for the layout)")
     builder = BUILDERS[name](data_dir=os.fspath(data_dir), config=config, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     return builder

@@ -14,42 +14,26 @@ Options shared by all families:
   normalization: 'imagenet' (torchvision / CBST MXNet weights), 'caffe' (DeepLab-v2 init:
     BGR minus mean pixel) or 'unit' (x / 255, small variants trained from scratch).
 Dropout (ResNet-38, FCN-8s) needs `rngs={'dropout': key}` when `train=True`.
-"""
-from typing import Any, Callable
 
+Weights files (`save_variables`, `load_variables`, `read_metadata`; `models/weight_files.py`)
+carry the architecture, class count and normalisation the weights need;
+`resolve_normalization` turns a configured normalisation ('auto' or explicit) and a file's
+metadata into the one to build the model with.
+"""
 import flax.linen as nn
-import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
-from cbst_jax.models.deeplabv2 import DeepLabV2, deeplabv2_resnet101, deeplabv2_resnet_small
-from cbst_jax.models.demo_net import DemoSegNet, demo_segnet
-from cbst_jax.models.fcn import FCN8s, fcn8s_vgg16, fcn8s_vgg16_small
+from cbst_jax.models.deeplabv2 import DeepLabV2
+from cbst_jax.models.fcn import FCN8s
 from cbst_jax.models.importers import WeightMismatchError
-from cbst_jax.models.resnet38 import ResNet38, resnet38, resnet38_small
+from cbst_jax.models.registry import DTYPES, MODELS, get_model
+from cbst_jax.models.resnet38 import ResNet38
+from cbst_jax.models.weight_files import (WeightFileError, load_variables, make_metadata, read_metadata,
+                                          resolve_normalization, save_variables)
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "deeplabv2_resnet101": deeplabv2_resnet101,
-    "deeplabv2_resnet_small": deeplabv2_resnet_small,
-    "resnet38": resnet38,
-    "resnet38_small": resnet38_small,
-    "fcn8s_vgg16": fcn8s_vgg16,
-    "fcn8s_vgg16_small": fcn8s_vgg16_small,
-    "demo_segnet": demo_segnet,
-}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-__all__ = ["MODELS", "DeepLabV2", "ResNet38", "FCN8s", "WeightMismatchError", "get_model",
-           "param_groups", "load_variables", "save_variables", "load_metadata"]
-
-
-def get_model(name: str, num_classes: int, **options) -> nn.Module:
-    """Builds the registered network `name` (see MODELS) with `num_classes` outputs."""
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-    if isinstance(options.get("dtype"), str):
-        options["dtype"] = DTYPES[options["dtype"]]
-    return MODELS[name](num_classes, **options)
+__all__ = ["MODELS", "DTYPES", "DeepLabV2", "ResNet38", "FCN8s", "WeightMismatchError", "WeightFileError",
+           "get_model", "param_groups", "load_variables", "save_variables", "read_metadata", "make_metadata",
+           "resolve_normalization"]
 
 
 def param_groups(name_or_module: str | nn.Module, params, train_bn: bool = False):
@@ -67,27 +51,3 @@ def param_groups(name_or_module: str | nn.Module, params, train_bn: bool = False
         return "backbone"
 
     return traverse_util.unflatten_dict({path: label(path) for path in flat})
-
-
-def save_variables(path, variables, metadata: dict[str, Any] | None = None):
-    """Writes variables as an .npz of 'params/a/b/kernel'-style keys (+ 'meta/*' strings)."""
-    arrays = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(variables)).items()}
-    arrays.update({f"meta/{k}": np.array(str(v)) for k, v in (metadata or {}).items()})
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def load_variables(path) -> dict[str, Any]:
-    """{'params': ..., 'batch_stats': ...} (nested dicts of numpy arrays) from an .npz
-    written by `save_variables` / `python -m cbst_jax.convert_weights`."""
-    with np.load(path, allow_pickle=False) as z:
-        flat = {tuple(k.split("/")): z[k] for k in z.files if not k.startswith("meta/")}
-    variables = traverse_util.unflatten_dict(flat)
-    variables.setdefault("batch_stats", {})
-    return variables
-
-
-def load_metadata(path) -> dict[str, str]:
-    """The 'meta/*' strings of a converted file (kind, model, normalization, num_classes)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k[5:]: str(z[k]) for k in z.files if k.startswith("meta/")}

@@ -14,16 +14,21 @@ FlatVariables = dict[tuple[str, ...], np.ndarray]
 
 
 class WeightMismatchError(ValueError):
-    """Checkpoint and model disagree; the message lists every offending key."""
+    """Checkpoint and model disagree. The message is one line (at most SHOWN keys per kind);
+    the attributes hold every offending key."""
+
+    SHOWN = 8
 
     def __init__(self, missing=(), unexpected=(), shape_mismatches=()):
-        lines = []
+        parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected),
                              ("shape mismatches", shape_mismatches)):
             if items:
-                lines.append(f"{title} ({len(items)}):")
-                lines.extend(f"  {item}" for item in items)
-        super().__init__("checkpoint does not match the model\n" + "\n".join(lines))
+                items = list(items)
+                shown = ", ".join(items[:self.SHOWN])
+                more = f" and {len(items) - self.SHOWN} more" if len(items) > self.SHOWN else ""
+                parts.append(f"{title} ({len(items)}): {shown}{more}")
+        super().__init__("checkpoint does not match the model: " + "; ".join(parts))
         self.missing, self.unexpected, self.shape_mismatches = list(missing), list(unexpected), list(shape_mismatches)
 
 
@@ -150,6 +155,9 @@ def mxnet_resnet38_to_flat(arrays: dict[str, np.ndarray], num_classes: int):
                 continue
             module = "linear"
         w = np.asarray(w, np.float32)
+        if leaf == "kernel" and w.ndim != 4:
+            bad.append(f"{name} {w.shape} (expected a 4-D convolution weight)")
+            continue
         flat[(collection, module, leaf)] = _conv_kernel(w) if leaf == "kernel" else w
     return flat, dropped, bad
 

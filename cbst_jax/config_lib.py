@@ -47,12 +47,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "deeplabv2_resnet101"
     c.model.dtype = "float32"                   # activations: float32 | bfloat16
     c.model.train_bn = False                    # False: frozen BN, as both references
+    c.model.normalization = "auto"              # input normalisation: auto (the weights file's, else the
+                                                # architecture's default) | imagenet | caffe | unit
     c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model
     c.model.init_is_source_model = False        # True: round 0 = these weights, no source training
 
     c.source = ml_collections.ConfigDict(dict(name="gta5", root="", split="train", list_file=""))
     c.target = ml_collections.ConfigDict(dict(name="cityscapes", root="", train_split="train",
-                                              eval_split="val", list_file="", city=""))
+                                              eval_split="val", list_file="", city="",
+                                              # True: also adapt on train images that are evaluation
+                                              # images (the published NTHU protocol; reported)
+                                              allow_eval_overlap=False))
     c.eval_classes = ""                         # "miou13": also mIoU over 13 of 16; "synthetic": drawn classes
     c.synthetic = ml_collections.ConfigDict(dict(height=64, width=128, num_source=1500, num_target_train=400,
                                                  num_target_val=300, data_seed=0))

@@ -64,10 +64,23 @@ def build(config, workdir: str) -> Experiment:
 
 
 def build_model(config):
+    """The network of ``config.model``, with the input normalisation its weights expect
+    (``model.normalization="auto"``: the one recorded in ``model.init``'s metadata)."""
     from cbst_jax import models
 
+    init = config.model.init
+    metadata = models.read_metadata(init) if init else None
+    normalization = models.resolve_normalization(config.model.normalization, metadata, config.model.name,
+                                                 path=init or "model.init")
     return models.get_model(config.model.name, config.num_classes, dtype=config.model.dtype,
-                            train_bn=config.model.train_bn)
+                            train_bn=config.model.train_bn, normalization=normalization)
+
+
+def weights_metadata(config, model, **provenance) -> dict:
+    """The metadata a weights file of this run's network carries (``cbst_jax.models.save_variables``)."""
+    from cbst_jax import models
+
+    return models.make_metadata(config.model.name, config.num_classes, model.normalization, **provenance)
 
 
 def init_variables(config, model, rng, crop):

@@ -225,7 +225,7 @@ def to_image_size(label: np.ndarray, fitted_hw, image_hw) -> np.ndarray:
 
 
 def write_outputs(out_dir: str, name: str, image: np.ndarray, label: np.ndarray, palette) -> list[str]:
-    from cbst_jax.pseudo_label_store import atomic_write_bytes
+    from cbst_jax.atomic_files import atomic_write_bytes
 
     base = os.path.join(out_dir, name)
     os.makedirs(os.path.dirname(base), exist_ok=True)
@@ -330,7 +330,7 @@ def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=D
     from tqdm import tqdm
 
     from cbst_jax import sharding as shd
-    from cbst_jax.pseudo_label_store import atomic_write_json
+    from cbst_jax.atomic_files import atomic_write_json
 
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     canvas = (int(canvas[0]), int(canvas[1]))
@@ -419,7 +419,7 @@ def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=D
                                 {m.name: [cols[m.name] for _, _, cols in rows] for m in loaded},
                                 ground_truth=gts, palette=first.palette,
                                 palettes={m.name: m.palette for m in loaded})
-        from cbst_jax.pseudo_label_store import atomic_write_bytes
+        from cbst_jax.atomic_files import atomic_write_bytes
 
         atomic_write_bytes(os.path.join(out_dir, "comparison.png"), _png(fig))
         summary["comparison"] = os.path.join(out_dir, "comparison.png")

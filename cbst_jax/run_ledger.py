@@ -11,6 +11,9 @@ evaluation row is recorded), and it owns everything on disk that says so:
 * ``checkpoints/rounds``: the last two checkpoints of the run: training progress inside a stage
   (train state, data-iterator position, recent losses) and the final state of each stage, whose
   metadata lists the stages trained so far;
+* ``models/<stage>.npz``: each trained stage's network as a weights file with its metadata
+  (architecture, classes, normalisation: ``cbst_jax.models.save_variables``), written before
+  the stage's final checkpoint, for evaluation, export and inference of any stage;
 * ``pseudo_labels/<method>/round_<r>``: each stage's pseudo-label store (complete once its
   manifest is written);
 * ``ledger.json``: the rows recorded per stage (pseudo-label statistics, evaluation), which the
@@ -89,6 +92,11 @@ class RunLedger:
         """The recorded rows of one kind ("eval", "pseudo_labels"), in the run's stage order."""
         return [rows[kind] for rows in self._rows.values() if kind in rows]
 
+    def stage_weights(self, stage: Stage) -> str:
+        """The weights file of a trained stage (``models/source.npz``, ``models/cbst_r2.npz``)."""
+        name = "source" if stage == SOURCE else f"{stage.method}_r{stage.round}"
+        return os.path.join(self.workdir, "models", f"{name}.npz")
+
     def pseudo_labels(self, stage: Stage) -> PseudoLabelStore:
         return PseudoLabelStore(os.path.join(self.workdir, "pseudo_labels", stage.method, f"round_{stage.round}"))
 
@@ -127,7 +135,17 @@ class RunLedger:
         self._save_round(state, {"stage": stage.key, "phase": "train", "step": int(step), "iterator": iterator,
                                  "recent_losses": list(recent_losses), "done": sorted(self._done)})
 
-    def stage_trained(self, stage: Stage, state, steps: int | None = None, train_loss: float | None = None) -> None:
+    def stage_trained(self, stage: Stage, state, metadata: dict, steps: int | None = None,
+                      train_loss: float | None = None) -> None:
+        """The stage's weights file (``metadata``: its weights-file metadata), then its final
+        checkpoint, which makes the stage trained."""
+        if jax.process_index() == 0:
+            from cbst_jax import models
+
+            variables = {"params": state.params, "batch_stats": state.batch_stats}
+            os.makedirs(os.path.dirname(self.stage_weights(stage)), exist_ok=True)
+            models.save_variables(self.stage_weights(stage), jax.tree.map(shd.replicated_to_host, variables),
+                                  dict(metadata, stage=stage.key))
         if stage == SOURCE:
             self._source.save(0, state, {"stage": stage.key, "phase": "done"})
             return

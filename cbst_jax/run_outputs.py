@@ -111,9 +111,24 @@ def write_seed_report(exp, rows, pl_rows) -> None:
         if best:
             note = (f"\nBest round picked ON THE EVALUATION SPLIT (config.select_by_eval=True): "
                     f"{best['method']} r{best['round']} mIoU {100 * best['miou']:.1f}.\n")
+    note += overlap_note(exp.data.overlap)
+    atomic_write_json(os.path.join(exp.workdir, "eval_overlap.json"), exp.data.overlap)
     text = f"# Results, seed {cfg.seed}\n\n{table}\n{note}"
     atomic_write_bytes(os.path.join(exp.workdir, "results.md"), text.encode())
     print(f"\n{table}{note}", flush=True)
+
+
+def overlap_note(report: dict) -> str:
+    """A line for the report when target train and evaluation images overlap (by content)."""
+    n = report["eval_images_in_train"]
+    if not n:
+        return ""
+    where = f" ({report['city']})" if report.get("city") else ""
+    if report["allow_eval_overlap"]:
+        return (f"\n{n} of the {report['eval_images']} evaluation images{where} are also target train images and "
+                f"WERE ADAPTED ON (target.allow_eval_overlap=True, the published protocol).\n")
+    return (f"\n{report['excluded_train_images']} target train images{where} are evaluation images and were left "
+            f"out of adaptation ({report['adaptation_images']} adapted on).\n")
 
 
 # ---------------------------------------------------------------------------- over seeds

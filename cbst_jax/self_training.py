@@ -56,7 +56,7 @@ def run(config, workdir: str) -> tuple[list[dict], list[dict]]:
             portion = portion_at(config.self_training.portion, r)    # p_r
             store = loop.label(stage, method, state, portion)        # pseudo-labels at p_r
             state, steps = loop.retrain(stage, method, state, store, progress)
-            ledger.stage_trained(stage, state, steps, trainer.last_loss)
+            ledger.stage_trained(stage, state, loop.metadata, steps, trainer.last_loss)
             loop.evaluate_and_record(stage, state, portion=portion, steps=steps, train_loss=trainer.last_loss)
 
     rows, pl_rows = ledger.rows("eval"), ledger.rows("pseudo_labels")
@@ -75,6 +75,7 @@ class _Loop:
         self.initial = trainer.fresh_state(variables, jax.random.fold_in(rng, 1), trainer.kind(SOURCE))
         self.like_source = checkpointing.abstract_like(self.initial)
         self.like_round = trainer.like(variables, rng, config.self_training.optimizer)
+        self.metadata = experiment.weights_metadata(config, exp.model, seed=config.seed)
         self.t_start = time.time()
 
     def source_model(self):
@@ -93,7 +94,7 @@ class _Loop:
                         schedule=cfg.source_training.schedule, iterator=it,
                         start_step=progress.step if progress else 0,
                         recent_losses=progress.recent_losses if progress else ())
-            ledger.stage_trained(SOURCE, state)
+            ledger.stage_trained(SOURCE, state, self.metadata)
         source = ledger.source_state(self.like_source)
         if not ledger.recorded(SOURCE, "eval"):
             self.evaluate_and_record(SOURCE, source)

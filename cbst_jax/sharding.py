@@ -53,6 +53,11 @@ def to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def replicated_to_host(x) -> np.ndarray:
+    """A replicated array (e.g. a train-state leaf) as numpy, from this process's own copy."""
+    return np.asarray(x.addressable_data(0))
+
+
 def agree(flag: bool) -> bool:
     """Process 0's answer to a yes/no question about shared files, so every process takes the
     same branch (and so runs the same collectives) even while process 0 is writing those files."""

@@ -93,7 +93,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     other = models.get_model("deeplabv2_resnet_small", 19)
     variables = other.init(jax.random.key(0), np.zeros((1, 32, 64, 3), np.float32), train=False)
     path = tmp_path / "other.npz"
-    models.save_variables(path, variables)
+    models.save_variables(path, variables, models.make_metadata("deeplabv2_resnet_small", 19, "unit"))
     res = cli("experiments.synthetic", f"--workdir={tmp_path / 'w'}", f"--config.model.init={path}",
               "--config=quick")
     assert res.returncode == 2, res.stderr[-2000:]

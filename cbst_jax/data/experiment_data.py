@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 from cbst_jax import labels as labels_lib
-from cbst_jax.data import check_disjoint, open_dataset
+from cbst_jax.data import open_dataset
+from cbst_jax.data.overlap import without_eval_overlap
 
 HIDDEN_LABEL = "hidden_label"
 _UNLABELLED_OPTION = ("cityscapes", "bdd100k", "nthu")
@@ -26,6 +27,7 @@ class ExperimentData:
     table_classes: list           # classes the tables show and mIoU averages
     subset_classes: list | None   # SYNTHIA's 13 of 16 (mIoU*), else None
     hidden_label_key: str | None  # where target-train records hold ground truth, if anywhere
+    overlap: dict                 # target train vs evaluation images, by content (data.overlap)
 
 
 def open_side(config, side: str, split: str, *, labelled=None):
@@ -58,16 +60,18 @@ def class_lists(config) -> tuple[list, list | None]:
 
 
 def open_experiment_data(config) -> ExperimentData:
-    """The splits of ``config``; the target evaluation split must be labelled and disjoint
-    from the split that is adapted on."""
+    """The splits of ``config``. The target evaluation split must be labelled; target train
+    images that are also evaluation images (by content) are left out of the split adapted on,
+    unless ``target.allow_eval_overlap`` keeps them (the published protocol; reported)."""
     from cbst_jax.data.io import DatasetError
 
     source = open_side(config, "source", config.source.split)
     target_train = open_side(config, "target", config.target.train_split, labelled=False)
     target_eval = open_side(config, "target", config.target.eval_split)
-    check_disjoint(target_train, target_eval)
     if not getattr(target_eval, "has_labels", True):
         raise DatasetError(f"target evaluation split {config.target.eval_split!r} has no labels")
+    target_train, overlap = without_eval_overlap(target_train, target_eval,
+                                                 allow_overlap=config.target.allow_eval_overlap)
     table, subset = class_lists(config)
     hidden = HIDDEN_LABEL if HIDDEN_LABEL in target_train[0] else None
-    return ExperimentData(source, target_train, target_eval, table, subset, hidden)
+    return ExperimentData(source, target_train, target_eval, table, subset, hidden, overlap)

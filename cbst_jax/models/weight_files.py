@@ -96,7 +96,7 @@ def validate_metadata(metadata, path="weights file") -> dict[str, Any]:
 def save_variables(path, variables, metadata: dict[str, Any]) -> None:
     """Writes ``variables`` ({'params', 'batch_stats'}) and validated ``metadata`` to ``path``
     (an .npz), atomically: a temporary file renamed into place."""
-    from cbst_jax.pseudo_label_store import atomic_write_bytes
+    from cbst_jax.atomic_files import atomic_write_bytes
 
     metadata = validate_metadata(dict(metadata), path)
     arrays = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(variables)).items()}

@@ -30,19 +30,15 @@ def _config(workdir: str):
 
 def measure(workdir: str, alphas, kinds=("lrent", "lrl2", "lrkld"), keeps=("objective", "cbst")):
     from cbst_jax import experiment
-    from cbst_jax.methods import SOURCE, portion_at
+    from cbst_jax.methods import SOURCE, parse, portion_at, stages
     from cbst_jax.run_ledger import RunLedger
-    from cbst_jax.trainer import Trainer, variables_of
 
     cfg = _config(workdir)
-    ledger = RunLedger(workdir, cfg)
+    ledger = RunLedger(workdir, cfg, stages(parse(cfg.methods), cfg.self_training.rounds))
     if not ledger.trained(SOURCE):
-        raise SystemExit(f"{workdir}: no source checkpoint (run the experiment first)")
+        raise SystemExit(f"{workdir}: no trained source model (run the experiment first)")
     exp = experiment.build(cfg, workdir)
-    rng = jax.random.key(cfg.seed)
-    variables = experiment.init_variables(cfg, exp.model, rng, tuple(cfg.input.crop))
-    trainer = Trainer(exp, ledger, variables)
-    variables = variables_of(ledger.source_state(trainer.like(variables, rng, trainer.kind(SOURCE))))
+    variables = ledger.trained_variables(SOURCE)
     portion = portion_at(cfg.self_training.portion, 0)
     hidden = exp.data.hidden_label_key
 

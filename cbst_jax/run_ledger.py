@@ -1,36 +1,42 @@
-"""The run ledger: what a workdir holds, and where a killed run resumes.
+"""The run ledger: what a workdir holds, what of it can be trusted, and where a killed run resumes.
 
 A run is a fixed sequence of stages (``cbst_jax.methods.stages``: the source model, then every
-method's rounds). For each stage the ledger knows whether it is *trained* (its final train
-state is checkpointed), *labelled* (its pseudo-label store is complete) and *evaluated* (its
-evaluation row is recorded), and it owns everything on disk that says so:
+method's rounds). For each stage the ledger knows whether it is *trained*, *labelled* and
+*evaluated*, and it owns everything on disk that says so:
 
-* ``config.json``: the configuration that wrote the workdir; another configuration is refused
-  (the keys that only say how a process joins a multi-host run aside);
-* ``checkpoints/source``: the source model (round 0), once it is final;
-* ``checkpoints/rounds``: the last two checkpoints of the run: training progress inside a stage
-  (train state, data-iterator position, recent losses) and the final state of each stage, whose
-  metadata lists the stages trained so far;
+* ``ledger.json``: the index (written atomically, by process 0 only): per stage the trained
+  network's weights file with its sha256, steps and final loss, the recorded rows (pseudo-label
+  statistics, evaluation); per training checkpoint its stage, step and digest; the history of
+  restarts with changed settings (``resume_from_stage``);
 * ``models/<stage>.npz``: each trained stage's network as a weights file with its metadata
-  (architecture, classes, normalisation: ``cbst_jax.models.save_variables``), written before
-  the stage's final checkpoint, for evaluation, export and inference of any stage;
-* ``pseudo_labels/<method>/round_<r>``: each stage's pseudo-label store (complete once its
-  manifest is written);
-* ``ledger.json``: the rows recorded per stage (pseudo-label statistics, evaluation), which the
-  reports are made from; ``metrics.jsonl`` (and TensorBoard events, :attr:`log`) the append-only
-  log a user reads, which the ledger never reads back.
+  (architecture, classes, normalisation: ``cbst_jax.models.save_variables``), for the next
+  round, evaluation, export and inference;
+* ``checkpoints/``: training progress inside the current stage (the last two checkpoints:
+  train state, data-iterator position, recent losses; ``cbst_jax.checkpointing``);
+* ``pseudo_labels/<method>/round_<r>/``: each round's pseudo-label store, complete once its
+  manifest (with every file's sha256) is written;
+* ``config.json``: the configuration that wrote the workdir; another configuration is refused
+  (launch keys aside), except for the optimiser settings a ``resume_from_stage`` restart may
+  change.
 
-The loop asks "is this stage trained / labelled / evaluated?", "what training progress is
-there?", and tells "progress", "stage trained", "row recorded"; checkpoint numbering and the
-metadata layout stay in here. Every file is written by process 0 only, and every question about
-files is answered by process 0 for all processes (``sharding.agree``), so all processes take the
-same branches. Paths stored on disk are relative to the workdir.
+``metrics.jsonl`` and TensorBoard events (:attr:`log`) are the append-only log a user reads; the
+ledger never reads them back. Everything read back is verified first: a weights file or a
+checkpoint whose digest does not match is skipped with a one-line notice (the stage is trained
+again, or training resumes from an older checkpoint: every batch and label is a pure function
+of the seed, stage and step, so the results are the same), pseudo-label files are checked
+against their manifest. Every file is written by process 0 only, and every question about
+files is answered by process 0 for all processes (``sharding.agree``). Paths stored on disk
+are relative to the workdir, so a workdir can be moved or copied and resumed from its new place.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import sys
+import time
 
 import jax
 
@@ -38,13 +44,21 @@ from cbst_jax import checkpointing, reporting
 from cbst_jax import sharding as shd
 from cbst_jax.atomic_files import atomic_write_bytes, atomic_write_json
 from cbst_jax.errors import RunError
+from cbst_jax.failpoints import failpoint
 from cbst_jax.methods import SOURCE, Stage
 from cbst_jax.pseudo_label_store import PseudoLabelStore
 
+LEDGER_FILE = "ledger.json"
+CONFIG_FILE = "config.json"
 # Keys that say how this process joins a multi-host run, not what the run computes: they differ
 # between the processes of one run (process_id) and between launches (the coordinator's port).
 LAUNCH_KEYS = ("process_id", "coordinator_address")
-LEDGER_FILE = "ledger.json"
+# What a restart from a finished stage (``resume_from_stage``) may change: how the stages after
+# it are optimised and logged, never what they learn from.
+REWIND_KEYS = ("resume_from_stage", "self_training.lr", "self_training.lr_round_decay", "self_training.schedule",
+               "self_training.optimizer", "self_training.epochs_per_round", "self_training.steps_per_round",
+               "self_training.reg_weight", "optim.momentum", "optim.weight_decay", "optim.head_lr_mult",
+               "checkpoint_every", "log_every", "input.workers", "input.eval_batch_size")
 
 
 @dataclasses.dataclass
@@ -56,143 +70,278 @@ class Progress:
     recent_losses: list
 
 
-@dataclasses.dataclass
-class Trained:
-    """A trained stage's final state and what its training reported."""
-    state: object
-    steps: int | None
-    train_loss: float | None
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def notice(message: str) -> None:
+    """A one-line note to the user (process 0 only) about something the run repaired."""
+    if jax.process_index() == 0:
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 class RunLedger:
-    def __init__(self, workdir: str, config):
-        self.workdir = workdir
-        check_workdir_config(config, workdir)
+    def __init__(self, workdir: str, config, stage_order: list[Stage]):
+        self.workdir, self.order = workdir, list(stage_order)
+        self._doc = self._read()
+        rewind_to = check_workdir_config(config, workdir)
         self.log = reporting.MetricsLog(workdir, enabled=jax.process_index() == 0)
-        self._source = checkpointing.RunCheckpoints(os.path.join(workdir, "checkpoints", "source"), max_to_keep=1)
-        self._rounds = checkpointing.RunCheckpoints(os.path.join(workdir, "checkpoints", "rounds"), max_to_keep=2)
-        latest = self._rounds.restore_meta()
-        self._latest = latest
-        self._done = set(latest.get("done", [])) if latest else set()
-        self._rows = self._read_rows()
+        self._checkpoints = checkpointing.RunCheckpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+        self._verified: dict = {}
+        if rewind_to:
+            self._rewind(rewind_to, config)
 
     # ------------------------------------------------------------------ questions
     def trained(self, stage: Stage) -> bool:
-        if stage == SOURCE:
-            return shd.agree(self._source.latest() is not None)
-        return shd.agree(stage.key in self._done)
+        """Trained, with a weights file that matches its recorded digest."""
+        return shd.agree(self._weights_ok(stage))
 
     def labelled(self, stage: Stage) -> bool:
-        return shd.agree(self.pseudo_labels(stage).complete())
+        """Labelled, with every pseudo-label file present and matching its manifest."""
+        store = self.pseudo_labels(stage)
+        if not store.complete():
+            return shd.agree(False)
+        problem = store.verify() if jax.process_index() == 0 else None
+        if problem:
+            notice(f"{problem}: the pseudo-labels of stage {stage.key} are made again")
+        return shd.agree(problem is None)
 
     def recorded(self, stage: Stage, kind: str) -> bool:
-        return shd.agree(kind in self._rows.get(stage.key, {}))
+        return shd.agree(kind in self._stage_doc(stage))
 
     def rows(self, kind: str) -> list[dict]:
         """The recorded rows of one kind ("eval", "pseudo_labels"), in the run's stage order."""
-        return [rows[kind] for rows in self._rows.values() if kind in rows]
+        docs = self._doc["stages"]
+        return [docs[s.key][kind] for s in self.order if kind in docs.get(s.key, {})]
 
     def stage_weights(self, stage: Stage) -> str:
-        """The weights file of a trained stage (``models/source.npz``, ``models/cbst_r2.npz``)."""
+        """The weights file of a stage (``models/source.npz``, ``models/cbst_r2.npz``)."""
         name = "source" if stage == SOURCE else f"{stage.method}_r{stage.round}"
         return os.path.join(self.workdir, "models", f"{name}.npz")
+
+    def trained_variables(self, stage: Stage) -> dict:
+        """The variables of a trained stage, read from its verified weights file."""
+        from cbst_jax import models
+
+        if not self.trained(stage):
+            raise RunError(f"stage {stage.key} is not trained in {self.workdir}")
+        return models.load_variables(self.stage_weights(stage))
+
+    def training_summary(self, stage: Stage) -> dict:
+        """``{"steps", "train_loss"}`` of a trained stage."""
+        return {k: self._stage_doc(stage)["trained"].get(k) for k in ("steps", "train_loss")}
 
     def pseudo_labels(self, stage: Stage) -> PseudoLabelStore:
         return PseudoLabelStore(os.path.join(self.workdir, "pseudo_labels", stage.method, f"round_{stage.round}"))
 
     def progress(self, stage: Stage, like) -> Progress | None:
-        """The training progress of ``stage`` if the newest checkpoint holds some (``like``: a
-        state of the stage's structure, for shapes, dtypes and shardings)."""
-        meta = self._latest
-        if meta is None or meta.get("stage") != stage.key or meta.get("phase") != "train":
-            return None
-        state, meta = self._rounds.restore(like)
-        return Progress(state, int(meta["step"]), meta["iterator"], list(meta.get("recent_losses", [])))
+        """The newest training checkpoint of ``stage`` that verifies and restores (``like``: a
+        state of the stage's structure, for shapes, dtypes and shardings); older ones are the
+        fallback, each skipped one is named with the reason."""
+        for index in self._candidates(stage):
+            try:
+                state, meta = self._checkpoints.restore(like, index)
+            except checkpointing.CheckpointError as e:
+                notice(f"{e}; trying an older one")
+                continue
+            return Progress(state, int(meta["step"]), meta["iterator"], list(meta.get("recent_losses", [])))
+        return None
 
-    def source_state(self, like):
-        state, _ = self._source.restore(like)
-        return state
+    def last_trained(self) -> Stage | None:
+        """The latest stage of the run order that is trained (for messages)."""
+        done = [s for s in self.order if "trained" in self._stage_doc(s)]
+        return done[-1] if done else None
 
-    def trained_state(self, stage: Stage, like) -> Trained:
-        """The final state of the newest trained stage ``stage`` (older ones are not kept)."""
-        meta = self._rounds.restore_meta()
-        if meta is None or meta.get("stage") != stage.key or meta.get("phase") != "done":
-            raise RunError(f"{self._rounds.directory}: the final checkpoint of stage {stage.key} is not the "
-                           f"newest one; it is needed to go on (use --fresh to start over)")
-        state, meta = self._rounds.restore(like)
-        return Trained(state, meta.get("steps"), meta.get("train_loss"))
-
-    def last_checkpoint(self) -> str:
-        """The newest checkpoint on disk, for messages."""
-        index = self._rounds.latest()
-        if index is not None:
-            return os.path.join(self._rounds.directory, str(index))
-        index = self._source.latest()
-        return "none yet" if index is None else os.path.join(self._source.directory, str(index))
+    def how_to_go_on(self) -> str:
+        """What a user can do after a stop inside a stage (e.g. a non-finite loss)."""
+        last = self.last_trained()
+        if last is None:
+            return "no stage has finished yet: rerun with --fresh and other settings (e.g. a lower learning rate)"
+        return (f"the last finished stage is {last.key} ({os.path.relpath(self.stage_weights(last), self.workdir)}); "
+                f"to go on from it with other optimiser settings rerun the same command with "
+                f"--config.resume_from_stage={last.key} and the changed keys (e.g. --config.self_training.lr=...)")
 
     # ------------------------------------------------------------------ what happened
     def save_progress(self, stage: Stage, state, step: int, iterator: dict, recent_losses: list) -> None:
-        self._save_round(state, {"stage": stage.key, "phase": "train", "step": int(step), "iterator": iterator,
-                                 "recent_losses": list(recent_losses), "done": sorted(self._done)})
+        index = max([int(i) for i in self._doc["checkpoints"]] + self._checkpoints.indices() + [0]) + 1
+        meta = {"stage": stage.key, "step": int(step), "iterator": iterator, "recent_losses": list(recent_losses)}
+        digest = self._checkpoints.save(index, state, meta)
+        kept = set(self._checkpoints.indices())
+        self._doc["checkpoints"] = {k: v for k, v in self._doc["checkpoints"].items() if int(k) in kept}
+        self._doc["checkpoints"][str(index)] = {"stage": stage.key, "step": int(step), "sha256": digest}
+        self._write()
 
-    def stage_trained(self, stage: Stage, state, metadata: dict, steps: int | None = None,
+    def stage_trained(self, stage: Stage, variables, metadata: dict, steps: int | None = None,
                       train_loss: float | None = None) -> None:
-        """The stage's weights file (``metadata``: its weights-file metadata), then its final
-        checkpoint, which makes the stage trained."""
-        if jax.process_index() == 0:
-            from cbst_jax import models
+        """Writes the stage's weights file (``metadata``: its weights-file metadata) and records
+        it, which makes the stage trained; its training checkpoints are then dropped."""
+        from cbst_jax import models
 
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            os.makedirs(os.path.dirname(self.stage_weights(stage)), exist_ok=True)
-            models.save_variables(self.stage_weights(stage), jax.tree.map(shd.replicated_to_host, variables),
-                                  dict(metadata, stage=stage.key))
-        if stage == SOURCE:
-            self._source.save(0, state, {"stage": stage.key, "phase": "done"})
-            return
-        self._done.add(stage.key)
-        self._save_round(state, {"stage": stage.key, "phase": "done", "done": sorted(self._done), "steps": steps,
-                                 "train_loss": train_loss})
+        path = self.stage_weights(stage)
+        digest = None
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            host = jax.tree.map(shd.replicated_to_host, variables)
+            try:
+                models.save_variables(path, host, dict(metadata, stage=stage.key))
+            except OSError as e:
+                raise RunError(f"writing {path} failed ({e.strerror or e}); it needs about "
+                               f"{checkpointing.tree_nbytes(host) / 2**20:.0f} MiB, "
+                               f"{shutil.disk_usage(os.path.dirname(path)).free / 2**20:.0f} MiB are free") from None
+            digest = file_sha256(path)
+            self._verified[path] = digest
+        failpoint("ledger.weights_written")
+        self._stage_doc(stage)["trained"] = {"weights": os.path.relpath(path, self.workdir), "sha256": digest,
+                                             "steps": steps, "train_loss": train_loss}
+        self._write()
+        shd.barrier("stage-trained")
+        self._checkpoints.delete_all_but(set())
+        self._doc["checkpoints"] = {}
+        self._write()
 
     def record(self, stage: Stage, row: dict) -> None:
         """Logs ``row`` (``metrics.jsonl``, then the ledger): a kill in between repeats the row
         in the log on resume, and readers of the log keep the last row of each key."""
         self.log.write(row)
-        self._rows.setdefault(stage.key, {})[row["kind"]] = reporting.jsonable(row)
+        failpoint("ledger.row_logged")
+        self._stage_doc(stage)[row["kind"]] = reporting.jsonable(row)
+        self._write()
+
+    def write_labels_digest(self, stage: Stage) -> None:
+        """After labelling: process 0 hashes every pseudo-label file into the manifest."""
         if jax.process_index() == 0:
-            atomic_write_json(os.path.join(self.workdir, LEDGER_FILE), {"stages": self._rows})
+            self.pseudo_labels(stage).seal()
+        shd.barrier("labels-sealed")
 
     # ------------------------------------------------------------------ internals
-    def _save_round(self, state, meta: dict) -> None:
-        self._rounds.save((self._rounds.latest() or 0) + 1, state, meta)
-        self._latest = meta
+    def _stage_doc(self, stage: Stage) -> dict:
+        return self._doc["stages"].setdefault(stage.key, {})
 
-    def _read_rows(self) -> dict:
-        path = os.path.join(self.workdir, LEDGER_FILE)
+    def _weights_ok(self, stage: Stage) -> bool:
+        trained = self._stage_doc(stage).get("trained")
+        if trained is None or jax.process_index() != 0:
+            return trained is not None
+        path = os.path.join(self.workdir, trained["weights"])
+        if self._verified.get(path) == trained["sha256"]:
+            return True
         if not os.path.exists(path):
-            return {}
-        with open(path) as f:
-            return json.load(f)["stages"]
+            notice(f"{path} is missing: stage {stage.key} is trained again")
+            return False
+        if file_sha256(path) != trained["sha256"]:
+            notice(f"{path} does not match the sha256 recorded when it was written (damaged): "
+                   f"stage {stage.key} is trained again")
+            return False
+        self._verified[path] = trained["sha256"]
+        return True
+
+    def _candidates(self, stage: Stage) -> list[int]:
+        """Recorded checkpoints of ``stage``, newest first, whose files match their digest
+        (process 0's answer for all processes)."""
+        good = []
+        if jax.process_index() == 0:
+            on_disk = set(self._checkpoints.indices())
+            for key in sorted(self._doc["checkpoints"], key=int, reverse=True):
+                entry, index = self._doc["checkpoints"][key], int(key)
+                if entry["stage"] != stage.key:
+                    continue
+                if index not in on_disk:
+                    notice(f"checkpoint {self._checkpoints.path(index)} is missing; trying an older one")
+                elif self._checkpoints.digest(index) != entry["sha256"]:
+                    notice(f"checkpoint {self._checkpoints.path(index)} does not match the digest recorded when "
+                           f"it was written (damaged); trying an older one")
+                else:
+                    good.append(index)
+        return shd.broadcast_ints(good)
+
+    def _read(self) -> dict:
+        path = os.path.join(self.workdir, LEDGER_FILE)
+        doc = {"version": 1, "stages": {}, "checkpoints": {}, "history": []}
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    doc.update(json.load(f))
+            except (OSError, ValueError) as e:
+                raise RunError(f"{path} cannot be read ({e}); it indexes the run: restore it from a copy, "
+                               f"or start over with --fresh") from None
+        return doc
+
+    def _write(self) -> None:
+        if jax.process_index() == 0:
+            atomic_write_json(os.path.join(self.workdir, LEDGER_FILE), self._doc)
+
+    def _rewind(self, stage_key: str, config) -> None:
+        """A restart from finished stage ``stage_key`` with changed settings: everything of the
+        stages after it is moved into ``rewound/<time>/`` (nothing is deleted) and the new
+        configuration replaces ``config.json``."""
+        keys = [s.key for s in self.order]
+        if stage_key not in keys:
+            raise RunError(f"config.resume_from_stage={stage_key!r}: expected one of this run's stages "
+                           f"({', '.join(keys)})")
+        stage = self.order[keys.index(stage_key)]
+        if not self.trained(stage):
+            raise RunError(f"config.resume_from_stage={stage_key!r}: that stage is not trained in {self.workdir}")
+        later = self.order[keys.index(stage_key) + 1:]
+        if jax.process_index() == 0:
+            aside = os.path.join(self.workdir, "rewound", time.strftime("%Y%m%d-%H%M%S"))
+            os.makedirs(aside, exist_ok=True)
+            moved = [os.path.join(self.workdir, "checkpoints"), os.path.join(self.workdir, CONFIG_FILE)]
+            moved += [self.stage_weights(s) for s in later] + [self.pseudo_labels(s).directory for s in later]
+            for path in moved:
+                if os.path.exists(path):
+                    target = os.path.join(aside, os.path.relpath(path, self.workdir))
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.move(path, target)
+            atomic_write_json(os.path.join(aside, LEDGER_FILE), self._doc)
+        shd.barrier("rewound")
+        for s in later:
+            self._doc["stages"].pop(s.key, None)
+        self._doc["checkpoints"] = {}
+        self._doc["history"].append({"resume_from_stage": stage_key, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self._write()
+        write_workdir_config(config, self.workdir)
+        self._checkpoints = checkpointing.RunCheckpoints(os.path.join(self.workdir, "checkpoints"), max_to_keep=2)
+        notice(f"restarting after stage {stage_key} with changed settings; the later stages' files are kept in "
+               f"{os.path.relpath(aside if jax.process_index() == 0 else 'rewound', self.workdir)}")
 
 
-def _launch_free(config_dict: dict) -> dict:
+def _comparable(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k not in LAUNCH_KEYS}
 
 
-def check_workdir_config(config, workdir: str) -> None:
-    """Refuses to resume a workdir written by a different configuration (launch keys aside);
-    records the configuration of a new one."""
-    path = os.path.join(workdir, "config.json")
-    mine = _launch_free(json.loads(config.to_json(sort_keys=True)))
-    if os.path.exists(path):
-        with open(path) as f:
-            old = _launch_free(json.load(f))
-        if old != mine:
-            diff = [k for k, v in _flat(mine).items() if _flat(old).get(k) != v]
-            raise RunError(f"{workdir} holds a run with another configuration (differs in {', '.join(diff[:4])}); "
-                           f"use another --workdir or --fresh")
-    elif jax.process_index() == 0:
+def write_workdir_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(mine, sort_keys=True, indent=1).encode())
+        mine = _comparable(json.loads(config.to_json(sort_keys=True)))
+        atomic_write_bytes(os.path.join(workdir, CONFIG_FILE), json.dumps(mine, sort_keys=True, indent=1).encode())
+
+
+def check_workdir_config(config, workdir: str) -> str | None:
+    """Refuses to resume a workdir written by a different configuration (launch keys aside);
+    records the configuration of a new one. Returns the stage to restart from when
+    ``resume_from_stage`` changes only the settings such a restart may change."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    mine = _comparable(json.loads(config.to_json(sort_keys=True)))
+    if not os.path.exists(path):
+        write_workdir_config(config, workdir)
+        return None
+    with open(path) as f:
+        old = _comparable(json.load(f))
+    if old == mine:
+        return None
+    diff = [k for k in sorted(set(_flat(mine)) | set(_flat(old))) if _flat(mine).get(k) != _flat(old).get(k)]
+    if config.get("resume_from_stage"):
+        fixed = [k for k in diff if k not in REWIND_KEYS]
+        if fixed:
+            raise RunError(f"{workdir}: resume_from_stage may change only optimiser and logging settings "
+                           f"({', '.join(REWIND_KEYS[1:])}), not {', '.join(fixed[:4])}")
+        return config.resume_from_stage
+    raise RunError(f"{workdir} holds a run with another configuration (differs in {', '.join(diff[:4])}); "
+                   f"use another --workdir, --fresh, or --config.resume_from_stage=<stage> to change "
+                   f"optimiser settings after a finished stage")
 
 
 def _flat(d, prefix=""):

@@ -9,10 +9,11 @@
             evaluate on the target evaluation split (cbst_jax.evaluate)
             record the round (cbst_jax.run_ledger, cbst_jax.run_outputs)
 
-Resume: the run ledger knows which stages are trained, labelled and evaluated, and holds the
-training progress inside a stage. Killed anywhere, the same command skips what is done and
-resumes the rest; since every batch, augmentation and pseudo-label is a pure function of (seed,
-stage, step), it reaches the same final metrics bit for bit (on CPU). Evaluation never feeds back
+Resume: the run ledger knows which stages are trained, labelled and evaluated (each trained
+stage's network is a verified weights file), and holds the training progress inside a stage.
+Killed anywhere, the same command skips what is done and resumes the rest; since every batch,
+augmentation and pseudo-label is a pure function of (seed, stage, step), it reaches the same
+final metrics bit for bit (on CPU). Evaluation never feeds back
 into training: every round is reported, and no round is picked by looking at the evaluation
 split unless ``config.select_by_eval`` asks for it (the report then says so).
 """
@@ -25,39 +26,43 @@ import jax
 
 from cbst_jax import checkpointing, experiment, run_outputs
 from cbst_jax.evaluate import evaluate
-from cbst_jax.methods import SOURCE, Stage, portion_at
+from cbst_jax.methods import SOURCE, Stage, parse as parse_methods, portion_at, stages
 from cbst_jax.pseudo_labelling import label_target
 from cbst_jax.run_ledger import RunLedger
 from cbst_jax.trainer import Trainer, mixed_iterator, round_lr, round_steps, variables_of
 
 
-def run(config, workdir: str) -> tuple[list[dict], list[dict]]:
+def run(config, workdir: str, on_started=None) -> tuple[list[dict], list[dict]]:
     """One seed: the source model, then every method's rounds; resumes from ``workdir``.
-    Returns the seed's evaluation rows and pseudo-label rows."""
+    Returns the seed's evaluation rows and pseudo-label rows. ``on_started()`` is called once
+    the source model exists."""
     config = copy.deepcopy(config)
-    ledger = RunLedger(workdir, config)
+    ledger = RunLedger(workdir, config, stages(parse_methods(config.methods), config.self_training.rounds))
     exp = experiment.build(config, workdir)
     rng = jax.random.key(config.seed)
     variables = experiment.init_variables(config, exp.model, rng, tuple(config.input.crop))
     trainer = Trainer(exp, ledger, variables)
     loop = _Loop(exp, ledger, trainer, variables, rng)
 
-    source = loop.source_model()                                  # round 0
+    source = loop.source_model()                                     # round 0
+    if on_started is not None:
+        on_started()
     for method in exp.methods:
         if not method.self_trains:
             continue
-        state = source
+        model = source                                               # each method from the source model
         for r in range(config.self_training.rounds):
             stage = Stage(method.name, r)
-            if ledger.trained(stage):                             # finished before a restart
-                state = loop.evaluate_if_needed(stage)
+            if ledger.trained(stage):                                # finished before a restart
+                model = loop.evaluate_if_needed(stage)
                 continue
-            state, progress = loop.start(stage, state)               # previous model, fresh optimiser
+            state, progress = loop.start(stage, model)               # previous model, fresh optimiser
             portion = portion_at(config.self_training.portion, r)    # p_r
             store = loop.label(stage, method, state, portion)        # pseudo-labels at p_r
             state, steps = loop.retrain(stage, method, state, store, progress)
-            ledger.stage_trained(stage, state, loop.metadata, steps, trainer.last_loss)
-            loop.evaluate_and_record(stage, state, portion=portion, steps=steps, train_loss=trainer.last_loss)
+            model = variables_of(state)
+            ledger.stage_trained(stage, model, loop.metadata, steps, trainer.last_loss)
+            loop.evaluate_and_record(stage, model, portion=portion, steps=steps, train_loss=trainer.last_loss)
 
     rows, pl_rows = ledger.rows("eval"), ledger.rows("pseudo_labels")
     if jax.process_index() == 0:
@@ -79,11 +84,13 @@ class _Loop:
         self.t_start = time.time()
 
     def source_model(self):
-        """Round 0: trained on the source here (resuming its progress), or the imported weights."""
+        """Round 0: trained on the source here (resuming its progress), or the imported
+        weights; returns its variables."""
         cfg, ledger = self.exp.config, self.ledger
         if not ledger.trained(SOURCE):
-            state, progress = self.initial, ledger.progress(SOURCE, self.like_source)
+            state = self.initial
             if not cfg.model.init_is_source_model and cfg.source_training.steps > 0:
+                progress = ledger.progress(SOURCE, self.like_source)
                 it = mixed_iterator(self.exp, None)
                 if progress is not None:
                     state = progress.state
@@ -94,33 +101,33 @@ class _Loop:
                         schedule=cfg.source_training.schedule, iterator=it,
                         start_step=progress.step if progress else 0,
                         recent_losses=progress.recent_losses if progress else ())
-            ledger.stage_trained(SOURCE, state, self.metadata)
-        source = ledger.source_state(self.like_source)
+            ledger.stage_trained(SOURCE, variables_of(state), self.metadata, cfg.source_training.steps,
+                                 self.trainer.last_loss)
+        source = ledger.trained_variables(SOURCE)
         if not ledger.recorded(SOURCE, "eval"):
             self.evaluate_and_record(SOURCE, source)
         return source
 
     def evaluate_if_needed(self, stage: Stage):
-        """A stage trained before a restart; evaluated now if the kill came before its row.
-        Returns its final state when restored, else None (restored later if needed)."""
+        """A stage trained before a restart, evaluated now if the stop came before its row;
+        returns its variables when read, else None (read later if needed)."""
         if self.ledger.recorded(stage, "eval"):
             return None
-        trained = self.ledger.trained_state(stage, self.like_round)
-        self.evaluate_and_record(stage, trained.state, portion=portion_at(self.exp.config.self_training.portion,
-                                                                          stage.round),
-                                 steps=trained.steps, train_loss=trained.train_loss)
-        return trained.state
+        model = self.ledger.trained_variables(stage)
+        self.evaluate_and_record(stage, model, portion=portion_at(self.exp.config.self_training.portion, stage.round),
+                                 **self.ledger.training_summary(stage))
+        return model
 
     def start(self, stage: Stage, previous):
         """The state a round starts from and its training progress (if resumed inside it):
-        the previous round's model (restored if not at hand) with a fresh optimiser."""
+        the previous round's model (read from its weights file if not at hand) with a fresh
+        optimiser."""
         progress = self.ledger.progress(stage, self.like_round)
         if progress is not None:
             return progress.state, progress
         if previous is None:
-            previous = self.ledger.trained_state(Stage(stage.method, stage.round - 1), self.like_round).state
+            previous = self.ledger.trained_variables(Stage(stage.method, stage.round - 1))
         return self.trainer.round_state(previous, stage, self.rng), None
-
     def label(self, stage: Stage, method, state, portion: float):
         """The round's pseudo-labels (made now, or complete from before a restart), recorded."""
         ledger = self.ledger
@@ -151,9 +158,9 @@ class _Loop:
                                        recent_losses=progress.recent_losses if progress else ())
         return state, steps
 
-    def evaluate_and_record(self, stage: Stage, state, **extra):
+    def evaluate_and_record(self, stage: Stage, variables, **extra):
         """Evaluation row, kept predictions and (rounds) the pseudo-label figure of a stage."""
-        cm, preds = evaluate(self.exp, variables_of(state), desc=f"{stage.key} eval")
+        cm, preds = evaluate(self.exp, variables, desc=f"{stage.key} eval")
         self.ledger.record(stage, run_outputs.eval_row(self.exp, stage, cm, dict(extra,
                                                                                  wall_s=time.time() - self.t_start)))
         run_outputs.save_predictions(self.exp, stage, preds)

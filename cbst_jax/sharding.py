@@ -72,3 +72,14 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def broadcast_ints(values: list[int]) -> list[int]:
+    """Process 0's list of integers, on every process."""
+    if jax.process_count() == 1:
+        return list(values)
+    from jax.experimental import multihost_utils
+    n = int(multihost_utils.broadcast_one_to_all(np.array(len(values), np.int64)))
+    padded = np.zeros(max(n, 1), np.int64)
+    padded[:min(n, len(values))] = values[:n]
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(padded)[:n]]

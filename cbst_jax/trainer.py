@@ -19,6 +19,7 @@ from cbst_jax import sharding as shd
 from cbst_jax import train as train_lib
 from cbst_jax.data import pipeline
 from cbst_jax.errors import RunError
+from cbst_jax.failpoints import failpoint
 from cbst_jax.methods import SOURCE, Stage
 
 
@@ -50,10 +51,10 @@ class Trainer:
         variables = jax.tree.map(lambda x: np.array(jax.device_get(x)), variables)
         return train_lib.create_train_state(variables, self.optimizer(kind), rng, self.exp.mesh)
 
-    def round_state(self, state, stage: Stage, run_rng):
+    def round_state(self, variables, stage: Stage, run_rng):
         """The state a round starts from: the previous model, a fresh optimiser, the round's RNG."""
         rng = jax.random.fold_in(run_rng, zlib.crc32(stage.key.encode()) % (2 ** 31))
-        return self.fresh_state(variables_of(state), rng, self.kind(stage))
+        return self.fresh_state(variables, rng, self.kind(stage))
 
     def like(self, variables, run_rng, kind: str):
         """Shapes, dtypes and shardings of a state of this optimiser kind (to restore into)."""
@@ -88,6 +89,7 @@ class Trainer:
             batch = shd.to_global(fields, self.exp.mesh)
             lr_k = train_lib.learning_rate(lr, schedule, k, steps)
             state, m = step_fn(state, batch, lr_k)
+            failpoint("train.step")
             if pending is not None:
                 self._check(stage, *pending, losses_seen)
             pending = (k, m)
@@ -109,8 +111,8 @@ class Trainer:
 
     def _check(self, stage: Stage, k, m, losses_seen):
         if not bool(m["finite"]):
-            raise RunError(f"non-finite loss in stage {stage.key} at step {k}: stopped; the last good "
-                           f"checkpoint ({self.ledger.last_checkpoint()}) is intact")
+            raise RunError(f"non-finite loss in stage {stage.key} at step {k}: stopped (nothing written after "
+                           f"the last good step); {self.ledger.how_to_go_on()}")
         losses_seen.append(float(m["loss"]))
 
 

@@ -1,19 +1,20 @@
 """Shared reading machinery for the on-disk dataset readers.
 
 Everything a folder reader needs that is not specific to one dataset lives here: the error and
-warning classes, decoding of RGB images (8-bit RGB PNGs with OpenCV when it is installed, all else
-with Pillow) and label PNGs (8-bit L/P, and 16-bit multi-channel PNGs that Pillow alone would
-truncate to their high byte), the one nearest-neighbour resize rule, label remapping with a count
-of unknown ids, list-file parsing, and ``FolderSource``, the lazy random-access source every
-reader returns, with a raw read (ids not yet remapped) for the training pipeline's crop-first
-path. Only numpy, Pillow and (optionally) OpenCV are imported; tensorflow_datasets never is.
+warning classes, decoding of RGB images (Pillow; pyspng on request for 8-bit RGB PNGs) and label
+PNGs (8-bit L/P, and 16-bit multi-channel PNGs that Pillow alone would truncate to their high
+byte), the one nearest-neighbour resize rule, label remapping with a count of unknown ids,
+list-file parsing, and ``FolderSource``, the lazy random-access source every reader returns, with
+a raw read (ids not yet remapped) for the training pipeline's crop-first path. Only numpy, Pillow
+and (optionally) pyspng are imported; tensorflow_datasets never is.
 
-Why OpenCV for RGB PNGs: ``benchmarks/bench_pipeline.py`` measured, per 1914x1052 fixture PNG on
-one core, Pillow 39 ms, ``cv2.imdecode`` 28 ms and pyspng 23 ms of CPU (docs/performance.md).
-pyspng is faster but holds the GIL for the whole decode (its binding never releases it), so
-decoding threads (the evaluation prefetcher, the thread fallback of the training pipeline) would
-serialise and stall the training thread; OpenCV releases the GIL, and the GPU image already has
-it. The pixels are identical (lossless PNG; tested).
+PNG decoders, measured by ``benchmarks/bench_pipeline.py`` (docs/performance.md; per 1914x1052 or
+2048x1024 fixture record, image + label, interleaved on one core): Pillow 38.8 ms, OpenCV's
+``imdecode`` for the image 38.8 ms (no gain: Pillow's zlib is as fast), pyspng 31.3 ms. pyspng
+holds the GIL for the whole decode (its binding never releases it), so it is used only where one
+thread decodes per process (``decoder="pyspng"``: the training pipeline's worker processes);
+Pillow releases the GIL and stays the default, for decoding threads (evaluation prefetch). The
+pixels are identical (lossless PNG; tested).
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-try:  # opencv-python-headless: the faster PNG decoder (see above); Pillow decodes without it
-    import cv2
+try:  # optional: the fastest PNG decoder measured (see above)
+    import pyspng
 except ImportError:
-    cv2 = None
+    pyspng = None
 
 from cbst_jax.labels import IGNORE_INDEX, NTHU13_TRAINIDS, TRAINID16_TO_TRAINID19, TRAINID_TO_NTHU13
 
@@ -72,29 +73,25 @@ def _is_rgb8_png(data: bytes) -> bool:
             and data[24] == 8 and data[25] == 2 and data[28] == 0)
 
 
-def _decode_rgb8_cv2(data: bytes) -> np.ndarray | None:
-    """(H, W, 3) uint8 RGB of an 8-bit RGB PNG with OpenCV, or None if it cannot decode it."""
-    flags = cv2.IMREAD_IGNORE_ORIENTATION
-    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 swaps the channels itself
-    out = cv2.imdecode(np.frombuffer(data, np.uint8), flags | (cv2.IMREAD_COLOR if rgb is None else rgb))
-    if out is None or out.ndim != 3 or out.shape[2] != 3:
-        return None
-    return out if rgb is not None else np.ascontiguousarray(out[:, :, ::-1])
-
-
-def read_rgb(path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; a corrupt or truncated file raises DatasetError naming it."""
-    if cv2 is not None and str(path).lower().endswith(".png"):
+def read_rgb(path, decoder: str = "pillow") -> np.ndarray:
+    """(H, W, 3) uint8 RGB; a corrupt or truncated file raises DatasetError naming it.
+    ``decoder="pyspng"`` decodes 8-bit RGB PNGs with pyspng when it is installed (faster, but it
+    holds the GIL: for one decoding thread per process); other files always go through Pillow."""
+    if decoder == "pyspng" and pyspng is not None and str(path).lower().endswith(".png"):
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise DatasetError(f"{path}: file not found") from None
         if _is_rgb8_png(data):
-            out = _decode_rgb8_cv2(data)
-            if out is not None:
+            try:
+                out = pyspng.load(data)
+            except RuntimeError:  # broken data: Pillow names the problem below
+                out = None
+            if out is not None and out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3:
                 return out
-        # other PNG kinds, and files OpenCV rejects: Pillow decodes them or names the problem
+    elif decoder not in ("pillow", "pyspng"):
+        raise ValueError(f"decoder={decoder!r}: expected 'pillow' or 'pyspng'")
     im = _decoded(path, _open(path))
     if im.mode != "RGB":
         im = im.convert("RGB")
@@ -361,14 +358,15 @@ class FolderSource:
             record["label"] = self.label_for(item, image.shape[:2])
         return record
 
-    def raw_record(self, index: int, label: bool = True) -> dict:
+    def raw_record(self, index: int, label: bool = True, decoder: str = "pillow") -> dict:
         """Record ``index`` with its label not yet remapped, for pipelines that crop first:
         ``{"image", "name"}`` and, when labelled and ``label``, ``"label_ids"`` (H, W) uint8 raw ids
         at the image's size and ``"label_table"`` (256,) uint8 with
         ``label_table[label_ids] == self[index]["label"]``. (16-bit ids are remapped here and
-        come with the identity table.) ``stats`` count as for ``self[index]``."""
+        come with the identity table.) ``decoder``: see :func:`read_rgb`. ``stats`` count as for
+        ``self[index]``."""
         item = self._item(index)
-        image = read_rgb(item.image)
+        image = read_rgb(item.image, decoder)
         record = {"image": image, "name": item.name}
         if self.has_labels and label:
             raw = self._label_ids(item, image.shape[:2])

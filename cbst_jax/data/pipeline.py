@@ -9,10 +9,12 @@ assembles into one batch-sharded array. Training crops are cut crop-first (``aug
 window of each record is resized and only its labels remapped.
 
 Training batches are built in worker processes with grain (``MapDataset.range(k0, ...).map(batch
-k).mp_prefetch``: the ecosystem's standard; batches come back in order through shared memory),
-falling back to threads where grain is not installed. Processes, because the per-crop work left
-after decoding is numpy that holds the GIL: the figures (crops/s per core, and with workers) are
-in docs/performance.md ("Host input pipeline", ``benchmarks/bench_pipeline.py``).
+k).mp_prefetch``, the ecosystem's standard: batches come back in order through shared memory),
+threads where grain is not installed. Processes, measured (``benchmarks/bench_pipeline.py``,
+docs/performance.md): the fastest PNG decoder, pyspng, holds the GIL (so threads must decode with
+Pillow, 1.8x instead of 2.2x the previous pipeline's crops/s per core), and with threads every
+crop's remaining numpy work runs in the training process (~50 ms of its CPU per crop against
+0.8 ms to take a batch of 2 from the workers).
 
 Batches are dicts of numpy arrays; images stay uint8 until they reach the device.
 """
@@ -160,7 +162,9 @@ def _host_rows(global_batch: int, process_index, process_count) -> slice:
 def default_workers() -> int:
     """Worker count when none is given: every core this process may run on but one (left to the
     training loop), at least one."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def _grain():
@@ -202,6 +206,13 @@ class _ThreadPrefetcher:
             self._pool = None
 
 
+def _one_thread_per_worker(worker_index: int, worker_count: int) -> None:
+    """Worker processes each stand for one core: OpenCV's own thread pool would oversubscribe them."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 class _ProcessPrefetcher:
     """Builds ``make(k)`` for k, k+1, ... in ``workers`` grain worker processes (spawned; ``make``
     is pickled to them), returned in order through shared memory. A key out of sequence (a
@@ -222,12 +233,12 @@ class _ProcessPrefetcher:
         from absl import flags
 
         grain = _grain()
-        if not flags.FLAGS.is_parsed():  # grain reads its absl flags even outside an absl app
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags even outside an absl app (google/grain#1355)
             flags.FLAGS.mark_as_parsed()
         ds = grain.MapDataset.range(start, sys.maxsize).map(self._make)
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers,
-                                                           per_worker_buffer_size=self._depth))
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # workers build, no threads
+        options = grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=self._depth)
+        return ds.mp_prefetch(options, worker_init_fn=_one_thread_per_worker)
 
     def reset(self):
         if self._iterator is not None:
@@ -237,15 +248,18 @@ class _ProcessPrefetcher:
     close = reset
 
 
-def _prefetcher(make: Callable, depth: int, workers: int | None, processes: bool | None):
+def _parallelism(prefetch: int, workers: int | None, processes: bool | None) -> tuple[str, int]:
+    """("processes" | "threads" | "none", worker count) of an iterator's settings (docstrings below)."""
     workers = default_workers() if workers is None else int(workers)
+    if workers <= 0 or prefetch <= 0:
+        if processes:
+            raise ValueError("processes=True needs workers > 0 and prefetch > 0")
+        return "none", 0
     if processes is None:
-        processes = workers > 0 and depth > 0 and _grain() is not None
-    if processes:
-        if _grain() is None:
-            raise ImportError("processes=True needs grain (pip install grain); pass processes=False for threads")
-        return _ProcessPrefetcher(make, depth, max(1, workers))
-    return _ThreadPrefetcher(make, depth if workers > 0 else 0, workers)
+        processes = _grain() is not None
+    if processes and _grain() is None:
+        raise ImportError("processes=True needs grain (pip install grain); pass processes=False for threads")
+    return ("processes" if processes else "threads"), workers
 
 
 # ----------------------------------------------------------------- training iterator
@@ -271,12 +285,13 @@ class _Record:
     table: np.ndarray | None = None
 
 
-def _read(source, index: int, label: bool) -> _Record:
+def _read(source, index: int, label: bool, decoder: str) -> _Record:
     """Record ``index`` of ``source``: through ``raw_record`` when the source has one (folder
-    readers: labels not yet remapped, so only the crop is), else ``source[index]``."""
+    readers: labels not yet remapped, so only the crop is; images decoded by ``decoder``), else
+    ``source[index]``."""
     raw = getattr(source, "raw_record", None)
     if raw is not None:
-        rec = raw(index, label=label)
+        rec = raw(index, label=label, decoder=decoder)
         return _Record(rec["image"], rec.get("label_ids"), rec.get("label_table"))
     rec = source[index]
     return _Record(rec["image"], rec["label"] if label else None)
@@ -299,13 +314,14 @@ class _CropBatches:
     target_soft_labels: Callable | None
     soft_stride: int
     num_classes: int | None
+    decoder: str
 
-    def record(self, domain: int, index: int, epoch: int, repeat: int = 0):
+    def record(self, domain: int, index: int, epoch: int, repeat: int = 0, out=None):
         soft = self.target_soft_labels is not None
         if domain == SOURCE:
-            rec = _read(self.source, index, label=True)
+            rec = _read(self.source, index, True, self.decoder)
         else:
-            rec = _read(self.target, index, label=False)
+            rec = _read(self.target, index, False, self.decoder)
             rec = _Record(rec.image, np.asarray(self.target_labels(index), np.uint8))
             if rec.label.shape != rec.image.shape[:2]:
                 raise ValueError(f"pseudo-label of target {index} has shape {rec.label.shape}, "
@@ -313,7 +329,7 @@ class _CropBatches:
         rng = np.random.default_rng([self.sampler.seed, epoch, domain, index, repeat])
         out = aug.augment(rng, rec.image, rec.label, crop_size=self.crop_size, scale_range=self.scale_range,
                           flip=self.flip, mine_classes=self.mine_classes, p_mine=self.p_mine,
-                          label_table=rec.table, return_geometry=soft)
+                          label_table=rec.table, return_geometry=soft, out=out)
         if not soft:
             return out
         image, label, geometry = out
@@ -341,8 +357,7 @@ class _CropBatches:
         if self.target_soft_labels is not None:
             out["soft_label"] = np.zeros((b, *self.crop_size, self.num_classes), np.uint8)
         for j in range(b):
-            parts = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]))
-            images[j], labels[j] = parts[:2]
+            parts = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]), out=(images[j], labels[j]))
             if len(parts) == 3 and parts[2] is not None:
                 out["soft_label"][j] = parts[2]
         return out
@@ -363,9 +378,12 @@ class MixedIterator(_Closing):
     next batch.
 
     Batches are built ahead, ``prefetch`` per worker, by ``workers`` workers (default
-    :func:`default_workers`): grain worker processes when ``processes`` (default: whenever grain
-    is installed; the sources and lookups are then pickled to them, and ``source.stats`` count in
-    the workers), else threads. Which, and how many, never changes a batch.
+    :func:`default_workers`; 0, or ``prefetch=0``, builds each batch when asked): grain worker
+    processes when ``processes`` (default: whenever grain is installed; the sources and lookups
+    are then pickled to them, and ``source.stats`` count in the workers), else threads
+    (``parallelism`` says which). Which, and how many, never changes a batch. Worker processes
+    and the synchronous mode decode PNGs with pyspng when it is installed, threads with Pillow
+    (which releases the GIL; ``cbst_jax.data.io``).
     """
 
     def __init__(self, source, target, sampler: MixedSampler, *, crop_size: tuple[int, int],
@@ -380,12 +398,15 @@ class MixedIterator(_Closing):
         if target_soft_labels is not None and not num_classes:
             raise ValueError("soft labels need num_classes")
         self.sampler = sampler
+        self.parallelism, n = _parallelism(prefetch, workers, processes)
         self._batches = _CropBatches(
             source, target, sampler, _host_rows(sampler.batch_size, process_index, process_count),
             tuple(int(c) for c in crop_size), target_labels, tuple(scale_range), bool(flip),
-            tuple(int(c) for c in mine_classes), float(p_mine), target_soft_labels, int(soft_stride), num_classes)
+            tuple(int(c) for c in mine_classes), float(p_mine), target_soft_labels, int(soft_stride), num_classes,
+            decoder="pillow" if self.parallelism == "threads" else "pyspng")  # pyspng holds the GIL
         self._epoch, self._step = 0, 0
-        self._prefetch = _prefetcher(self._batches, prefetch, workers, processes)
+        self._prefetch = (_ProcessPrefetcher(self._batches, prefetch, n) if self.parallelism == "processes"
+                          else _ThreadPrefetcher(self._batches, prefetch if n else 0, n))
 
     def record(self, domain: int, index: int, epoch: int, repeat: int = 0):
         """One augmented (image, label) pair - (image, label, soft uint8 or None for source rows)

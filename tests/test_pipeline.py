@@ -55,7 +55,8 @@ def _rescale_then_crop(rng, image, label, crop_size, scale_range, flip, mine_cla
     h, w = label.shape
     nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
     img = _bilinear(image, nh, nw)
-    src = [[math.floor(Fraction(2 * t + 1, 2) * n_in / n_out) for t in range(n_out)] for n_in, n_out in ((h, nh), (w, nw))]
+    src = [[math.floor(Fraction(2 * t + 1, 2) * n_in / n_out) for t in range(n_out)]
+           for n_in, n_out in ((h, nh), (w, nw))]
     lab = np.array([[label[i, j] for j in src[1]] for i in src[0]], np.uint8)
     ch, cw = crop_size
     ylo, yhi, xlo, xhi = min(0, nh - ch), max(0, nh - ch), min(0, nw - cw), max(0, nw - cw)

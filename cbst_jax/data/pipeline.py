@@ -317,6 +317,9 @@ class _CropBatches:
     decoder: str
 
     def record(self, domain: int, index: int, epoch: int, repeat: int = 0, out=None):
+        """One augmented (image, label) pair - (image, label, soft uint8 or None for source rows)
+        with soft labels - a pure function of its arguments and the seeds; written into ``out``
+        = (image slot, label slot) when given."""
         soft = self.target_soft_labels is not None
         if domain == SOURCE:
             rec = _read(self.source, index, True, self.decoder)
@@ -407,11 +410,6 @@ class MixedIterator(_Closing):
         self._epoch, self._step = 0, 0
         self._prefetch = (_ProcessPrefetcher(self._batches, prefetch, n) if self.parallelism == "processes"
                           else _ThreadPrefetcher(self._batches, prefetch if n else 0, n))
-
-    def record(self, domain: int, index: int, epoch: int, repeat: int = 0):
-        """One augmented (image, label) pair - (image, label, soft uint8 or None for source rows)
-        with soft labels - a pure function of its arguments and the seeds."""
-        return self._batches.record(domain, index, epoch, repeat)
 
     def __iter__(self):
         return self

@@ -8,9 +8,9 @@ list-file parsing, and ``FolderSource``, the lazy random-access source every rea
 a raw read (ids not yet remapped) for the training pipeline's crop-first path. Only numpy, Pillow
 and (optionally) pyspng are imported; tensorflow_datasets never is.
 
-PNG decoders, measured by ``benchmarks/bench_pipeline.py`` (docs/performance.md; per 1914x1052 or
-2048x1024 fixture record, image + label, interleaved on one core): Pillow 38.8 ms, OpenCV's
-``imdecode`` for the image 38.8 ms (no gain: Pillow's zlib is as fast), pyspng 31.3 ms. pyspng
+PNG decoders, measured by ``benchmarks/bench_pipeline.py`` (docs/performance.md; CPU per 1914x1052
+or 2048x1024 fixture record, image + label, interleaved on one core): Pillow 35-39 ms, OpenCV's
+``imdecode`` for the image 35-37 ms (no gain: Pillow's zlib is as fast), pyspng 28-31 ms. pyspng
 holds the GIL for the whole decode (its binding never releases it), so it is used only where one
 thread decodes per process (``decoder="pyspng"``: the training pipeline's worker processes);
 Pillow releases the GIL and stays the default, for decoding threads (evaluation prefetch). The

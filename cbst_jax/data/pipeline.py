@@ -12,9 +12,9 @@ Training batches are built in worker processes with grain (``MapDataset.range(k0
 k).mp_prefetch``, the ecosystem's standard: batches come back in order through shared memory),
 threads where grain is not installed. Processes, measured (``benchmarks/bench_pipeline.py``,
 docs/performance.md): the fastest PNG decoder, pyspng, holds the GIL (so threads must decode with
-Pillow, 1.8x instead of 2.2x the previous pipeline's crops/s per core), and with threads every
-crop's remaining numpy work runs in the training process (~50 ms of its CPU per crop against
-0.8 ms to take a batch of 2 from the workers).
+Pillow: 1.8-2.0x instead of 2.1-2.3x the previous pipeline's crops/s per core), and with threads
+every crop costs the training process ~45 ms of CPU under its GIL, against 0.7-0.8 ms per crop
+to take the batches from worker processes.
 
 Batches are dicts of numpy arrays; images stay uint8 until they reach the device.
 """

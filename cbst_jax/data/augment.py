@@ -61,7 +61,7 @@ def _offset_range(size: int, crop_size: int) -> tuple[int, int]:
 
 def _mined_pixel(rng: np.random.Generator, label: np.ndarray, table: np.ndarray | None,
                  rescaled: tuple[int, int], mine_classes):
-    """(row, col, class) of a uniformly drawn pixel of a uniformly drawn mine class present in the
+    """(row, col) of a uniformly drawn pixel of a uniformly drawn mine class present in the
     rescaled label, or None when none is present. The draws are those of ``np.nonzero(rescaled ==
     class)`` (row-major) on the rescaled label, which is never built: it repeats some record rows
     and columns and drops others, so each kept record pixel stands for (its row's repeats) x (its
@@ -100,17 +100,17 @@ def _mined_pixel(rng: np.random.Generator, label: np.ndarray, table: np.ndarray 
     m = int(np.searchsorted(cum, q, side="right"))
     row = int(row_first[rows[r]]) + repeat
     col = int(col_first[b[starts[r] + m]]) + q - (int(cum[m - 1]) if m else 0)
-    return row, col, mined
+    return row, col
 
 
 def sample_geometry(rng: np.random.Generator, label: np.ndarray, *, crop_size: tuple[int, int],
                     scale_range=(0.5, 1.5), flip: bool = True, mine_classes=(), p_mine: float = 0.8,
-                    label_table: np.ndarray | None = None) -> tuple[Geometry, int]:
+                    label_table: np.ndarray | None = None) -> Geometry:
     """The crop of a record with (H, W) ``label`` (ids through ``label_table`` when given): scale
     ~ U(scale_range); with probability ``p_mine`` a class of ``mine_classes`` present in the
     rescaled label is chosen uniformly and the window centred on a uniformly chosen pixel of it,
     clamped so that the window stays on the image (the pixel stays inside it); otherwise a
-    uniform window; flip with p=0.5. Returns the geometry and the mined class (-1 if none)."""
+    uniform window; flip with p=0.5."""
     lo, hi = scale_range
     scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
     h, w = label.shape[:2]
@@ -118,16 +118,16 @@ def sample_geometry(rng: np.random.Generator, label: np.ndarray, *, crop_size: t
     ch, cw = crop_size
     ylo, yhi = _offset_range(rescaled[0], ch)
     xlo, xhi = _offset_range(rescaled[1], cw)
-    mined = None
+    centre = None
     if len(mine_classes) and rng.random() < p_mine:
-        mined = _mined_pixel(rng, label, label_table, rescaled, mine_classes)
-    if mined is not None:
-        y, x, cls = mined
+        centre = _mined_pixel(rng, label, label_table, rescaled, mine_classes)
+    if centre is not None:
+        y, x = centre
         y0, x0 = int(np.clip(y - ch // 2, ylo, yhi)), int(np.clip(x - cw // 2, xlo, xhi))
     else:
-        y0, x0, cls = int(rng.integers(ylo, yhi + 1)), int(rng.integers(xlo, xhi + 1)), -1
+        y0, x0 = int(rng.integers(ylo, yhi + 1)), int(rng.integers(xlo, xhi + 1))
     flipped = bool(flip and rng.random() < 0.5)
-    return Geometry((h, w), rescaled, (y0, x0), (int(ch), int(cw)), flipped), cls
+    return Geometry((h, w), rescaled, (y0, x0), (int(ch), int(cw)), flipped)
 
 
 def _inside(off: int, n_crop: int, n_res: int) -> tuple[int, int]:
@@ -201,7 +201,7 @@ def augment(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, *,
     into ``out`` = (image slot, label slot) when given."""
     if image.shape[:2] != label.shape[:2]:
         raise ValueError(f"image {image.shape[:2]} and label {label.shape[:2]} differ in size")
-    geometry, _ = sample_geometry(rng, label, crop_size=crop_size, scale_range=scale_range, flip=flip,
+    geometry = sample_geometry(rng, label, crop_size=crop_size, scale_range=scale_range, flip=flip,
                                   mine_classes=mine_classes, p_mine=p_mine, label_table=label_table)
     image_out, label_out = (None, None) if out is None else out
     image, label = crop_image(image, geometry, image_out), crop_label(label, geometry, label_table, label_out)

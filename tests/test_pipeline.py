@@ -352,6 +352,16 @@ def test_folder_sources_crop_as_their_decoded_records(tmp_path):
     assert (np.concatenate([x["label"] for x in a]) < 19).any()
 
 
+def test_worker_settings():
+    assert pl.default_workers() >= 1
+    with _iterator(workers=-1) as it:
+        assert it.parallelism == "threads"
+    with _iterator(workers=0) as it:
+        assert it.parallelism == "none"
+    with pytest.raises(ValueError, match="processes=True"):
+        _iterator(prefetch=0, processes=True)
+
+
 def test_global_batch_assembles_on_the_mesh():
     import jax
 

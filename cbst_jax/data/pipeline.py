@@ -250,8 +250,8 @@ class _ProcessPrefetcher:
 
 def _parallelism(prefetch: int, workers: int | None, processes: bool | None) -> tuple[str, int]:
     """("processes" | "threads" | "none", worker count) of an iterator's settings (docstrings below)."""
-    workers = default_workers() if workers is None else int(workers)
-    if workers <= 0 or prefetch <= 0:
+    workers = default_workers() if workers is None or workers < 0 else int(workers)
+    if workers == 0 or prefetch <= 0:
         if processes:
             raise ValueError("processes=True needs workers > 0 and prefetch > 0")
         return "none", 0
@@ -380,7 +380,7 @@ class MixedIterator(_Closing):
     ``get_state()`` / ``set_state()`` give ``{"epoch": int, "step": int}``, the position of the
     next batch.
 
-    Batches are built ahead, ``prefetch`` per worker, by ``workers`` workers (default
+    Batches are built ahead, ``prefetch`` per worker, by ``workers`` workers (None or negative:
     :func:`default_workers`; 0, or ``prefetch=0``, builds each batch when asked): grain worker
     processes when ``processes`` (default: whenever grain is installed; the sources and lookups
     are then pickled to them, and ``source.stats`` count in the workers), else threads

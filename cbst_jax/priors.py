@@ -5,7 +5,8 @@ The reference never released how its prior was built (only a (19, 1024, 2048) ``
 Our construction, and why:
 
 1. count each class at every position of a fixed *working resolution* (label maps resized by
-   nearest neighbour, so GTA5's 1052x1914 and Cityscapes' 1024x2048 both fit);
+   nearest neighbour at pixel centres, ``cbst_jax.data.io.resize_nearest``, so GTA5's 1052x1914
+   and Cityscapes' 1024x2048 both fit);
 2. smooth each class's count map with a Gaussian of standard deviation ``sigma`` (working-
    resolution pixels), because the counts of a few thousand images are noisy at rare classes;
 3. normalise **per class over positions** (``normalize="class"``, the default, as the paper
@@ -32,15 +33,9 @@ import numpy as np
 from scipy import ndimage
 
 from cbst_jax.atomic_files import atomic_write
+from cbst_jax.data.io import resize_nearest
 
 NORMALIZATIONS = ("pixel", "class")
-
-
-def _nearest_resize(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = label.shape
-    rows = (np.arange(size[0]) * h // size[0]).astype(np.int64)
-    cols = (np.arange(size[1]) * w // size[1]).astype(np.int64)
-    return label[rows[:, None], cols[None, :]]
 
 
 def count_classes(label_maps: Iterable[np.ndarray], num_classes: int, size: tuple[int, int]) -> np.ndarray:
@@ -48,7 +43,7 @@ def count_classes(label_maps: Iterable[np.ndarray], num_classes: int, size: tupl
     counts = np.zeros((size[0] * size[1], num_classes), np.int64)
     flat_pos = np.arange(size[0] * size[1])
     for label in label_maps:
-        lab = _nearest_resize(np.asarray(label), size).reshape(-1).astype(np.int64)
+        lab = resize_nearest(np.asarray(label), size).reshape(-1).astype(np.int64)
         keep = lab < num_classes
         np.add.at(counts, (flat_pos[keep], lab[keep]), 1)
     return counts.reshape(size[0], size[1], num_classes)

@@ -1,10 +1,20 @@
 """Shared reading machinery for the on-disk dataset readers.
 
 Everything a folder reader needs that is not specific to one dataset lives here: the error and
-warning classes, Pillow decoding of RGB images and label PNGs (8-bit L/P, and 16-bit multi-channel
-PNGs that Pillow alone would truncate to their high byte), label remapping with a count of
-unknown ids, list-file parsing, and ``FolderSource``, the lazy random-access source every reader
-returns. Only numpy and Pillow are imported; tensorflow_datasets never is.
+warning classes, decoding of RGB images (Pillow; pyspng on request for 8-bit RGB PNGs) and label
+PNGs (8-bit L/P, and 16-bit multi-channel PNGs that Pillow alone would truncate to their high
+byte), the one nearest-neighbour resize rule, label remapping with a count of unknown ids,
+list-file parsing, and ``FolderSource``, the lazy random-access source every reader returns, with
+a raw read (ids not yet remapped) for the training pipeline's crop-first path. Only numpy, Pillow
+and (optionally) pyspng are imported; tensorflow_datasets never is.
+
+PNG decoders, measured by ``benchmarks/bench_pipeline.py`` (docs/performance.md; CPU per 1914x1052
+or 2048x1024 fixture record, image + label, interleaved on one core): Pillow 35-39 ms, OpenCV's
+``imdecode`` for the image 35-37 ms (no gain: Pillow's zlib is as fast), pyspng 28-31 ms. pyspng
+holds the GIL for the whole decode (its binding never releases it), so it is used only where one
+thread decodes per process (``decoder="pyspng"``: the training pipeline's worker processes);
+Pillow releases the GIL and stays the default, for decoding threads (evaluation prefetch). The
+pixels are identical (lossless PNG; tested).
 """
 from __future__ import annotations
 
@@ -16,6 +26,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+try:  # optional: the fastest PNG decoder measured (see above)
+    import pyspng
+except ImportError:
+    pyspng = None
 
 from cbst_jax.labels import IGNORE_INDEX, NTHU13_TRAINIDS, TRAINID16_TO_TRAINID19, TRAINID_TO_NTHU13
 
@@ -49,8 +64,34 @@ def _decoded(path, im):
     return im
 
 
-def read_rgb(path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; a corrupt or truncated file raises DatasetError naming it."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_rgb8_png(data: bytes) -> bool:
+    """Whether ``data`` is a non-interlaced 8-bit truecolour PNG (IHDR bit depth, colour type, interlace)."""
+    return (data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 28
+            and data[24] == 8 and data[25] == 2 and data[28] == 0)
+
+
+def read_rgb(path, decoder: str = "pillow") -> np.ndarray:
+    """(H, W, 3) uint8 RGB; a corrupt or truncated file raises DatasetError naming it.
+    ``decoder="pyspng"`` decodes 8-bit RGB PNGs with pyspng when it is installed (faster, but it
+    holds the GIL: for one decoding thread per process); other files always go through Pillow."""
+    if decoder == "pyspng" and pyspng is not None and str(path).lower().endswith(".png"):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: file not found") from None
+        if _is_rgb8_png(data):
+            try:
+                out = pyspng.load(data)
+            except RuntimeError:  # broken data: Pillow names the problem below
+                out = None
+            if out is not None and out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3:
+                return out
+    elif decoder not in ("pillow", "pyspng"):
+        raise ValueError(f"decoder={decoder!r}: expected 'pillow' or 'pyspng'")
     im = _decoded(path, _open(path))
     if im.mode != "RGB":
         im = im.convert("RGB")
@@ -107,12 +148,19 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def nearest_indices(n_out: int, n_in: int) -> np.ndarray:
+    """The project's one nearest-neighbour rule: output pixel t of ``n_out`` samples input pixel
+    ``⌊(t + ½)·n_in / n_out⌋`` (pixel centres), in exact integer arithmetic. Pillow's NEAREST
+    aims at the same pixels but accumulates the step in floating point, so it can be one pixel
+    off where ``(t + ½)·n_in / n_out`` is an integer."""
+    t = np.arange(n_out, dtype=np.int64)
+    return (2 * t + 1) * n_in // (2 * n_out)
+
+
 def resize_nearest(label: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of an (h, w) label map to ``shape`` (pixel-centre sampling, like PIL NEAREST)."""
+    """Nearest-neighbour resize of an (h, w[, ...]) map to ``shape`` by :func:`nearest_indices`."""
     h, w = label.shape[:2]
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
-    return label[rows[:, None], cols[None, :]]
+    return label[nearest_indices(shape[0], h)[:, None], nearest_indices(shape[1], w)[None, :]]
 
 
 # ---------------------------------------------------------------- label tables
@@ -145,26 +193,31 @@ def trainid19_lut(num_classes: int, dataset: str, allowed: Sequence[int] = (19, 
     return np.asarray(TRAINID19_TO_PROTOCOL[num_classes], np.uint8)
 
 
-def remap(raw: np.ndarray, lut: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, int]:
-    """Map raw ids through ``lut``; ids outside ``known`` (and any id > 255) become 255.
+def make_label_table(lut: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """(256,) uint8 trainId of every 8-bit raw id: ``lut`` where ``known``, 255 elsewhere."""
+    return np.where(np.asarray(known, bool), np.asarray(lut, np.uint8), IGNORE_INDEX).astype(np.uint8)
 
-    Returns the uint8 trainId map and the number of pixels whose id was unknown.
-    """
+
+def count_unknown(raw: np.ndarray, known: np.ndarray) -> int:
+    """Pixels of ``raw`` whose id is outside ``known`` (every id > 255 is). Labels whose ids all
+    lie below the first unknown id (the usual case) cost one ``max``, not a histogram."""
     raw = np.asarray(raw)
-    if raw.dtype != np.uint8:
-        over = raw > 255
-        n_over = int(over.sum())
-        raw = np.where(over, 0, raw).astype(np.uint8)
-    else:
-        over, n_over = None, 0
-    counts = np.bincount(raw.ravel(), minlength=256)
-    unknown = int(counts[~known].sum()) + n_over
-    out = lut[raw]
-    if unknown:
-        out = np.where(known[raw], out, IGNORE_INDEX).astype(np.uint8)
-        if over is not None and n_over:
-            out[over] = IGNORE_INDEX
-    return out, unknown
+    if raw.size == 0:
+        return 0
+    first_unknown = int(np.argmin(known)) if not known.all() else 256
+    if int(raw.max()) < first_unknown:
+        return 0
+    over = int(np.count_nonzero(raw > 255)) if raw.dtype != np.uint8 else 0
+    small = raw if raw.dtype == np.uint8 else raw[raw <= 255]
+    return int(np.bincount(small.ravel(), minlength=256)[:256][~known].sum()) + over
+
+
+def to_train_ids(raw: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 trainIds of raw ids through a :func:`make_label_table`; ids > 255 become 255."""
+    raw = np.asarray(raw)
+    if raw.dtype == np.uint8:
+        return table[raw]
+    return np.where(raw > 255, IGNORE_INDEX, table[np.clip(raw, 0, 255)]).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- list files
@@ -252,8 +305,8 @@ class FolderSource:
         self.num_classes = num_classes
         self.has_labels = bool(has_labels)
         self._items = list(items)
-        self._lut = None if lut is None else np.asarray(lut, np.uint8)
-        self._known = known
+        self._known = np.ones(256, bool) if known is None else np.asarray(known, bool)
+        self.label_table = make_label_table(np.arange(256) if lut is None else lut, self._known)
         self._read_label = read_label
         self._lock = threading.Lock()
         self.stats = {"resized_labels": 0, "unknown_label_pixels": 0, "unknown_label_images": 0}
@@ -283,33 +336,60 @@ class FolderSource:
         if self.stats[key] == 1:
             warnings.warn(DatasetWarning(message), stacklevel=3)
 
-    def label_for(self, item: Item, shape: Sequence[int]) -> np.ndarray:
-        """The remapped label of ``item``, resized to ``shape`` if its size differs (counted)."""
-        label, unknown = remap(self._read_label(item.label), self._lut, self._known)
+    def _label_ids(self, item: Item, shape: Sequence[int]) -> np.ndarray:
+        """``item``'s raw label ids, resized to ``shape`` if its size differs; counts unknown ids and resizes."""
+        raw = self._read_label(item.label)
+        unknown = count_unknown(raw, self._known)
         if unknown:
             with self._lock:
                 self.stats["unknown_label_pixels"] += unknown
                 self.stats["unknown_label_images"] += 1
             self._warn_once("unknown_label_images",
                             f"{item.label}: {unknown} pixels with ids outside the {self.dataset} table, set to 255")
-        if label.shape != tuple(shape):
+        if raw.shape[:2] != tuple(shape):
             with self._lock:
                 self.stats["resized_labels"] += 1
                 self.resized_label_names.append(item.name)
-            self._warn_once("resized_labels", f"{item.label}: label {label.shape[1]}x{label.shape[0]} differs from "
+            self._warn_once("resized_labels", f"{item.label}: label {raw.shape[1]}x{raw.shape[0]} differs from "
                                               f"image {shape[1]}x{shape[0]}; resized by nearest neighbour")
-            label = resize_nearest(label, shape)
-        return label
+            raw = resize_nearest(raw, shape)
+        return raw
 
-    def __getitem__(self, index: int) -> dict:
+    def label_for(self, item: Item, shape: Sequence[int]) -> np.ndarray:
+        """The remapped label of ``item``, resized to ``shape`` if its size differs (counted)."""
+        return to_train_ids(self._label_ids(item, shape), self.label_table)
+
+    def _item(self, index: int) -> Item:
         n = len(self._items)
         if not -n <= index < n:
             raise IndexError(f"{self.dataset} {self.split}: index {index} out of range for {n} records")
-        item = self._items[index]
+        return self._items[index]
+
+    def __getitem__(self, index: int) -> dict:
+        item = self._item(index)
         image = read_rgb(item.image)
         record = {"image": image, "name": item.name}
         if self.has_labels:
             record["label"] = self.label_for(item, image.shape[:2])
+        return record
+
+    def raw_record(self, index: int, label: bool = True, decoder: str = "pillow") -> dict:
+        """Record ``index`` with its label not yet remapped, for pipelines that crop first:
+        ``{"image", "name"}`` and, when labelled and ``label``, ``"label_ids"`` (H, W) uint8 raw ids
+        at the image's size and ``"label_table"`` (256,) uint8 with
+        ``label_table[label_ids] == self[index]["label"]``. (16-bit ids are remapped here and
+        come with the identity table.) ``decoder``: see :func:`read_rgb`. ``stats`` count as for
+        ``self[index]``."""
+        item = self._item(index)
+        image = read_rgb(item.image, decoder)
+        record = {"image": image, "name": item.name}
+        if self.has_labels and label:
+            raw = self._label_ids(item, image.shape[:2])
+            if raw.dtype == np.uint8:
+                record["label_ids"], record["label_table"] = raw, self.label_table
+            else:
+                record["label_ids"] = to_train_ids(raw, self.label_table)
+                record["label_table"] = np.arange(256, dtype=np.uint8)
         return record
 
 

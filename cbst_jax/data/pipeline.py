@@ -1,13 +1,20 @@
 """Host input pipeline: the mixed source/target training stream of a self-training round, and
 fixed-shape evaluation / pseudo-labelling batches.
 
-Why our own numpy pipeline rather than grain: grain and tfds are absent from the GPU image,
-and the sources here (synthetic scenes, image folders, per-round pseudo-label stores) are
-random-access anyway. Every batch is a pure function of (seed, round, epoch, step): a record's
-augmentation is drawn from a ``np.random.Generator`` seeded by (seed, round, epoch, domain,
-record index, repeat), so the iterator state is two integers (epoch, step), resuming is exact,
-and each host can build just its own rows of a global batch (``jax.process_index()``), which
-``cbst_jax.sharding.to_global`` assembles into one batch-sharded array.
+Every batch is a pure function of (seed, round, epoch, step): a record's augmentation is drawn
+from a ``np.random.Generator`` seeded by (seed, round, epoch, domain, record index, repeat), so the
+iterator state is two integers (epoch, step), resuming is exact, and each host can build just its
+own rows of a global batch (``jax.process_index()``), which ``cbst_jax.sharding.to_global``
+assembles into one batch-sharded array. Training crops are cut crop-first (``augment``): only the
+window of each record is resized and only its labels remapped.
+
+Training batches are built in worker processes with grain (``MapDataset.range(k0, ...).map(batch
+k).mp_prefetch``, the ecosystem's standard: batches come back in order through shared memory),
+threads where grain is not installed. Processes, measured (``benchmarks/bench_pipeline.py``,
+docs/performance.md): the fastest PNG decoder, pyspng, holds the GIL (so threads must decode with
+Pillow: 1.8-2.0x instead of 2.1-2.3x the previous pipeline's crops/s per core), and with threads
+every crop costs the training process ~45 ms of CPU under its GIL, against 0.7-0.8 ms per crop
+to take the batches from worker processes.
 
 Batches are dicts of numpy arrays; images stay uint8 until they reach the device.
 """
@@ -17,11 +24,12 @@ import collections
 import concurrent.futures
 import dataclasses
 import math
+import os
+import sys
 from typing import Callable
 
 import numpy as np
 
-from cbst_jax import soft_labels
 from cbst_jax.data import augment as aug
 from cbst_jax.labels import IGNORE_INDEX
 
@@ -151,21 +159,38 @@ def _host_rows(global_batch: int, process_index, process_count) -> slice:
     return slice(pi * n, (pi + 1) * n)
 
 
-class _Prefetcher:
-    """Builds batches ``make(key)`` ahead on a thread pool, returned strictly in key order."""
+def default_workers() -> int:
+    """Worker count when none is given: every core this process may run on but one (left to the
+    training loop), at least one."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
-    def __init__(self, make: Callable, depth: int, workers: int):
-        self._make, self._depth = make, max(0, int(depth))
+
+def _grain():
+    """The grain module, or None when it is not installed."""
+    try:
+        import grain
+    except ImportError:
+        return None
+    return grain
+
+
+class _ThreadPrefetcher:
+    """Builds ``make(k)`` for the next keys k, k+1, ... ahead on a thread pool, strictly in order."""
+
+    def __init__(self, make: Callable, depth: int, workers: int, stop: int | None = None):
+        self._make, self._depth, self._stop = make, max(0, int(depth)), stop
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers)) if self._depth else None
         self._queue = collections.deque()
 
-    def get(self, keys):
-        """The batch of ``keys[0]``; ``keys[1:]`` are the keys that will be asked for next."""
+    def get(self, key: int):
         if self._pool is None:
-            return self._make(keys[0])
-        if not self._queue or self._queue[0][0] != keys[0]:
+            return self._make(key)
+        if not self._queue or self._queue[0][0] != key:
             self.reset()
-        for k in keys[len(self._queue):self._depth + 1]:
+        last = key + self._depth if self._stop is None else min(key + self._depth, self._stop - 1)
+        for k in range(key + len(self._queue), last + 1):
             self._queue.append((k, self._pool.submit(self._make, k)))
         return self._queue.popleft()[1].result()
 
@@ -181,9 +206,65 @@ class _Prefetcher:
             self._pool = None
 
 
+def _one_thread_per_worker(worker_index: int, worker_count: int) -> None:
+    """Worker processes each stand for one core: OpenCV's own thread pool would oversubscribe them."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class _ProcessPrefetcher:
+    """Builds ``make(k)`` for k, k+1, ... in ``workers`` grain worker processes (spawned; ``make``
+    is pickled to them), returned in order through shared memory. A key out of sequence (a
+    restored iterator state) restarts the workers at it."""
+
+    def __init__(self, make: Callable, depth: int, workers: int):
+        self._make, self._depth, self._workers = make, max(1, int(depth)), int(workers)
+        self._iterator, self._next = None, None
+
+    def get(self, key: int):
+        if self._iterator is None or self._next != key:
+            self.reset()
+            self._iterator = iter(self._dataset(key))
+        self._next = key + 1
+        return {k: np.asarray(v) for k, v in next(self._iterator).items()}
+
+    def _dataset(self, start: int):
+        from absl import flags
+
+        grain = _grain()
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags even outside an absl app (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
+        ds = grain.MapDataset.range(start, sys.maxsize).map(self._make)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # workers build, no threads
+        options = grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=self._depth)
+        return ds.mp_prefetch(options, worker_init_fn=_one_thread_per_worker)
+
+    def reset(self):
+        if self._iterator is not None:
+            self._iterator.close()
+        self._iterator, self._next = None, None
+
+    close = reset
+
+
+def _parallelism(prefetch: int, workers: int | None, processes: bool | None) -> tuple[str, int]:
+    """("processes" | "threads" | "none", worker count) of an iterator's settings (docstrings below)."""
+    workers = default_workers() if workers is None or workers < 0 else int(workers)
+    if workers == 0 or prefetch <= 0:
+        if processes:
+            raise ValueError("processes=True needs workers > 0 and prefetch > 0")
+        return "none", 0
+    if processes is None:
+        processes = _grain() is not None
+    if processes and _grain() is None:
+        raise ImportError("processes=True needs grain (pip install grain); pass processes=False for threads")
+    return ("processes" if processes else "threads"), workers
+
+
 # ----------------------------------------------------------------- training iterator
 class _Closing:
-    """Context-manager support for the iterators: closing stops their prefetch threads."""
+    """Context-manager support for the iterators: closing stops their prefetch workers."""
 
     def close(self):
         self._prefetch.close()
@@ -193,6 +274,96 @@ class _Closing:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Record:
+    """A record as the crop needs it: the image, the label ids and their table (None when the ids
+    are trainIds already)."""
+    image: np.ndarray
+    label: np.ndarray | None = None
+    table: np.ndarray | None = None
+
+
+def _read(source, index: int, label: bool, decoder: str) -> _Record:
+    """Record ``index`` of ``source``: through ``raw_record`` when the source has one (folder
+    readers: labels not yet remapped, so only the crop is; images decoded by ``decoder``), else
+    ``source[index]``."""
+    raw = getattr(source, "raw_record", None)
+    if raw is not None:
+        rec = raw(index, label=label, decoder=decoder)
+        return _Record(rec["image"], rec.get("label_ids"), rec.get("label_table"))
+    rec = source[index]
+    return _Record(rec["image"], rec["label"] if label else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CropBatches:
+    """Host batch ``k`` of a :class:`MixedIterator` (k = epoch · batches_per_epoch + step), a pure
+    function of k and the settings; picklable, as worker processes run it."""
+    source: object
+    target: object
+    sampler: MixedSampler
+    rows: slice
+    crop_size: tuple
+    target_labels: Callable | None
+    scale_range: tuple
+    flip: bool
+    mine_classes: tuple
+    p_mine: float
+    target_soft_labels: Callable | None
+    soft_stride: int
+    num_classes: int | None
+    decoder: str
+
+    def record(self, domain: int, index: int, epoch: int, repeat: int = 0, out=None):
+        """One augmented (image, label) pair - (image, label, soft uint8 or None for source rows)
+        with soft labels - a pure function of its arguments and the seeds; written into ``out``
+        = (image slot, label slot) when given."""
+        soft = self.target_soft_labels is not None
+        if domain == SOURCE:
+            rec = _read(self.source, index, True, self.decoder)
+        else:
+            rec = _read(self.target, index, False, self.decoder)
+            rec = _Record(rec.image, np.asarray(self.target_labels(index), np.uint8))
+            if rec.label.shape != rec.image.shape[:2]:
+                raise ValueError(f"pseudo-label of target {index} has shape {rec.label.shape}, "
+                                 f"image {rec.image.shape[:2]}")
+        rng = np.random.default_rng([self.sampler.seed, epoch, domain, index, repeat])
+        out = aug.augment(rng, rec.image, rec.label, crop_size=self.crop_size, scale_range=self.scale_range,
+                          flip=self.flip, mine_classes=self.mine_classes, p_mine=self.p_mine,
+                          label_table=rec.table, return_geometry=soft, out=out)
+        if not soft:
+            return out
+        image, label, geometry = out
+        if domain == SOURCE:  # source rows train on their hard labels: no soft label
+            return image, label, None
+        from cbst_jax import soft_labels  # imported only by LR* rounds (it imports jax)
+
+        top, cells = self.target_soft_labels(index)
+        expect = tuple(-(-n // self.soft_stride) for n in geometry.size) + (self.num_classes,)
+        if cells.shape != expect or top.shape != geometry.size:
+            raise ValueError(f"soft pseudo-label of target {index} has shapes {top.shape}, {cells.shape}; expected "
+                             f"{geometry.size}, {expect} (stride {self.soft_stride})")
+        dist = soft_labels.compose(label, aug.warp_pixels(np.asarray(top, np.uint8), geometry),
+                                   aug.warp_cells(np.asarray(cells, np.uint8), self.soft_stride, geometry,
+                                                  normalize=False))
+        return image, label, soft_labels.quantize(dist)
+
+    def __call__(self, k: int) -> dict:
+        epoch, step = divmod(int(k), self.sampler.batches_per_epoch())
+        dom, idx, rep = (a[self.rows] for a in self.sampler.batch(epoch, step))
+        b = len(idx)
+        images = np.empty((b, *self.crop_size, 3), np.uint8)
+        labels = np.empty((b, *self.crop_size), np.uint8)
+        out = {"image": images, "label": labels, "domain": dom.copy(), "index": idx.copy()}
+        if self.target_soft_labels is not None:
+            out["soft_label"] = np.zeros((b, *self.crop_size, self.num_classes), np.uint8)
+        for j in range(b):
+            parts = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]), out=(images[j], labels[j]))
+            if len(parts) == 3 and parts[2] is not None:
+                out["soft_label"][j] = parts[2]
+        return out
 
 
 class MixedIterator(_Closing):
@@ -205,95 +376,48 @@ class MixedIterator(_Closing):
     ``target_soft_labels(index)`` (CRST LR* rounds: the (top mass, residual cells) pair of
     ``cbst_jax.soft_labels``, cells of stride ``soft_stride``) batches also hold
     ``"soft_label": uint8 (b, ch, cw, num_classes)``, the target crops' soft labels rebuilt
-    through the same transform (zero where the hard label is 255, and on source rows). ``get_state()`` / ``set_state()`` give
-    ``{"epoch": int, "step": int}``, the position of the next batch.
+    through the same transform (zero where the hard label is 255, and on source rows).
+    ``get_state()`` / ``set_state()`` give ``{"epoch": int, "step": int}``, the position of the
+    next batch.
+
+    Batches are built ahead, ``prefetch`` per worker, by ``workers`` workers (None or negative:
+    :func:`default_workers`; 0, or ``prefetch=0``, builds each batch when asked): grain worker
+    processes when ``processes`` (default: whenever grain is installed; the sources and lookups
+    are then pickled to them, and ``source.stats`` count in the workers), else threads
+    (``parallelism`` says which). Which, and how many, never changes a batch. Worker processes
+    and the synchronous mode decode PNGs with pyspng when it is installed, threads with Pillow
+    (which releases the GIL; ``cbst_jax.data.io``).
     """
 
     def __init__(self, source, target, sampler: MixedSampler, *, crop_size: tuple[int, int],
                  target_labels: Callable[[int], np.ndarray] | None = None, scale_range=(0.5, 1.5),
-                 flip: bool = True, mine_classes=(), p_mine: float = 0.8, mine_domains=(SOURCE, TARGET),
-                 image_fill=0, process_index: int | None = None, process_count: int | None = None,
-                 prefetch: int = 2, workers: int = 2,
+                 flip: bool = True, mine_classes=(), p_mine: float = 0.8, process_index: int | None = None,
+                 process_count: int | None = None, prefetch: int = 2, workers: int | None = None,
+                 processes: bool | None = None,
                  target_soft_labels: Callable[[int], np.ndarray] | None = None, soft_stride: int = 8,
                  num_classes: int | None = None):
         if sampler.num_target and target_labels is None:
             raise ValueError("target records need a target_labels(index) pseudo-label lookup")
         if target_soft_labels is not None and not num_classes:
             raise ValueError("soft labels need num_classes")
-        self.source, self.target, self.sampler = source, target, sampler
-        self.target_labels = target_labels
-        self.target_soft_labels, self.soft_stride = target_soft_labels, int(soft_stride)
-        self.num_classes = num_classes
-        self.crop_size = tuple(int(c) for c in crop_size)
-        self.scale_range, self.flip = tuple(scale_range), flip
-        self.mine_classes, self.p_mine = tuple(int(c) for c in mine_classes), p_mine
-        self.mine_domains, self.image_fill = tuple(mine_domains), image_fill
-        self.rows = _host_rows(sampler.batch_size, process_index, process_count)
+        self.sampler = sampler
+        self.parallelism, n = _parallelism(prefetch, workers, processes)
+        self._batches = _CropBatches(
+            source, target, sampler, _host_rows(sampler.batch_size, process_index, process_count),
+            tuple(int(c) for c in crop_size), target_labels, tuple(scale_range), bool(flip),
+            tuple(int(c) for c in mine_classes), float(p_mine), target_soft_labels, int(soft_stride), num_classes,
+            decoder="pillow" if self.parallelism == "threads" else "pyspng")  # pyspng holds the GIL
         self._epoch, self._step = 0, 0
-        self._prefetch = _Prefetcher(self._make, prefetch, workers)
-
-    def record(self, domain: int, index: int, epoch: int, repeat: int = 0):
-        """One augmented (image, label) pair - (image, label, soft uint8 or None for source rows)
-        with soft labels - a pure function of its arguments and the seeds."""
-        soft = self.target_soft_labels is not None
-        if domain == SOURCE:
-            rec = self.source[index]
-            image, label = rec["image"], rec["label"]
-        else:
-            image = self.target[index]["image"]
-            label = np.asarray(self.target_labels(index), np.uint8)
-            if label.shape != image.shape[:2]:
-                raise ValueError(f"pseudo-label of target {index} has shape {label.shape}, image {image.shape[:2]}")
-        rng = np.random.default_rng([self.sampler.seed, epoch, domain, index, repeat])
-        mine = self.mine_classes if domain in self.mine_domains else ()
-        out = aug.augment(rng, image, label, crop_size=self.crop_size, scale_range=self.scale_range,
-                          flip=self.flip, mine_classes=mine, p_mine=self.p_mine, image_fill=self.image_fill,
-                          return_geometry=soft)
-        if not soft:
-            return out
-        image, label, geometry = out
-        if domain == SOURCE:  # source rows train on their hard labels: no soft label
-            return image, label, None
-        top, cells = self.target_soft_labels(index)
-        expect = tuple(-(-n // self.soft_stride) for n in geometry.size) + (self.num_classes,)
-        if cells.shape != expect or top.shape != geometry.size:
-            raise ValueError(f"soft pseudo-label of target {index} has shapes {top.shape}, {cells.shape}; expected "
-                             f"{geometry.size}, {expect} (stride {self.soft_stride})")
-        dist = soft_labels.compose(label, aug.warp_pixels(np.asarray(top, np.uint8), geometry),
-                                   aug.warp_cells(np.asarray(cells, np.uint8), self.soft_stride, geometry,
-                                                  normalize=False))
-        return image, label, soft_labels.quantize(dist)
-
-    def _make(self, key):
-        epoch, step = key
-        dom, idx, rep = (a[self.rows] for a in self.sampler.batch(epoch, step))
-        b = len(idx)
-        images = np.empty((b, *self.crop_size, 3), np.uint8)
-        labels = np.empty((b, *self.crop_size), np.uint8)
-        out = {"image": images, "label": labels, "domain": dom.copy(), "index": idx.copy()}
-        if self.target_soft_labels is not None:
-            out["soft_label"] = np.zeros((b, *self.crop_size, self.num_classes), np.uint8)
-        for j in range(b):
-            parts = self.record(int(dom[j]), int(idx[j]), epoch, int(rep[j]))
-            images[j], labels[j] = parts[:2]
-            if len(parts) == 3 and parts[2] is not None:
-                out["soft_label"][j] = parts[2]
-        return out
-
-    def _next_keys(self, n):
-        e, s, bpe, keys = self._epoch, self._step, self.sampler.batches_per_epoch(), []
-        for _ in range(n):
-            keys.append((e, s))
-            e, s = (e + 1, 0) if s + 1 == bpe else (e, s + 1)
-        return keys
+        self._prefetch = (_ProcessPrefetcher(self._batches, prefetch, n) if self.parallelism == "processes"
+                          else _ThreadPrefetcher(self._batches, prefetch if n else 0, n))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        keys = self._next_keys(self._prefetch._depth + 2)
-        batch = self._prefetch.get(keys)
-        self._epoch, self._step = keys[1]
+        bpe = self.sampler.batches_per_epoch()
+        batch = self._prefetch.get(self._epoch * bpe + self._step)
+        self._epoch, self._step = (self._epoch + 1, 0) if self._step + 1 == bpe else (self._epoch, self._step + 1)
         return batch
 
     def get_state(self) -> dict:
@@ -333,7 +457,7 @@ class EvalIterator(_Closing):
         self.rows = _host_rows(self.batch_size, process_index, process_count)
         self.num_batches = max(1, math.ceil(len(source) / self.batch_size))
         self._batch = 0
-        self._prefetch = _Prefetcher(self._make, prefetch, workers)
+        self._prefetch = _ThreadPrefetcher(self._make, prefetch, workers, stop=self.num_batches)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -364,8 +488,7 @@ class EvalIterator(_Closing):
     def __next__(self) -> dict:
         if self._batch >= self.num_batches:
             raise StopIteration
-        keys = list(range(self._batch, min(self._batch + self._prefetch._depth + 1, self.num_batches)))
-        batch = self._prefetch.get(keys)
+        batch = self._prefetch.get(self._batch)
         self._batch += 1
         return batch
 

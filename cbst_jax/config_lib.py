@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.source_subset = "nested"            # nested (CBST) | fresh (CRST) subsets per round
     c.input.eval_size = (1024, 2048)            # canvas of evaluation / pseudo-labelling batches
     c.input.eval_batch_size = 1                 # global; padded to a multiple of the devices
-    c.input.workers = 4
+    c.input.workers = -1                        # data workers; -1: every core but one
+    c.input.worker_kind = "auto"                # auto (processes when grain is installed) | processes | threads
 
     c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd"))
 
@@ -174,6 +175,8 @@ def validate(config, *, need_roots: bool = True) -> None:
     for key in ("source_training", "self_training"):
         if config[key].optimizer not in ("sgd", "adam"):
             _fail(f"{key}.optimizer", config[key].optimizer, "sgd or adam")
+    if config.input.worker_kind not in ("auto", "processes", "threads"):
+        _fail("input.worker_kind", config.input.worker_kind, "auto, processes or threads")
     if config.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
     if not config.predict.scales or any(s <= 0 for s in config.predict.scales):

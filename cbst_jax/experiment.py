@@ -44,11 +44,18 @@ class Experiment:
         """(global batch, host batch) pairs: ``source`` in fixed-shape padded batches on the
         canvas (the predictor's input), with a progress bar when ``desc`` is given."""
         it = pipeline.EvalIterator(source, batch_size=self.eval_batch_size(), canvas=self.canvas,
-                                   label_key=label_key, workers=self.config.input.workers)
+                                   label_key=label_key, workers=eval_workers(self.config))
         total = -(-len(source) // self.eval_batch_size())
         for host in tqdm(it, total=total, desc=desc, leave=False,
                          disable=desc is None or jax.process_index() != 0):
             yield shd.to_global(host, self.mesh), host
+
+
+def eval_workers(config) -> int:
+    """Decoding threads of evaluation / pseudo-labelling batches (``input.workers``, -1: all cores but one)."""
+    from cbst_jax.data.pipeline import default_workers
+
+    return default_workers() if config.input.workers < 0 else max(1, config.input.workers)
 
 
 def build(config, workdir: str) -> Experiment:

@@ -138,8 +138,14 @@ def mixed_iterator(exp, round_idx: int | None, target_labels=None, mine_classes=
     return pipeline.MixedIterator(data.source, data.target_train, sampler, crop_size=tuple(cfg.input.crop),
                                   target_labels=target_labels, scale_range=tuple(cfg.input.scale_range),
                                   flip=cfg.input.flip, mine_classes=mine_classes, p_mine=cfg.input.mine_prob,
-                                  workers=cfg.input.workers, target_soft_labels=target_soft_labels,
+                                  workers=cfg.input.workers, processes=worker_processes(cfg),
+                                  target_soft_labels=target_soft_labels,
                                   soft_stride=cfg.self_training.soft_label_stride, num_classes=cfg.num_classes)
+
+
+def worker_processes(config) -> bool | None:
+    """``input.worker_kind`` as the pipeline's ``processes`` argument (None: its default)."""
+    return {"auto": None, "processes": True, "threads": False}[config.input.worker_kind]
 
 
 def round_steps(exp, iterator) -> int:

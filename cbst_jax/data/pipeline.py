@@ -32,14 +32,16 @@ import numpy as np
 
 from cbst_jax.data import augment as aug
 from cbst_jax.labels import IGNORE_INDEX
+from cbst_jax.methods import portion_at
 
 SOURCE, TARGET = 0, 1
 
 
 # ----------------------------------------------------------------- source-subset schedule
 def source_portion(round_idx: int, s0: float = 0.03, ds: float = 0.0025, s_max: float = 0.06) -> float:
-    """Portion of the source set used in round ``round_idx`` (reference §3): min(s0 + r·ds, s_max)."""
-    return min(s0 + round_idx * ds, s_max)
+    """Portion of the source set used in round ``round_idx`` (reference §3): min(s0 + r·ds, s_max),
+    the self-paced schedule of the target portion applied to the source."""
+    return portion_at((s0, ds, s_max), round_idx)
 
 
 def source_subset(num_source: int, round_idx: int, *, s0: float = 0.03, ds: float = 0.0025,

@@ -7,6 +7,8 @@ import json
 import os
 from typing import Callable
 
+from cbst_jax.failpoints import failpoint
+
 
 def atomic_write(path: str, write: Callable) -> None:
     """``write(fileobj)`` fills a temporary file that then replaces ``path``."""
@@ -16,6 +18,7 @@ def atomic_write(path: str, write: Callable) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("atomic_write.before_rename")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

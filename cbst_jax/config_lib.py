@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_processes = 0                         #   host:port of process 0, process count and
     c.process_id = -1                           #   this process's id
     c.select_by_eval = False                    # report a best round picked on the eval split (flagged)
+    c.resume_from_stage = ""                    # e.g. "cbst/r0": go on after that finished stage with changed
+                                                # optimiser settings (cbst_jax.run_ledger.REWIND_KEYS)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "deeplabv2_resnet101"

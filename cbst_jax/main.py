@@ -9,8 +9,10 @@ so ``python -m experiments.gta5_cityscapes --config.target.root=...`` works, and
 ``python -m experiments.synthetic --config=quick``). Each seed runs in ``<workdir>/seed_<s>``
 (``cbst_jax.self_training.run``); with several seeds the tables report mean ± std.
 
-A user's mistake ends with a one-line ``error: ...`` naming the key, file or value and what was
-expected, and exit status 2.
+Every input is checked before the workdir is touched (``cbst_jax.preflight``); a workdir is
+resumed or replaced (``--fresh``) only if it carries our run marker. A user's mistake ends with a
+one-line ``error: ...`` naming the key, file or value and what was expected, and exit status 2
+(``--debug`` shows the traceback instead).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import time
 from cbst_jax import config_lib
 
 EXIT_USAGE = 2
+RUN_MARKER = "cbst_jax_run.json"  # marks a workdir as ours: only such a folder is resumed or replaced
 
 
 def load_config(spec: str):
@@ -73,7 +76,9 @@ def launch(default_config: str | None = None) -> None:
     config_flags.DEFINE_config_file("config", spec, "the experiment's config file[:variant]", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output folder (checkpoints, pseudo-labels, metrics, plots).")
     flags.DEFINE_string("seeds", None, "Comma-separated seeds; results are aggregated as mean ± std.")
-    flags.DEFINE_bool("fresh", False, "Start over: remove an existing workdir of ours first.")
+    flags.DEFINE_bool("fresh", False, "Start over: an existing run of ours in --workdir is moved aside, and "
+                      "deleted once the new run has started.")
+    flags.DEFINE_bool("debug", False, "Show the traceback of an error instead of its one-line message.")
 
     def parse(args):
         try:
@@ -86,7 +91,7 @@ def launch(default_config: str | None = None) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
         workdir = flags.FLAGS.workdir or os.path.join("runs", name)
-        return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh)
+        return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh, flags.FLAGS.debug)
 
     app.run(main, flags_parser=parse)
 
@@ -96,27 +101,53 @@ def _fail(message) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def run_command(config, workdir: str, seeds_text: str | None, fresh: bool) -> int:
-    """Validates, then runs every seed; a user-facing error is one line and exit status 2."""
+def _user_errors() -> tuple:
+    from cbst_jax.checkpointing import CheckpointError
     from cbst_jax.data import DatasetError
     from cbst_jax.errors import RunError
     from cbst_jax.models import WeightMismatchError
+    from cbst_jax.pseudo_label_store import PseudoLabelError
 
+    return (config_lib.ConfigError, RunError, DatasetError, WeightMismatchError, CheckpointError, PseudoLabelError)
+
+
+def run_command(config, workdir: str, seeds_text: str | None, fresh: bool, debug: bool = False) -> int:
+    """Checks every input (``cbst_jax.preflight``), only then creates, resumes or replaces the
+    workdir, and runs every seed. A user's mistake or a broken input is one line and exit
+    status 2, an unexpected failure one line and exit status 1; ``debug`` shows tracebacks."""
+    from cbst_jax.preflight import preflight
+
+    user_errors = _user_errors()
     try:
         config = copy.deepcopy(config)
-        config_lib.validate(config)
         seeds = config_lib.parse_seeds(seeds_text) if seeds_text else [config.seed]
-        return run_seeds(config, os.path.abspath(workdir), seeds, fresh=fresh)
-    except (config_lib.ConfigError, RunError, DatasetError, WeightMismatchError) as e:
+        preflight(config)
+        _initialize_distributed(config)
+        workdir, aside = prepare_workdir(os.path.abspath(workdir), fresh)
+        return run_seeds(config, workdir, seeds, on_started=lambda: _remove_aside(aside))
+    except user_errors as e:
+        if debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a full disk, a permission, a file that vanished
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, the traceback behind --debug
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: internal error ({type(e).__name__}: {first[:300]}); rerun with --debug for the traceback",
+              file=sys.stderr)
+        return 1
 
 
-def run_seeds(config, workdir: str, seeds, fresh: bool = False) -> int:
-    """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds."""
+def _initialize_distributed(config) -> None:
     import jax
 
-    from cbst_jax import run_outputs, self_training
     from cbst_jax import sharding as shd
 
     if config.distributed:
@@ -126,15 +157,59 @@ def run_seeds(config, workdir: str, seeds, fresh: bool = False) -> int:
                           process_id=config.process_id)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; no-op elsewhere
         shd.maybe_initialize_distributed(True, **kwargs)
-    if fresh and jax.process_index() == 0 and os.path.isdir(workdir):
-        shutil.rmtree(workdir)
-    shd.barrier("fresh")
+
+
+def prepare_workdir(workdir: str, fresh: bool) -> tuple[str, str | None]:
+    """The workdir, made ready: a new or empty folder gets our run marker; an existing run of
+    ours is resumed, or with ``fresh`` moved aside (deleted once the new run has started);
+    anything else is refused. Returns (workdir, the moved-aside folder or None)."""
+    import jax
+
+    from cbst_jax import sharding as shd
+    from cbst_jax.atomic_files import atomic_write_json
+    from cbst_jax.errors import RunError
+
+    marker = os.path.join(workdir, RUN_MARKER)
+    exists = os.path.isdir(workdir)
+    ours = os.path.isfile(marker)
+    if os.path.exists(workdir) and not exists:
+        raise RunError(f"--workdir={workdir}: a file, expected a folder")
+    if exists and not ours and os.listdir(workdir):
+        raise RunError(f"--workdir={workdir}: the folder is not empty and holds no cbst_jax run (no {RUN_MARKER}); "
+                       f"pass a new or empty folder" + (" (--fresh removes only a cbst_jax run)" if fresh else ""))
+    aside = None
+    if jax.process_index() == 0:
+        if fresh and ours:
+            aside = f"{workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(workdir, aside)
+        os.makedirs(workdir, exist_ok=True)
+        if not os.path.isfile(marker):
+            from cbst_jax import __version__
+
+            atomic_write_json(marker, {"created_by": f"cbst_jax {__version__}", "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    shd.barrier("workdir")
+    return workdir, aside
+
+
+def _remove_aside(aside: str | None) -> None:
+    if aside is not None and os.path.isdir(aside):
+        shutil.rmtree(aside)
+
+
+def run_seeds(config, workdir: str, seeds, on_started=None) -> int:
+    """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds;
+    ``on_started()`` once the first seed's source model exists."""
+    import jax
+
+    from cbst_jax import run_outputs, self_training
+
     rows, pl_rows = [], []
     t0 = time.time()
     for s in seeds:
         cfg = copy.deepcopy(config)
         cfg.seed = int(s)
-        seed_rows, seed_pl_rows = self_training.run(cfg, os.path.join(workdir, f"seed_{s}"))
+        seed_rows, seed_pl_rows = self_training.run(cfg, os.path.join(workdir, f"seed_{s}"), on_started=on_started)
+        on_started = None
         rows += seed_rows
         pl_rows += seed_pl_rows
     if jax.process_index() == 0:

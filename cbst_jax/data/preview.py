@@ -2,7 +2,8 @@
 
     python -m cbst_jax.data.preview synthetic --out docs/     # -> docs/synthetic_samples.png
 
-Columns: source image | source label | target image | target label; one scene per row.
+Columns: source image | source label | target image | target label | the same target scene under
+the camera-shift variant (``camera_shift=True``, a higher horizon) | its label; one scene per row.
 """
 from __future__ import annotations
 
@@ -28,16 +29,20 @@ def grid(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
 
 def synthetic_samples(num_rows: int = 4, *, height: int = 64, width: int = 128, seed: int = 0,
                       zoom: int = 3) -> np.ndarray:
-    """Source-train and target-val scenes next to their label maps, zoomed (nearest) for viewing."""
+    """Source-train and target-val scenes (default camera, then the camera-shift variant) next to
+    their label maps, zoomed (nearest) for viewing."""
     from cbst_jax.data.synthetic import open_synthetic
 
     src = open_synthetic("source", "train", height=height, width=width, seed=seed)
     tgt = open_synthetic("target", "val", height=height, width=width, seed=seed)
+    shifted = open_synthetic("target", "val", height=height, width=width, seed=seed, camera_shift=True)
     z = lambda a: np.repeat(np.repeat(a, zoom, 0), zoom, 1)
     rows = []
     for i in range(num_rows):
-        s, t = src[i], tgt[i]
-        rows.append([z(s["image"]), z(colorize(s["label"])), z(t["image"]), z(colorize(t["label"]))])
+        row = []
+        for rec in (src[i], tgt[i], shifted[i]):
+            row += [z(rec["image"]), z(colorize(rec["label"]))]
+        rows.append(row)
     return grid(rows)
 
 

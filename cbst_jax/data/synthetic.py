@@ -14,11 +14,17 @@ sidewalk, riders (bike + person) at the road edge and cars on the road. Small ob
 minimum size (poles >= 2 px, lights 3x7 px, signs ~5-7 px at 64x128) so the rare classes stay
 learnable after the shift.
 
-The target shift is global and class-agnostic in appearance (blur, low-frequency
-illumination field, warm/darker white balance, chroma mixing, haze, sensor noise) plus a
-content/camera shift (higher horizon, narrower sidewalks, more poles/persons/trees, fewer cars,
-more vegetation façades, smaller small objects). See docs/synthetic.md for measured class
-shares and the size of the gap.
+The two domains share the camera (horizon, vanishing point, road and sidewalk geometry), as two
+dashboard cameras do. The target shift, calibrated so that the source-only model's per-class
+IoU on target resembles GTA5->Cityscapes' (docs/results.md), is in the surfaces' appearance
+(an overcast, patchy sky as grey as the façades; greyer, lighter façades; a grey sidewalk that
+blends into the road; textured asphalt; dull foliage; poles kept neutral grey under the warm
+white balance), in the content (taller façades, so less sky; more poles, persons and trees,
+fewer cars; smaller small objects) and in a global camera pipeline (blur, low-frequency
+illumination field, warm/darker white balance, chroma mixing, haze, sensor noise).
+``camera_shift=True`` is the named variant whose target camera sits higher
+(``SHIFTED_HORIZON``). No target option changes the source domain.
+See docs/synthetic.md for measured class shares and generation speed.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import dataclasses
 
 import numpy as np
 
+from cbst_jax.data.io import DatasetError
 from cbst_jax.labels import CITYSCAPES_CLASSES, IGNORE_INDEX
 
 ROAD, SIDEWALK, BUILDING, POLE, LIGHT, SIGN, VEGETATION, SKY, PERSON, RIDER, CAR = (
@@ -46,7 +53,9 @@ PRESETS = {"cpu": (64, 128), "cpu96": (96, 192), "gpu": (256, 512), "gpu_full": 
 
 @dataclasses.dataclass(frozen=True)
 class DomainStyle:
-    """Content, camera and appearance parameters of one domain (ranges are (low, high))."""
+    """Camera, content and appearance parameters of one domain (ranges are (low, high)).
+
+    The fields after ``noise`` default to the flat "game" look of the source; the target sets them."""
     horizon: tuple            # horizon row as a fraction of H
     road_half: tuple          # road half-width at the bottom row, fraction of W
     sidewalk: tuple           # sidewalk band width at the bottom row, fraction of W
@@ -59,12 +68,24 @@ class DomainStyle:
     small_scale: float        # size factor of lights, signs, persons, riders
     object_chroma: float      # saturation kept in sign, lamp and bike colours (1 = the source palette)
     light_housing: tuple      # traffic-light housing colour
-    sky_top: tuple
+    pole_rgb: tuple
+    sky_top: tuple            # clear-sky gradient
     sky_bottom: tuple
     road_rgb: tuple
-    sidewalk_rgb: tuple
+    sidewalk_rgb: tuple       # one end of the per-image sidewalk colour blend
     jitter: float             # per-instance colour jitter
     noise: float              # Gaussian sensor noise (fraction of full scale)
+    sidewalk_alt: tuple | None = None    # the other end of the blend (None: always sidewalk_rgb)
+    overcast: tuple = (0.0, 0.0)         # per-image cloud cover: 0 = clear sky, 1 = overcast
+    cloud_rgb: tuple = (0.8, 0.8, 0.8)   # colour of the cloud layer
+    cloud_patchiness: float = 0.0        # amplitude of the low-frequency field added to the cover
+    facade_height: float = 1.0           # height factor of the façade columns
+    facade_light: tuple = (0.45, 0.78)   # lightness (red channel) of building façades
+    facade_grey: float = 0.0             # up to this share of a façade's saturation is removed
+    road_light: tuple = (1.0, 1.0)       # per-image lightness factor of the asphalt
+    road_grain: float = 0.0              # amplitude of the asphalt texture (grain and patches)
+    paving: float = 0.0                  # darkening of the sidewalk's paving joints
+    veg_dull: float = 0.0                # up to this share of the foliage colour turns olive-grey
     blur_sigma: float = 0.0   # at 64 px height; scaled with the image
     illumination: float = 0.0  # amplitude of the low-frequency illumination field
     wb_gains: tuple = (1.0, 1.0, 1.0)
@@ -77,22 +98,35 @@ SOURCE_STYLE = DomainStyle(
     horizon=(0.36, 0.50), road_half=(0.36, 0.46), sidewalk=(0.10, 0.16),
     poles=(1, 4), persons=(0, 3), riders=(0, 2), cars=(1, 4), trees=(0, 3),
     veg_facade=0.30, small_scale=1.0, object_chroma=1.0, light_housing=(0.22, 0.20, 0.12),
+    pole_rgb=(0.56, 0.56, 0.56),
     sky_top=(0.42, 0.62, 0.92), sky_bottom=(0.70, 0.82, 0.96),
     road_rgb=(0.34, 0.34, 0.37), sidewalk_rgb=(0.72, 0.60, 0.62),
     jitter=0.06, noise=0.01)
 
+# The target camera and road geometry are the source's (both are dashboard cameras); the shift
+# is in the surfaces' appearance, the content (counts, façade height) and the camera pipeline.
 TARGET_STYLE = DomainStyle(
-    horizon=(0.30, 0.42), road_half=(0.34, 0.44), sidewalk=(0.06, 0.11),
+    horizon=SOURCE_STYLE.horizon, road_half=SOURCE_STYLE.road_half, sidewalk=SOURCE_STYLE.sidewalk,
     poles=(2, 6), persons=(1, 5), riders=(0, 3), cars=(0, 3), trees=(1, 4),
-    veg_facade=0.45, small_scale=0.85, object_chroma=0.75, light_housing=(0.28, 0.27, 0.22),
+    veg_facade=0.40, small_scale=0.85, object_chroma=0.75, light_housing=(0.28, 0.27, 0.22),
+    pole_rgb=(0.48, 0.52, 0.62),                          # neutral grey after the warm white balance
     sky_top=(0.45, 0.62, 0.98), sky_bottom=(0.68, 0.80, 1.0),
-    road_rgb=(0.38, 0.37, 0.37), sidewalk_rgb=(0.62, 0.58, 0.56),
-    jitter=0.08, noise=0.025, blur_sigma=0.6, illumination=0.15,
+    road_rgb=(0.38, 0.37, 0.37), sidewalk_rgb=(0.39, 0.38, 0.38), sidewalk_alt=(0.62, 0.50, 0.48),
+    jitter=0.08, noise=0.025,
+    overcast=(0.2, 1.0), cloud_rgb=(0.84, 0.84, 0.86), cloud_patchiness=0.6,
+    facade_height=2.0, facade_light=(0.45, 0.85), facade_grey=0.4,
+    road_light=(0.85, 1.1), road_grain=0.06, paving=0.1, veg_dull=1.0,
+    blur_sigma=0.6, illumination=0.15,
     wb_gains=(1.06, 0.97, 0.85), wb_range=(0.75, 0.95), chroma_mix=0.5, haze=(0.10, 0.85))
 
 STYLES = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
+# The named camera-shift variant: the target camera pitched up, so the horizon sits higher than
+# the source's (fraction of H). It breaks the shared layout that a spatial prior assumes.
+SHIFTED_HORIZON = (0.30, 0.42)
 # A fixed colour cross-talk matrix (rows: output R, G, B); blended in by ``chroma_mix``.
 _CHROMA = np.array([[0.70, 0.22, 0.08], [0.12, 0.72, 0.16], [0.06, 0.24, 0.70]], np.float32)
+# Where dull foliage drifts to (dry, shaded or dusty leaves).
+_OLIVE_GREY = np.array((0.36, 0.37, 0.28), np.float32)
 
 
 def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
@@ -108,6 +142,15 @@ def _mute(rgb, chroma):
 
 def _jit(rng, rgb, amount):
     return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0.0, 1.0).astype(np.float32)
+
+
+def _foliage(rng, style, rgb, amount):
+    """A jittered foliage colour; ``style.veg_dull`` moves it part of the way to olive-grey."""
+    rgb = _jit(rng, rgb, amount)
+    if style.veg_dull > 0:
+        k = np.float32(style.veg_dull * rng.uniform())
+        rgb = (1.0 - k) * rgb + k * _OLIVE_GREY
+    return rgb.astype(np.float32)
 
 
 class _Canvas:
@@ -148,6 +191,12 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
+def _smooth_field(rng, height: int, width: int, knots: tuple) -> np.ndarray:
+    """A (height, width) field in [-1, 1], bilinear between random values on a ``knots`` grid."""
+    grid = rng.uniform(-1.0, 1.0, knots).astype(np.float32)
+    return _interp_matrix(height, knots[0]) @ grid @ _interp_matrix(width, knots[1]).T
+
+
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur with edge padding (numpy only)."""
     r = max(1, int(np.ceil(3 * sigma)))
@@ -160,28 +209,23 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[j] * p[:, j:j + w] for j in range(2 * r + 1))
 
 
-def render(domain: str, split: str, index: int, *, height: int = 64, width: int = 128,
-           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (uint8 (H, W, 3) image, uint8 (H, W) trainId label map)."""
-    style = STYLES[domain]
-    rng = _rng(seed, domain, split, index)
-    H, W = height, width
-    s = H / 64.0                       # pixel unit: sizes are specified at 64 px height
-    cv = _Canvas(H, W)
-
-    # Camera: horizon row and vanishing point.
-    yh = rng.uniform(*style.horizon) * H
-    xv = rng.uniform(0.40, 0.60) * W
-    ys = np.arange(H, dtype=np.float32)[:, None] + 0.5
-    xs = np.arange(W, dtype=np.float32)[None, :] + 0.5
-
-    # Sky: vertical gradient.
+def _draw_sky(rng, style, cv, ys, yh):
+    """A vertical clear-sky gradient, under a patchy cloud layer where ``style.overcast`` is set."""
     top_c, bot_c = _jit(rng, style.sky_top, style.jitter), _jit(rng, style.sky_bottom, style.jitter)
     a = np.clip(ys / max(yh, 1.0), 0.0, 1.0)[:, :, None]
     cv.img[:] = (1.0 - a) * top_c + a * bot_c
+    if style.overcast[1] > 0:
+        cover = rng.uniform(*style.overcast) + style.cloud_patchiness * _smooth_field(rng, cv.h, cv.w, (3, 6))
+        cover = np.clip(cover, 0.0, 1.0)[:, :, None]
+        cloud = _jit(rng, style.cloud_rgb, style.jitter)
+        cv.img[:] = (1.0 - cover) * cv.img + cover * cloud
     cv.lab[:] = SKY
 
-    # Façade columns: per-column top row, kind and colour, broadcast over the image.
+
+def _draw_facades(rng, style, cv, ys, xs, yh, xv, s):
+    """Façade columns (buildings with window grids, or vegetation with a ragged top) that grow
+    taller away from the vanishing point."""
+    H, W = cv.h, cv.w
     top = np.empty(W, np.float32)
     kind = np.empty(W, np.uint8)
     col_rgb = np.empty((W, 3), np.float32)
@@ -195,18 +239,21 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
         if i1 <= i0:
             continue
         dist = abs((i0 + i1) / 2.0 - xv) / W
-        height_px = (0.04 + rng.uniform(0.45, 1.0) * dist) * H
+        height_px = (0.04 + rng.uniform(0.45, 1.0) * dist) * H * style.facade_height
         veg = rng.random() < style.veg_facade
         if veg:
             kind[i0:i1] = VEGETATION
-            col_rgb[i0:i1] = _jit(rng, (0.30, 0.52, 0.20), 0.07)
+            col_rgb[i0:i1] = _foliage(rng, style, (0.30, 0.52, 0.20), 0.07)
             walk = np.cumsum(rng.normal(0.0, 0.8 * s, i1 - i0))
             top[i0:i1] = yh - height_px + walk - walk.mean()
             wp[i0:i1] = 0
         else:
             kind[i0:i1] = BUILDING
-            r_ = rng.uniform(0.45, 0.78)           # warm/grey façades: never sky-blue or leaf-green
-            col_rgb[i0:i1] = (r_, r_ * rng.uniform(0.7, 1.0), r_ * rng.uniform(0.6, 1.0))
+            r_ = rng.uniform(*style.facade_light)   # warm/grey façades: never sky-blue or leaf-green
+            rgb = (r_, r_ * rng.uniform(0.7, 1.0), r_ * rng.uniform(0.6, 1.0))
+            if style.facade_grey > 0:
+                rgb = _mute(rgb, 1.0 - style.facade_grey * rng.uniform())
+            col_rgb[i0:i1] = rgb
             top[i0:i1] = yh - height_px
             wp[i0:i1] = max(2.0, round(rng.uniform(2.5, 4.0) * s))
         x0_of[i0:i1] = i0
@@ -224,23 +271,45 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
     np.copyto(cv.img, fimg, where=fac[:, :, None])
     np.copyto(cv.lab, np.broadcast_to(kind[None, :], (H, W)), where=fac)
 
-    # Ground: road trapezoid, sidewalks, dashed lane marks.
-    rw = rng.uniform(*style.road_half) * W
-    sw = rng.uniform(*style.sidewalk) * W
+
+def _draw_ground(rng, style, cv, ys, xs, yh, xv, s):
+    """Perspective road trapezoid with dashed lane marks, and sidewalk bands; returns the road
+    half-width and sidewalk width at the bottom row (px)."""
+    H = cv.h
+    rw = rng.uniform(*style.road_half) * cv.w
+    sw = rng.uniform(*style.sidewalk) * cv.w
     t = np.clip((ys - yh) / (H - yh), 0.0, None)
     ground = ys >= yh
     dx = np.abs(xs - xv)
     road = ground & (dx <= t * rw)
     side = ground & (dx <= t * (rw + sw)) & ~road
-    np.copyto(cv.img, _jit(rng, style.sidewalk_rgb, style.jitter), where=side[:, :, None])
+    side_c = np.asarray(style.sidewalk_rgb, np.float32)
+    if style.sidewalk_alt is not None:
+        side_c = side_c + np.float32(rng.uniform()) * (np.asarray(style.sidewalk_alt, np.float32) - side_c)
+    np.copyto(cv.img, _jit(rng, side_c, style.jitter), where=side[:, :, None])
     np.copyto(cv.lab, np.uint8(SIDEWALK), where=side)
-    np.copyto(cv.img, _jit(rng, style.road_rgb, style.jitter * 0.5), where=road[:, :, None])
+    road_c = _jit(rng, style.road_rgb, style.jitter * 0.5)
+    if style.road_light != (1.0, 1.0):
+        road_c = np.clip(road_c * rng.uniform(*style.road_light), 0.0, 1.0)
+    np.copyto(cv.img, road_c, where=road[:, :, None])
     np.copyto(cv.lab, np.uint8(ROAD), where=road)
     phase = rng.uniform(0, 1)
-    dash = road & (dx <= np.maximum(t * 1.6 * s, 0.35)) & (((1.0 / np.maximum(t, 1e-3)) * 1.5 + phase) % 1.0 < 0.5)
+    inv_t = 1.0 / np.maximum(t, 1e-3)      # depth, in units of the bottom row's distance
+    dash = road & (dx <= np.maximum(t * 1.6 * s, 0.35)) & ((inv_t * 1.5 + phase) % 1.0 < 0.5)
     np.copyto(cv.img, np.array((0.92, 0.92, 0.90), np.float32), where=dash[:, :, None])
+    if style.road_grain > 0:               # asphalt grain and repaired/worn patches
+        tex = 0.5 * rng.normal(0.0, 1.0, (H, cv.w)) + _smooth_field(rng, H, cv.w, (4, 8))
+        cv.img *= np.where(road, 1.0 + style.road_grain * tex, 1.0).astype(np.float32)[:, :, None]
+    if style.paving > 0:                   # paving joints: rows in depth, columns across the band
+        across = ((dx * inv_t - rw) / max(sw / 2.5, 1.0)) % 1.0
+        joint = side & (((inv_t * 4.0) % 1.0 < 0.2) | (across < 0.2))
+        cv.img *= np.where(joint, np.float32(1.0 - style.paving), np.float32(1.0))[:, :, None]
+    return rw, sw
 
-    # Objects at ground points, drawn far to near.
+
+def _draw_objects(rng, style, cv, yh, xv, rw, sw, s):
+    """Poles (with a light or a sign), trees, persons, riders and cars at ground points, far to near."""
+    H = cv.h
     objs = []
     def ground_point(lo, hi):
         tt = rng.uniform(lo, hi)
@@ -272,7 +341,7 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
         if what == "pole":
             ph = max(0.95 * d * rng.uniform(0.9, 1.15), 14 * s)
             pw = max(2 * s, 0.05 * d)
-            cv.rect(yg - ph, yg, xg - pw / 2, xg + pw / 2, _jit(rng, (0.56, 0.56, 0.56), 0.05), POLE)
+            cv.rect(yg - ph, yg, xg - pw / 2, xg + pw / 2, _jit(rng, style.pole_rgb, 0.05), POLE)
             r = rng.random()
             if r < 0.4:                 # traffic light: dark housing, one lit lamp
                 lw, lh = max(3 * s, 0.08 * d * k), max(7 * s, 0.18 * d * k)
@@ -296,7 +365,7 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
             tw = max(2 * s, 0.06 * d)
             cr = max(3 * s, 0.28 * d * rng.uniform(0.8, 1.2))
             cv.rect(yg - th + cr, yg, xg - tw / 2, xg + tw / 2, _jit(rng, (0.38, 0.26, 0.16), 0.04), VEGETATION)
-            cv.disc(yg - th + cr * 0.5, xg, cr, _jit(rng, (0.26, 0.50, 0.18), 0.07), VEGETATION)
+            cv.disc(yg - th + cr * 0.5, xg, cr, _foliage(rng, style, (0.26, 0.50, 0.18), 0.07), VEGETATION)
         elif what == "person":
             ph = max(0.42 * d * k * rng.uniform(0.85, 1.15), 7 * s)
             pw = max(2.5 * s, 0.3 * ph)
@@ -327,14 +396,15 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
             cv.rect(yg - chh * 0.2, yg, xg - cw * 0.44, xg - cw * 0.22, (0.06, 0.06, 0.06), CAR)
             cv.rect(yg - chh * 0.2, yg, xg + cw * 0.22, xg + cw * 0.44, (0.06, 0.06, 0.06), CAR)
 
-    # Appearance: the same global pipeline for every class.
-    img = cv.img
+
+def _camera_pipeline(rng, style, img, s):
+    """The global appearance pipeline, the same for every class: blur, illumination field, white
+    balance, chroma cross-talk, haze and sensor noise; returns the uint8 image."""
+    H, W = img.shape[:2]
     if style.blur_sigma > 0:
         img = _blur(img, style.blur_sigma * s)
     if style.illumination > 0:
-        grid = rng.uniform(-1.0, 1.0, (3, 5)).astype(np.float32)
-        field = _interp_matrix(H, 3) @ grid @ _interp_matrix(W, 5).T
-        img = img * (1.0 + style.illumination * field)[:, :, None]
+        img = img * (1.0 + style.illumination * _smooth_field(rng, H, W, (3, 5)))[:, :, None]
     if style.wb_range != (1.0, 1.0) or style.wb_gains != (1.0, 1.0, 1.0):
         img = img * (np.asarray(style.wb_gains, np.float32) * rng.uniform(*style.wb_range))
     if style.chroma_mix > 0:
@@ -342,8 +412,32 @@ def render(domain: str, split: str, index: int, *, height: int = 64, width: int 
     if style.haze != (0.0, 1.0):
         img = style.haze[0] + style.haze[1] * img
     img = img + rng.normal(0.0, style.noise, img.shape).astype(np.float32)
-    image = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return image, cv.lab
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def render(domain: str, split: str, index: int, *, height: int = 64, width: int = 128,
+           seed: int = 0, camera_shift: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (uint8 (H, W, 3) image, uint8 (H, W) trainId label map).
+
+    ``camera_shift`` raises the target camera's horizon to ``SHIFTED_HORIZON`` (the same scene
+    otherwise: the same random draws, mapped to the other range); the source camera never moves."""
+    style = STYLES[domain]
+    rng = _rng(seed, domain, split, index)
+    H, W = height, width
+    s = H / 64.0                       # pixel unit: sizes are specified at 64 px height
+    cv = _Canvas(H, W)
+
+    horizon = SHIFTED_HORIZON if camera_shift and domain == "target" else style.horizon
+    yh = rng.uniform(*horizon) * H
+    xv = rng.uniform(0.40, 0.60) * W
+    ys = np.arange(H, dtype=np.float32)[:, None] + 0.5
+    xs = np.arange(W, dtype=np.float32)[None, :] + 0.5
+
+    _draw_sky(rng, style, cv, ys, yh)
+    _draw_facades(rng, style, cv, ys, xs, yh, xv, s)
+    rw, sw = _draw_ground(rng, style, cv, ys, xs, yh, xv, s)
+    _draw_objects(rng, style, cv, yh, xv, rw, sw, s)
+    return _camera_pipeline(rng, style, cv.img, s), cv.lab
 
 
 class SyntheticSource:
@@ -359,12 +453,13 @@ class SyntheticSource:
     ignore_index = IGNORE_INDEX
 
     def __init__(self, domain: str, split: str, *, height: int = 64, width: int = 128,
-                 num_images: int | None = None, seed: int = 0):
+                 num_images: int | None = None, seed: int = 0, camera_shift: bool = False):
         if domain not in DOMAINS:
-            raise ValueError(f"unknown synthetic domain {domain!r}; expected one of {DOMAINS}")
+            raise DatasetError(f"unknown synthetic domain {domain!r}; expected one of {DOMAINS}")
         if split not in SPLITS:
-            raise ValueError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
+            raise DatasetError(f"unknown synthetic split {split!r}; expected one of {SPLITS}")
         self.domain, self.split, self.seed = domain, split, int(seed)
+        self.camera_shift = bool(camera_shift)
         self.height, self.width = int(height), int(width)
         self.num_images = DEFAULT_COUNTS[(domain, split)] if num_images is None else int(num_images)
         self.has_labels = not (domain == "target" and split == "train")
@@ -379,7 +474,8 @@ class SyntheticSource:
             i += self.num_images
         if not 0 <= i < self.num_images:
             raise IndexError(f"index {i} out of range for {self.num_images} images")
-        image, label = render(self.domain, self.split, i, height=self.height, width=self.width, seed=self.seed)
+        image, label = render(self.domain, self.split, i, height=self.height, width=self.width, seed=self.seed,
+                              camera_shift=self.camera_shift)
         return {"image": image, self.label_key: label, "name": self._name(i)}
 
     def _name(self, i: int) -> str:
@@ -392,16 +488,22 @@ class SyntheticSource:
 
     def __repr__(self) -> str:
         return (f"SyntheticSource({self.domain!r}, {self.split!r}, {self.height}x{self.width}, "
-                f"n={self.num_images}, seed={self.seed})")
+                f"n={self.num_images}, seed={self.seed}{', camera_shift' if self.camera_shift else ''})")
 
 
 def open_synthetic(domain: str, split: str, *, height: int = 64, width: int = 128,
-                   num_images: int | None = None, seed: int = 0, preset: str | None = None) -> SyntheticSource:
+                   num_images: int | None = None, seed: int = 0, preset: str | None = None,
+                   camera_shift: bool = False) -> SyntheticSource:
     """The synthetic ``domain`` ("source" | "target") ``split`` ("train" | "val" | "test");
-    ``preset`` (a key of ``PRESETS``) overrides height and width."""
+    ``preset`` (a key of ``PRESETS``) overrides height and width. ``camera_shift=True`` is the
+    named variant whose target camera sits higher (horizon ``SHIFTED_HORIZON`` instead of the
+    source's); it leaves the source domain unchanged, so it may be passed to both sides."""
     if preset is not None:
+        if preset not in PRESETS:
+            raise DatasetError(f"unknown synthetic preset {preset!r}; expected one of {tuple(PRESETS)}")
         height, width = PRESETS[preset]
-    return SyntheticSource(domain, split, height=height, width=width, num_images=num_images, seed=seed)
+    return SyntheticSource(domain, split, height=height, width=width, num_images=num_images, seed=seed,
+                           camera_shift=camera_shift)
 
 
 def class_shares(source: SyntheticSource, n: int | None = None) -> np.ndarray:

@@ -54,20 +54,14 @@ def demo_source_confusion(seed_dir: str) -> np.ndarray:
     ``python -m experiments.synthetic`` saved in ``seed_dir`` (a ``<workdir>/seed_<s>`` folder)."""
     import ml_collections
 
-    from cbst_jax import checkpointing, self_training
+    from cbst_jax import experiment, models
+    from cbst_jax.evaluate import evaluate
 
     with open(os.path.join(seed_dir, "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
+    variables = models.load_variables(os.path.join(seed_dir, "models", "source.npz"))
     with tempfile.TemporaryDirectory() as scratch:   # the run's own workdir stays untouched
-        exp = self_training.build(cfg, scratch)
-        rng = jax.random.key(cfg.seed)
-        variables = self_training.init_variables(cfg, exp.model, rng, tuple(cfg.input.crop))
-        template = self_training.fresh_state(exp, variables, jax.random.fold_in(rng, 1),
-                                             cfg.source_training.optimizer)
-        ck = checkpointing.RunCheckpoints(os.path.join(seed_dir, "checkpoints", "source"), max_to_keep=1)
-        state, _ = ck.restore(checkpointing.abstract_like(template))
-        cm, _ = self_training.evaluate(exp, state)
-        exp.log.close()
+        cm, _ = evaluate(experiment.build(cfg, scratch), variables)
     return np.asarray(cm, np.int64)
 
 

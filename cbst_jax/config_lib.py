@@ -62,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
                                               allow_eval_overlap=False))
     c.eval_classes = ""                         # "miou13": also mIoU over 13 of 16; "synthetic": drawn classes
     c.synthetic = ml_collections.ConfigDict(dict(height=64, width=128, num_source=1500, num_target_train=400,
-                                                 num_target_val=300, data_seed=0))
+                                                 num_target_val=300, data_seed=0,
+                                                 # True: the target camera sits higher (where a
+                                                 # spatial prior's shared-layout assumption fails)
+                                                 camera_shift=False))
 
     c.input = ml_collections.ConfigDict()
     c.input.crop = (512, 1024)

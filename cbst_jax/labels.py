@@ -30,8 +30,6 @@ CITYSCAPES_PALETTE = np.array([
     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
     (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ], dtype=np.uint8)
-IGNORE_COLOR = np.array((0, 0, 0), np.uint8)
-
 # Cityscapes labelId of each trainId 0..18 (GTA5 label PNGs hold the same labelIds).
 CITYSCAPES_TRAINID_TO_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 

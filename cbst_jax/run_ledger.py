@@ -211,12 +211,6 @@ class RunLedger:
         self._stage_doc(stage)[row["kind"]] = reporting.jsonable(row)
         self._write()
 
-    def write_labels_digest(self, stage: Stage) -> None:
-        """After labelling: process 0 hashes every pseudo-label file into the manifest."""
-        if jax.process_index() == 0:
-            self.pseudo_labels(stage).seal()
-        shd.barrier("labels-sealed")
-
     # ------------------------------------------------------------------ internals
     def _stage_doc(self, stage: Stage) -> dict:
         return self._doc["stages"].setdefault(stage.key, {})

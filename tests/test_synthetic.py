@@ -58,11 +58,9 @@ def test_only_drawn_trainids_and_no_ignore():
         assert {syn.ROAD, syn.SKY, syn.BUILDING, syn.POLE} <= ids
 
 
-def test_sizes_and_presets():
+def test_sizes():
     r = syn.open_synthetic("target", "val", height=96, width=192, num_images=1)[0]
     assert r["image"].shape == (96, 192, 3) and r["label"].shape == (96, 192)
-    big = syn.open_synthetic("source", "val", preset="gpu", num_images=1)
-    assert (big.height, big.width) == syn.PRESETS["gpu"]
     assert len(syn.open_synthetic("source", "train")) == syn.DEFAULT_COUNTS[("source", "train")]
 
 
@@ -162,8 +160,6 @@ def test_bad_names_raise_dataset_error():
         syn.open_synthetic("game", "train")
     with pytest.raises(DatasetError, match="split"):
         syn.open_synthetic("source", "validation")
-    with pytest.raises(DatasetError, match="preset"):
-        syn.open_synthetic("source", "train", preset="tpu")
 
 
 def _class_colours(domain, n=40):

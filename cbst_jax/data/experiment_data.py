@@ -38,7 +38,7 @@ def open_side(config, side: str, split: str, *, labelled=None):
         counts = {("source", "train"): s.num_source, ("target", "train"): s.num_target_train,
                   ("target", "val"): s.num_target_val, ("target", "test"): s.num_target_val}
         return open_dataset(d.name, None, split, height=s.height, width=s.width, seed=s.data_seed,
-                            num_images=counts.get((d.name.split("/")[1], split)))
+                            num_images=counts.get((d.name.split("/")[1], split)), camera_shift=s.camera_shift)
     opts = {"num_classes": config.num_classes}
     if d.get("list_file") and split == d.get("train_split", d.get("split")):
         opts["list_file"] = d.list_file

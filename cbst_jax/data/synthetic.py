@@ -48,7 +48,6 @@ SPLITS = ("train", "val", "test")
 DEFAULT_COUNTS = {("source", "train"): 1500, ("source", "val"): 300, ("source", "test"): 300,
                   ("target", "train"): 400, ("target", "val"): 300, ("target", "test"): 300}
 # Named resolutions: CPU runs, a finer CPU run, and GPU-sized runs.
-PRESETS = {"cpu": (64, 128), "cpu96": (96, 192), "gpu": (256, 512), "gpu_full": (512, 1024)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,16 +491,11 @@ class SyntheticSource:
 
 
 def open_synthetic(domain: str, split: str, *, height: int = 64, width: int = 128,
-                   num_images: int | None = None, seed: int = 0, preset: str | None = None,
-                   camera_shift: bool = False) -> SyntheticSource:
-    """The synthetic ``domain`` ("source" | "target") ``split`` ("train" | "val" | "test");
-    ``preset`` (a key of ``PRESETS``) overrides height and width. ``camera_shift=True`` is the
+                   num_images: int | None = None, seed: int = 0, camera_shift: bool = False) -> SyntheticSource:
+    """The synthetic ``domain`` ("source" | "target") ``split`` ("train" | "val" | "test").
+    ``camera_shift=True`` is the
     named variant whose target camera sits higher (horizon ``SHIFTED_HORIZON`` instead of the
     source's); it leaves the source domain unchanged, so it may be passed to both sides."""
-    if preset is not None:
-        if preset not in PRESETS:
-            raise DatasetError(f"unknown synthetic preset {preset!r}; expected one of {tuple(PRESETS)}")
-        height, width = PRESETS[preset]
     return SyntheticSource(domain, split, height=height, width=width, num_images=num_images, seed=seed,
                            camera_shift=camera_shift)
 

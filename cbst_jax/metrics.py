@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbst_jax.labels import IGNORE_INDEX
 
-def confusion_matrix(labels, preds, num_classes: int, ignore_index: int = 255, valid=None):
+
+def confusion_matrix(labels, preds, num_classes: int, ignore_index: int = IGNORE_INDEX, valid=None):
     """(C, C) int32 counts, rows = ground truth, columns = prediction; pixels whose label is
     ``ignore_index`` (or outside [0, C)) or where ``valid`` is False are not counted.
 

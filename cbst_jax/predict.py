@@ -17,12 +17,12 @@ of them per image). The passes recompute the forward pass instead of caching pre
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from cbst_jax import crst, losses, metrics, selection, soft_labels
 from cbst_jax import sharding as shd
@@ -42,6 +42,40 @@ def _selection_counts(labels, gt, valid, num_classes: int):
     hit = jnp.where(li == gt.astype(jnp.int32), li, c)
     correct = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(hit, c).reshape(-1)].add(1)[:c]
     return picked, correct, jnp.sum(valid.astype(jnp.int32))
+
+
+class LabelledBatch(NamedTuple):
+    """Hard pseudo-labels of one batch: ``labels`` uint8 (B, H, W), batch-sharded, 255 where
+    ignored or padded; ``selected`` (C,) int32 labelled pixels per class; ``correct`` (C,) int32
+    labelled pixels equal to the batch's ground truth (0 without one); ``valid`` () int32 valid
+    pixels of the batch."""
+
+    labels: jax.Array
+    selected: jax.Array
+    correct: jax.Array
+    valid: jax.Array
+
+
+class SoftLabelledBatch(NamedTuple):
+    """CRST LR* pseudo-labels of one batch in ``cbst_jax.soft_labels``' encoding: ``labels``
+    uint8 (B, H, W) (argmax of ŷ, 255 where ŷ = 0), ``top`` uint8 (B, H, W) (the top mass),
+    ``cells`` uint8 (B, ⌈H/s⌉, ⌈W/s⌉, C) (the residual cells), then ``selected``, ``correct``,
+    ``valid`` as in :class:`LabelledBatch`."""
+
+    labels: jax.Array
+    top: jax.Array
+    cells: jax.Array
+    selected: jax.Array
+    correct: jax.Array
+    valid: jax.Array
+
+
+class Evaluation(NamedTuple):
+    """``confusion`` (C, C) int64 over all batches; ``predictions``: the first kept predictions
+    (host uint8 maps, each cropped to its record)."""
+
+    confusion: np.ndarray
+    predictions: list
 
 
 class Predictor:
@@ -74,15 +108,6 @@ class Predictor:
                 n += 1
         return total / n
 
-    def _histogram(self, probs, valid, prior, bins, refine: bool, subsample: int):
-        def local(p, v, q, b):
-            counts = (selection.fine_histogram(p, b, q, v, subsample) if refine
-                      else selection.coarse_histogram(p, q, v, subsample))
-            return jax.lax.psum(counts, shd.DATA_AXIS)
-
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(P(shd.DATA_AXIS), P(shd.DATA_AXIS), P(), P()),
-                             out_specs=P(), check_vma=False)(probs, valid, prior, bins)
-
     def _jit(self, key, fn, **kw):
         if key not in self._jit_cache:
             self._jit_cache[key] = jax.jit(fn, **kw)
@@ -90,59 +115,51 @@ class Predictor:
 
     # ------------------------------------------------------------------ passes
     def threshold_statistics(self, variables, batches_fn, prior=None, bins=None, subsample: int = 1):
-        """One histogram pass over ``batches_fn()`` (global batches); int64 (C, 65536) counts."""
-        refine = bins is not None
+        """One histogram pass over ``batches_fn()`` (global batches); int64 (C, 65536) counts.
+        ``bins`` None is the coarse pass, ``RefinementTarget.bins`` the fine one."""
+        hist = selection.histogram_step(self.mesh, bins is not None, subsample)
 
-        def step(acc, variables, images, valid, prior, bins):
-            counts = self._histogram(self.probs(variables, images), valid, prior, bins, refine, subsample)
-            return selection.accumulate(acc, counts)
+        def step(acc, bins, variables, images, valid, prior):
+            return hist(acc, bins, self.probs(variables, images), valid, prior)
 
-        fn = self._jit(("hist", refine, subsample, prior is None), step, donate_argnums=0)
-        acc = selection.HistogramAccumulator.zeros(self.num_classes, self._rep)
-        bins = jax.device_put(np.full(self.num_classes, -1, np.int32) if bins is None else np.asarray(bins, np.int32),
-                              self._rep)
-        for batch in batches_fn():
-            acc = fn(acc, variables, batch["image"], batch["valid"], prior, bins)
-        return acc.counts()
+        fn = self._jit(("hist", bins is not None, subsample, prior is None), step, donate_argnums=0)
+        batches = ((variables, b["image"], b["valid"], prior) for b in batches_fn())
+        return selection.histogram_pass(fn, batches, self.num_classes, bins, self._rep)
 
-    def thresholds(self, variables, batches_fn, portion: float, policy: str, prior=None, subsample: int = 1):
+    def thresholds(self, variables, batches_fn, portion: float, policy: str, prior=None,
+                   subsample: int = 1) -> selection.ClassThresholds:
         """Exact λ (C,) over a whole split (two streaming passes) and per-class pixel counts."""
-        coarse = self.threshold_statistics(variables, batches_fn, prior, None, subsample)
-        target = selection.plan_refinement(coarse, portion, policy)
-        fine = self.threshold_statistics(variables, batches_fn, prior, target.bins, subsample)
-        return selection.finish_thresholds(fine, target), selection.class_pixel_counts(coarse)
+        return selection.two_pass_thresholds(
+            lambda bins: self.threshold_statistics(variables, batches_fn, prior, bins, subsample), portion, policy)
 
-    def pseudo_labels(self, variables, batch, thresholds, prior=None):
-        """(labels uint8 (B, H, W) global array, stats): stats = per-class selected pixels and,
-        where the batch carries ground truth, selected pixels that are correct."""
+    def pseudo_labels(self, variables, batch, thresholds, prior=None) -> LabelledBatch:
+        """CBST hard pseudo-labels of one global batch (:class:`LabelledBatch`)."""
         c = self.num_classes
 
         def step(variables, images, valid, gt, lam, prior):
             lab = selection.select_pseudo_labels(self.probs(variables, images), lam, prior)
             lab = jnp.where(valid, lab, IGNORE_INDEX).astype(jnp.uint8)
-            return (lab, *_selection_counts(lab, gt, valid, c))
+            return LabelledBatch(lab, *_selection_counts(lab, gt, valid, c))
 
-        fn = self._jit(("pl", prior is None), step, out_shardings=(self._data, self._rep, self._rep, self._rep))
+        fn = self._jit(("pl", prior is None), step,
+                       out_shardings=LabelledBatch(self._data, self._rep, self._rep, self._rep))
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
         return fn(variables, batch["image"], batch["valid"], batch["label"], lam, prior)
 
     def soft_pseudo_labels(self, variables, batch, thresholds, *, kind: str, alpha: float, stride: int,
-                           keep: str = "objective"):
-        """CRST LR* labelling of one batch: (hard uint8 (B, H, W) - argmax of ŷ, 255 where ŷ = 0 -,
-        top masses uint8 (B, H, W), residual cells uint8 (B, ⌈H/s⌉, ⌈W/s⌉, C) (the encoding of
-        ``cbst_jax.soft_labels``), selected and correct pixel counts per class, valid pixels),
-        like :meth:`pseudo_labels`. ``keep``: which
-        pixels are kept (``cbst_jax.crst.soft_pseudo_labels``)."""
+                           keep: str = "objective") -> SoftLabelledBatch:
+        """CRST LR* labelling of one global batch (:class:`SoftLabelledBatch`, cells at
+        ``stride``); ``keep``: which pixels are kept (``cbst_jax.crst.soft_pseudo_labels``)."""
         c = self.num_classes
 
         def step(variables, images, valid, gt, lam):
             soft = crst.soft_pseudo_labels(self.probs(variables, images), lam, kind=kind, alpha=alpha, keep=keep)
             soft = jnp.where(valid[..., None], soft, 0.0)
             lab, top, cells = soft_labels.encode(soft, stride)
-            return (lab, top, cells, *_selection_counts(lab, gt, valid, c))
+            return SoftLabelledBatch(lab, top, cells, *_selection_counts(lab, gt, valid, c))
 
         fn = self._jit(("soft", kind, float(alpha), int(stride), keep), step,
-                       out_shardings=(self._data, self._data, self._data, self._rep, self._rep, self._rep))
+                       out_shardings=SoftLabelledBatch(*[self._data] * 3, *[self._rep] * 3))
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
         return fn(variables, batch["image"], batch["valid"], batch["label"], lam)
 
@@ -159,10 +176,14 @@ class Predictor:
         cm, pred = fn(variables, batch["image"], batch["label"], batch["valid"])
         return (cm, pred) if return_pred else cm
 
-    def evaluate(self, variables, batches: Iterable, keep_predictions: int = 0):
-        """Confusion matrix (int64) over all batches, plus the first ``keep_predictions``
-        predictions (host numpy, cropped to each record) for figures."""
+    def evaluate(self, variables, batches: Iterable, keep_predictions: int = 0, *,
+                 desc: str | None = None, total: int | None = None) -> Evaluation:
+        """Confusion matrix (int64) over all ``(global batch, host batch)`` pairs, plus the first
+        ``keep_predictions`` predictions (host numpy, cropped to each record) for figures. With
+        ``desc``, a tqdm bar (``total`` batches) on process 0."""
         acc, kept = metrics.ConfusionAccumulator(self.num_classes), []
+        if desc is not None:
+            batches = tqdm(batches, desc=desc, total=total, disable=jax.process_index() != 0, leave=False)
         for batch, host_batch in batches:
             cm, pred = self.confusion(variables, batch, return_pred=True)
             acc.add(cm)
@@ -170,7 +191,7 @@ class Predictor:
                 for row, lab in local_rows(pred, host_batch):
                     if len(kept) < keep_predictions:
                         kept.append(lab)
-        return acc.total, kept
+        return Evaluation(acc.total, kept)
 
 
 def local_rows(global_labels, host_batch, stride: int = 1):

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cbst_jax import sharding as shd
+from cbst_jax.labels import IGNORE_INDEX
 
 POLICIES = ("cbst", "st")
 KEY_HALF_BITS = 16
@@ -290,7 +291,7 @@ def thresholds_from_confidence(conf, pred, num_classes: int, portion: float,
 
 
 @functools.partial(jax.jit, static_argnames="ignore_index")
-def select_pseudo_labels(probs, thresholds, prior=None, ignore_index: int = 255):
+def select_pseudo_labels(probs, thresholds, prior=None, ignore_index: int = IGNORE_INDEX):
     """Pseudo-labels (uint8, pixel shape): ``argmax_c (q p)_c / lambda_c`` where that ratio
     is >= 1, else ``ignore_index``; the minimiser of the self-training objective."""
     ratio = _scores(probs, prior) / jnp.asarray(thresholds, jnp.float32)
@@ -299,6 +300,14 @@ def select_pseudo_labels(probs, thresholds, prior=None, ignore_index: int = 255)
 
 
 # ------------------------------------------------------------------------------- streaming
+
+
+class ClassThresholds(NamedTuple):
+    """The result of the two passes: ``thresholds`` λ (C,) float32 and ``class_counts`` (C,)
+    int64, the pixels predicted as each class (pass 1's row sums; rare-class mining)."""
+
+    thresholds: np.ndarray
+    class_counts: np.ndarray
 
 
 class HistogramAccumulator(NamedTuple):
@@ -331,29 +340,59 @@ def accumulate(acc: HistogramAccumulator, counts) -> HistogramAccumulator:
     return HistogramAccumulator(acc.hi + (lo >> _LO_BITS), lo & ((1 << _LO_BITS) - 1))
 
 
-@functools.lru_cache(maxsize=None)
-def _batch_pass(mesh: Mesh | None, refine: bool, subsample: int):
-    """Jitted ``(acc, probs, valid, prior, bins) -> acc`` for one batch of either pass.
+def histogram_step(mesh: Mesh | None, refine: bool, subsample: int = 1):
+    """The per-batch step of either pass, ``(acc, bins, probs, valid, prior) -> acc`` (traceable).
 
-    With a mesh, each device counts its shard of the batch and ``psum`` over ``'data'``
-    merges the counts (``valid``/``prior`` may be None: an empty pytree matches any spec).
+    ``bins`` is ``RefinementTarget.bins`` for the fine pass (``refine``) and ignored by the coarse
+    one. With a mesh, each device counts its shard of the batch (images are the leading axis, so
+    ``subsample`` keeps the per-image lists) and ``psum`` over ``'data'`` merges the counts;
+    ``valid``/``prior`` may be None (an empty pytree matches any spec). The one implementation of
+    the sharded histogram: :func:`streaming_class_thresholds` jits it on probability batches, and
+    ``cbst_jax.predict.Predictor`` composes it with the network.
     """
 
-    def counts(probs, valid, prior, bins):
+    def counts(bins, probs, valid, prior):
         if refine:
             return fine_histogram(probs, bins, prior, valid, subsample)
         return coarse_histogram(probs, prior, valid, subsample)
 
     if mesh is not None:
         local, data, rep = counts, P(shd.DATA_AXIS), P()
-        counts = jax.shard_map(
-            lambda *a: jax.lax.psum(local(*a), shd.DATA_AXIS),
-            mesh=mesh, in_specs=(data, data, rep, rep), out_specs=rep)
+        counts = jax.shard_map(lambda *a: jax.lax.psum(local(*a), shd.DATA_AXIS),
+                               mesh=mesh, in_specs=(rep, data, data, rep), out_specs=rep)
 
-    def step(acc, probs, valid, prior, bins):
-        return accumulate(acc, counts(probs, valid, prior, bins))
+    def step(acc, bins, probs, valid, prior):
+        _check_batch(int(np.prod(probs.shape[:-1])))
+        return accumulate(acc, counts(bins, probs, valid, prior))
 
-    return jax.jit(step, donate_argnums=0)
+    return step
+
+
+def histogram_pass(step: Callable, batches: Iterable[tuple], num_classes: int, bins=None,
+                   sharding=None) -> np.ndarray:
+    """Runs ``acc = step(acc, bins, *args)`` for every ``args`` in ``batches`` from a zero
+    :class:`HistogramAccumulator` (placed with ``sharding``) and returns the int64 counts.
+    ``bins`` None is the coarse pass (all -1 are passed)."""
+    acc = HistogramAccumulator.zeros(num_classes, sharding)
+    bins = np.full(num_classes, -1, np.int32) if bins is None else np.asarray(bins, np.int32)
+    bins = jax.device_put(bins, sharding) if sharding is not None else jnp.asarray(bins)
+    for args in batches:
+        acc = step(acc, bins, *args)
+    return acc.counts()
+
+
+def two_pass_thresholds(run_pass: Callable, portion: float, policy: str = "cbst") -> ClassThresholds:
+    """The exact thresholds from two streaming passes: ``run_pass(None)`` returns the coarse
+    counts, ``run_pass(bins)`` the fine ones (int64 (C, 65536), e.g. :func:`histogram_pass`)."""
+    coarse = run_pass(None)
+    target = plan_refinement(coarse, portion, policy)
+    return ClassThresholds(finish_thresholds(run_pass(target.bins), target), class_pixel_counts(coarse))
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_pass(mesh: Mesh | None, refine: bool, subsample: int):
+    """:func:`histogram_step` jitted (accumulator donated), one per (mesh, pass, subsample)."""
+    return jax.jit(histogram_step(mesh, refine, subsample), donate_argnums=0)
 
 
 def _put(x, mesh: Mesh | None, spec):
@@ -364,18 +403,6 @@ def _put(x, mesh: Mesh | None, spec):
     if isinstance(x, jax.Array):
         return jax.device_put(x, NamedSharding(mesh, spec))
     return shd.to_global(x, mesh) if spec == P(shd.DATA_AXIS) else jax.device_put(x, NamedSharding(mesh, spec))
-
-
-def _stream(batches: Iterable, num_classes: int, prior, mesh, subsample, bins=None) -> np.ndarray:
-    acc = HistogramAccumulator.zeros(num_classes, shd.replicated(mesh) if mesh is not None else None)
-    prior = _put(prior, mesh, P())
-    bins_arr = _put(np.full(num_classes, -1, np.int32) if bins is None else bins, mesh, P())
-    for probs, valid in batches:
-        _check_batch(int(np.prod(np.shape(probs)[:-1])))
-        step = _batch_pass(mesh, bins is not None, subsample)
-        data = P(shd.DATA_AXIS)
-        acc = step(acc, _put(probs, mesh, data), _put(valid, mesh, data), prior, bins_arr)
-    return acc.counts()
 
 
 def streaming_class_thresholds(make_batches: Callable[[], Iterable], num_classes: int,
@@ -389,10 +416,17 @@ def streaming_class_thresholds(make_batches: Callable[[], Iterable], num_classes
     ``valid`` a boolean pixel mask or None. With ``mesh`` (a ``('data',)`` mesh) batches are
     sharded on their leading axis and counts are summed over devices. Device memory for the
     statistics is one :class:`HistogramAccumulator`, independent of the number of pixels.
-    With ``return_counts``, also returns the per-class predicted-pixel counts (int64).
+    With ``return_counts``, returns a :class:`ClassThresholds` (λ and the per-class
+    predicted-pixel counts).
     """
-    coarse = _stream(make_batches(), num_classes, prior, mesh, subsample)
-    target = plan_refinement(coarse, portion, policy)
-    fine = _stream(make_batches(), num_classes, prior, mesh, subsample, target.bins)
-    lam = finish_thresholds(fine, target)
-    return (lam, class_pixel_counts(coarse)) if return_counts else lam
+    rep = shd.replicated(mesh) if mesh is not None else None
+    prior = _put(prior, mesh, P())
+    data = P(shd.DATA_AXIS)
+
+    def run_pass(bins):
+        step = _batch_pass(mesh, bins is not None, subsample)
+        batches = ((_put(p, mesh, data), _put(v, mesh, data), prior) for p, v in make_batches())
+        return histogram_pass(step, batches, num_classes, bins, rep)
+
+    result = two_pass_thresholds(run_pass, portion, policy)
+    return result if return_counts else result.thresholds

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from cbst_jax import selection, sharding
-from cbst_jax.predict import Predictor
+from cbst_jax.predict import Evaluation, LabelledBatch, Predictor
 
 
 class PixelNet(nn.Module):
@@ -107,3 +107,43 @@ def test_streamed_thresholds_equal_in_memory():
         want = selection.class_thresholds(probs, 0.3, policy, valid=valid)
         np.testing.assert_array_equal(lam, want)
         assert counts.sum() == valid.sum()
+
+
+def test_typed_results_labels_counts_and_evaluation_progress(capsys):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (8, 16, 24, 3)).astype(np.uint8)
+    valid = np.zeros((8, 16, 24), bool)
+    for b in range(8):
+        valid[b, :16 - b, :24 - 2 * b] = True
+    gt = rng.integers(0, 4, (8, 16, 24)).astype(np.uint8)
+    gt[~valid] = 255
+    model = PixelNet()
+    variables = model.init(jax.random.key(2), images[:1], train=False)
+    mesh = sharding.make_mesh()
+    pred = Predictor(model, 4, mesh, (16, 24), scales=(1.0,), flip=True)
+    host = {"image": images, "valid": valid, "label": gt, "index": np.arange(8, dtype=np.int32)}
+    batch = sharding.to_global(host, mesh)
+    result = pred.thresholds(variables, lambda: iter([batch]), 0.5, "cbst")
+    assert isinstance(result, selection.ClassThresholds)
+    probs = np.asarray(jax.jit(pred.probs)(variables, batch["image"]))
+    conf_pred = probs.argmax(-1)
+    np.testing.assert_array_equal(result.class_counts, np.bincount(conf_pred[valid], minlength=4))
+    out = pred.pseudo_labels(variables, batch, result.thresholds)
+    assert isinstance(out, LabelledBatch)
+    ratio = probs / result.thresholds  # numpy float32: correctly rounded
+    want = np.where(ratio.max(-1) >= 1, ratio.argmax(-1), 255)
+    want[~valid] = 255
+    np.testing.assert_array_equal(np.asarray(out.labels), want)
+    kept = want != 255
+    np.testing.assert_array_equal(np.asarray(out.selected), np.bincount(want[kept], minlength=4))
+    np.testing.assert_array_equal(np.asarray(out.correct), np.bincount(want[kept & (want == gt)], minlength=4))
+    assert int(out.valid) == valid.sum()
+
+    ev = pred.evaluate(variables, [(batch, host)], keep_predictions=3, desc="eval-bar", total=1)
+    assert isinstance(ev, Evaluation)
+    cm = np.zeros((4, 4), np.int64)
+    np.add.at(cm, (gt[valid], conf_pred[valid]), 1)
+    np.testing.assert_array_equal(ev.confusion, cm)
+    assert [p.shape for p in ev.predictions] == [(16, 24), (15, 22), (14, 20)]
+    np.testing.assert_array_equal(ev.predictions[1], conf_pred[1, :15, :22])
+    assert "eval-bar" in capsys.readouterr().err

@@ -290,13 +290,118 @@ def thresholds_from_confidence(conf, pred, num_classes: int, portion: float,
     return finish_thresholds(_fine_conf(conf, pred, target.bins, valid), target)
 
 
+# ---------------------------------------------------------------------------- exact ratios
+
+_SIGN, _EXP_MASK, _MANT_MASK, _HIDDEN = (np.uint32(x) for x in (0x80000000, 0xFF, 0x7FFFFF, 0x800000))
+_INF = np.uint32(0x7F800000)
+
+
+def _unpack(bits):
+    """|x| of float32 bit patterns as (24-bit significand S with its leading 1 at bit 23,
+    biased exponent E) with |x| = S * 2**(E - 150); subnormals are normalised (E <= 0)."""
+    exp = (bits >> 23) & _EXP_MASK
+    mant = bits & _MANT_MASK
+    shift = jnp.where(exp == 0, jax.lax.clz(mant) - 8, 0).astype(jnp.uint32)
+    sig = jnp.where(exp == 0, mant << shift, mant | _HIDDEN)
+    return sig, jnp.where(exp == 0, 1 - shift.astype(jnp.int32), exp.astype(jnp.int32))
+
+
+def correctly_rounded_divide(a, b):
+    """``a / b`` in float32, correctly rounded (ties to even) as IEEE division and numpy give,
+    on any backend; jittable, broadcasting.
+
+    XLA does not promise correctly rounded division: it rewrites a division by a broadcast
+    divisor as a product with the reciprocal (two roundings; on CPU 19 % of random quotients
+    differ from numpy's), and accelerators may use approximate division. Here the backend's
+    quotient of the two significands (in [1, 2), so it cannot over- or underflow) only gives an
+    estimate ``Q`` of the 24-bit integer quotient ``floor(A * 2**k / B)`` of the significands
+    ``A``, ``B``; the exact remainder ``R = A * 2**k - Q * B`` is computed in wrapping uint32
+    arithmetic (``|R|`` < 2**31, so the low 32 bits are all of it), a float estimate of
+    ``R / B`` and one integer step each way move ``Q`` until ``0 <= R < B``, and ``2R`` against
+    ``B`` rounds to nearest even. Only integer operations decide the result, so neither
+    flush-to-zero, fused multiply-adds nor the division's accuracy (anything better than 2**-17
+    relative) can change it. Subnormal operands and results are exact too (gradual underflow);
+    zeros, infinities and NaNs follow IEEE (NaN results are the positive quiet NaN).
+    """
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    # per operand on its own shape (a per-class threshold is unpacked once per class)
+    ua, ub = (jax.lax.bitcast_convert_type(x, jnp.uint32) for x in (a, b))
+    (sa, ea), (sb, eb) = _unpack(ua), _unpack(ub)
+    unit = lambda sig: jax.lax.bitcast_convert_type(np.uint32(127 << 23) | (sig & _MANT_MASK), jnp.float32)
+    unit_b, sb_i = unit(sb), sb.astype(jnp.int32)
+    inv_b = 1 / sb.astype(jnp.float32)
+    sign = (ua ^ ub) & _SIGN
+    small = sa < sb  # quotient of the significands in (1/2, 1): one more quotient bit
+    k = jnp.where(small, 24, 23).astype(jnp.uint32)
+    estimate = (unit(sa) / unit_b) * jnp.where(small, np.float32(2.0 ** 24), np.float32(2.0 ** 23))
+    q = estimate.astype(jnp.int32)
+    r = jax.lax.bitcast_convert_type((sa << k) - q.astype(jnp.uint32) * sb, jnp.int32)
+    # |r| < 2**31; one float step brings q within 1 of floor(A * 2**k / B), one integer step each
+    # way makes it exact (0 <= r < B)
+    step = jnp.floor(r.astype(jnp.float32) * inv_b).astype(jnp.int32)
+    q, r = q + step, r - step * sb_i
+    low = r < 0
+    q, r = jnp.where(low, q - 1, q), jnp.where(low, r + sb_i, r)
+    high = r >= sb_i
+    q, r = jnp.where(high, q + 1, q), jnp.where(high, r - sb_i, r)
+    q = q.astype(jnp.uint32)
+    e = ea - eb + jnp.where(small, 126, 127)  # biased exponent of q * 2**-23
+    # normal result: round the 24-bit q; subnormal (e < 1): round q / 2**(1 - e) instead
+    shift = jnp.clip(1 - e, 0, 31).astype(jnp.uint32)
+    kept, dropped = q >> shift, q & ((jnp.uint32(1) << shift) - 1)
+    half = jnp.where(shift > 0, jnp.uint32(1) << (shift - 1), 0)
+    # the part beyond the kept bits against half a unit of them: dropped bits, then the remainder
+    beyond = jnp.where(shift > 0, jnp.sign(dropped.astype(jnp.int32) - half.astype(jnp.int32)),
+                       jnp.sign(2 * r - sb_i))
+    sticky = (shift > 0) & (r > 0)
+    up = (beyond > 0) | ((beyond == 0) & (sticky | ((kept & 1) == 1)))  # ties to even
+    kept = kept + up.astype(jnp.uint32)
+    normal = e >= 1
+    carry = jnp.where(normal, kept >> 24, 0)  # rounded up to 2**24
+    kept = jnp.where(carry == 1, _HIDDEN, kept)
+    e = e + carry.astype(jnp.int32)
+    bits = jnp.where(normal, (jnp.clip(e, 1, 255).astype(jnp.uint32) << 23) | (kept & _MANT_MASK), kept)
+    out = jax.lax.bitcast_convert_type(sign | jnp.where(e >= 255, _INF, bits), jnp.float32)
+    # IEEE special operands
+    abs_a, abs_b = ua & ~_SIGN, ub & ~_SIGN
+    a_zero, b_zero, a_inf, b_inf = abs_a == 0, abs_b == 0, abs_a == _INF, abs_b == _INF
+    signed = lambda magnitude: jax.lax.bitcast_convert_type(sign | magnitude, jnp.float32)
+    nan = (abs_a > _INF) | (abs_b > _INF) | (a_zero & b_zero) | (a_inf & b_inf)
+    out = jnp.where(a_inf | b_zero, signed(_INF), out)
+    out = jnp.where(a_zero | b_inf, signed(np.uint32(0)), out)
+    return jnp.where(nan, jnp.float32(np.nan), out)
+
+
 @functools.partial(jax.jit, static_argnames="ignore_index")
 def select_pseudo_labels(probs, thresholds, prior=None, ignore_index: int = IGNORE_INDEX):
-    """Pseudo-labels (uint8, pixel shape): ``argmax_c (q p)_c / lambda_c`` where that ratio
-    is >= 1, else ``ignore_index``; the minimiser of the self-training objective."""
-    ratio = _scores(probs, prior) / jnp.asarray(thresholds, jnp.float32)
-    label = jnp.argmax(ratio, axis=-1)
-    return jnp.where(jnp.max(ratio, axis=-1) >= 1, label, ignore_index).astype(jnp.uint8)
+    """Pseudo-labels (uint8, pixel shape), the minimiser of the self-training objective: the
+    class ``c* = argmax_c (q p)_c / lambda_c`` where ``(q p)_c* >= lambda_c*``, else
+    ``ignore_index``.
+
+    Exact at the boundary, as the reference's numpy float32 code: the ratios are correctly
+    rounded (:func:`correctly_rounded_divide`), the argmax takes the lowest class on ties (as
+    ``np.argmax``), and keep/ignore compares the score with its threshold itself (on the
+    order-preserving integer keys, so no flush-to-zero can move it). For ``lambda > 0`` that is
+    the reference's ``ratio >= 1`` (a correctly rounded ``s / lambda`` reaches 1 exactly when
+    ``s >= lambda``): a pixel scoring exactly ``lambda_c`` is kept, one ulp below is not.
+    """
+    scores = jnp.moveaxis(_scores(probs, prior), -1, 0)  # class-major: one pixel map per class
+    lam = jnp.asarray(thresholds, jnp.float32)
+
+    def keys(c):  # (ratio, score, threshold) of class c as order-preserving integer keys
+        return _sort_key(correctly_rounded_divide(scores[c], lam[c])), _sort_key(scores[c]), _sort_key(lam[c])
+
+    # argmax as a running comparison over the classes, elementwise over pixels; strictly greater,
+    # so ties keep the lower class. (Measured on CPU: an argmax reduce over the class axis with
+    # the division fused into it ran ~10x slower.)
+    best, score, threshold = keys(0)
+    label = jnp.zeros(best.shape, jnp.int32)
+    for c in range(1, scores.shape[0]):
+        ratio_c, score_c, threshold_c = keys(c)
+        better = ratio_c > best
+        best, label = jnp.where(better, ratio_c, best), jnp.where(better, c, label)
+        score, threshold = jnp.where(better, score_c, score), jnp.where(better, threshold_c, threshold)
+    return jnp.where(score >= threshold, label, ignore_index).astype(jnp.uint8)
 
 
 # ------------------------------------------------------------------------------- streaming

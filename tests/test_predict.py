@@ -1,6 +1,7 @@
 """Prediction: multi-scale + flip averaging against a numpy re-implementation, and the on-device
 threshold passes against thresholds computed from the gathered probabilities."""
 import flax.linen as nn
+import pytest
 import jax
 import numpy as np
 
@@ -147,3 +148,60 @@ def test_typed_results_labels_counts_and_evaluation_progress(capsys):
     assert [p.shape for p in ev.predictions] == [(16, 24), (15, 22), (14, 20)]
     np.testing.assert_array_equal(ev.predictions[1], conf_pred[1, :15, :22])
     assert "eval-bar" in capsys.readouterr().err
+
+
+def numpy_labels(scores, lam):
+    """The reference's float32 selection: argmax of s / λ (numpy divides correctly rounded,
+    first class on ties), 255 where that ratio is below 1."""
+    ratio = scores / lam
+    return np.where(ratio.max(-1) >= 1, ratio.argmax(-1), 255)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_pseudo_labels_exact_at_the_boundary(devices, with_prior):
+    mesh = sharding.make_mesh(jax.devices()[:devices])
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (8, 16, 24, 3)).astype(np.uint8)
+    valid = np.ones((8, 16, 24), bool)
+    valid[5:, 11:] = False
+    model = PixelNet()
+    variables = model.init(jax.random.key(3), images[:1], train=False)
+    params = jax.tree.map(np.array, variables["params"])
+    for name in ("kernel", "bias"):  # class 2 a copy of class 0: exactly tied probabilities
+        params["Dense_0"][name][..., 2] = params["Dense_0"][name][..., 0]
+    variables = {"params": params}
+    prior = rng.uniform(0.2, 1.0, (16, 24, 4)).astype(np.float32) if with_prior else None
+    pred = Predictor(model, 4, mesh, (16, 24), scales=(1.0, 0.75), flip=True)
+    batch = sharding.to_global({"image": images, "valid": valid, "label": np.full_like(valid, 255, np.uint8)}, mesh)
+    probs = np.asarray(jax.jit(pred.probs)(variables, batch["image"]))
+    assert (probs[..., 0] == probs[..., 2]).all()
+    scores = probs if prior is None else (prior * probs).astype(np.float32)
+    conf, arg = scores.max(-1), scores.argmax(-1)
+    for portion, policy in ((0.3, "cbst"), (1.0, "cbst"), (0.4, "st")):
+        lam = pred.thresholds(variables, lambda: iter([batch]), portion, policy, prior).thresholds
+        labels = np.asarray(pred.pseudo_labels(variables, batch, lam, prior).labels)
+        want = np.where(valid, numpy_labels(scores, lam), 255)
+        np.testing.assert_array_equal(labels, want)
+        rank_k = valid & (conf == lam[arg]) & (lam[arg] < 1)  # the pixels the thresholds come from
+        assert rank_k.any() and (labels[rank_k] != 255).all()
+        if portion == 1.0:
+            assert (labels[valid] != 255).all()
+        if policy == "st" and prior is None:  # exact ratio ties between classes 0 and 2
+            assert (labels == 0).any() and not (labels == 2).any()
+        up = np.nextafter(lam, np.float32(2))  # now those pixels are one ulp below
+        labels_up = np.asarray(pred.pseudo_labels(variables, batch, up, prior).labels)
+        np.testing.assert_array_equal(labels_up, np.where(valid, numpy_labels(scores, up), 255))
+        below = rank_k & (scores / up < 1).all(-1)
+        assert below.any() and (labels_up[below] == 255).all()
+    for _ in range(6):  # thresholds equal to the scores of random pixels predicted as their class
+        lam = np.ones(4, np.float32)
+        for c in np.unique(arg[valid]):
+            lam[c] = rng.choice(conf[valid & (arg == c)])
+        labels = np.asarray(pred.pseudo_labels(variables, batch, lam, prior).labels)
+        np.testing.assert_array_equal(labels, np.where(valid, numpy_labels(scores, lam), 255))
+        on_threshold = valid & (conf == lam[arg])
+        assert on_threshold.any() and (labels[on_threshold] != 255).all()
+        if prior is None:  # CRST LR* with CBST's kept pixels: the same pixels, exactly
+            soft = pred.soft_pseudo_labels(variables, batch, lam, kind="lrent", alpha=0.25, stride=4, keep="cbst")
+            np.testing.assert_array_equal(np.asarray(soft.labels) != 255, labels != 255)

@@ -71,7 +71,8 @@ class SoftLabelledBatch(NamedTuple):
 
 
 class Evaluation(NamedTuple):
-    """``confusion`` (C, C) int64 over all batches; ``predictions``: the first kept predictions
+    """``confusion`` (C, C + 1) int64 over all batches (``metrics.confusion_matrix``: the last
+    column counts predictions outside [0, C)); ``predictions``: the first kept predictions
     (host uint8 maps, each cropped to its record)."""
 
     confusion: np.ndarray
@@ -164,7 +165,8 @@ class Predictor:
         return fn(variables, batch["image"], batch["valid"], batch["label"], lam)
 
     def confusion(self, variables, batch, return_pred: bool = False):
-        """(C, C) int32 confusion matrix of one batch (and the uint8 predictions if asked)."""
+        """(C, C + 1) int32 confusion matrix of one batch (``metrics.confusion_matrix``; and the
+        uint8 predictions if asked)."""
         c = self.num_classes
 
         def step(variables, images, labels, valid):

@@ -142,7 +142,7 @@ def test_typed_results_labels_counts_and_evaluation_progress(capsys):
 
     ev = pred.evaluate(variables, [(batch, host)], keep_predictions=3, desc="eval-bar", total=1)
     assert isinstance(ev, Evaluation)
-    cm = np.zeros((4, 4), np.int64)
+    cm = np.zeros((4, 5), np.int64)  # the last column: predictions outside [0, 4), none here
     np.add.at(cm, (gt[valid], conf_pred[valid]), 1)
     np.testing.assert_array_equal(ev.confusion, cm)
     assert [p.shape for p in ev.predictions] == [(16, 24), (15, 22), (14, 20)]

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from cbst_jax import selection, sharding
-from cbst_jax.predict import Evaluation, LabelledBatch, Predictor
+from cbst_jax.predict import Evaluation, LabelledBatch, Predictor, SoftLabelling, local_rows
 
 
 class PixelNet(nn.Module):
@@ -205,3 +205,106 @@ def test_pseudo_labels_exact_at_the_boundary(devices, with_prior):
         if prior is None:  # CRST LR* with CBST's kept pixels: the same pixels, exactly
             soft = pred.soft_pseudo_labels(variables, batch, lam, kind="lrent", alpha=0.25, stride=4, keep="cbst")
             np.testing.assert_array_equal(np.asarray(soft.labels) != 255, labels != 255)
+
+
+class CountingNet(PixelNet):
+    """PixelNet that counts its runs on the host (one per execution of the network)."""
+    runs = [0]
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        jax.debug.callback(lambda: self.runs.__setitem__(0, self.runs[0] + 1))
+        return PixelNet.__call__(self, x, train)
+
+
+def split_batches(rng, mesh, n_batches=3, size=8, canvas=(16, 24)):
+    hosts = []
+    for k in range(n_batches):
+        valid = np.zeros((size,) + canvas, bool)
+        for b in range(size):
+            valid[b, :canvas[0] - (b + k) % 5, :canvas[1] - 3 * ((b * k) % 4)] = True
+        index = np.arange(k * size, (k + 1) * size, dtype=np.int32)
+        if k == n_batches - 1:  # a last, partly padded batch
+            index[-3:], valid[-3:] = -1, False
+        label = np.where(valid, rng.integers(0, 4, valid.shape), 255).astype(np.uint8)
+        hosts.append({"image": rng.integers(0, 256, valid.shape + (3,)).astype(np.uint8), "valid": valid,
+                      "label": label, "index": index})
+    return [sharding.to_global(h, mesh) for h in hosts], hosts
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("scales", [(1.0,), (0.9, 1.0, 1.2)])
+def test_one_network_pass_bit_identical_to_three_passes(devices, scales):
+    mesh = sharding.make_mesh(jax.devices()[:devices])
+    rng = np.random.default_rng(5)
+    globals_, hosts = split_batches(rng, mesh)
+    model = CountingNet()
+    variables = model.init(jax.random.key(5), hosts[0]["image"][:1], train=False)
+    pred = Predictor(model, 4, mesh, (16, 24), scales=scales, flip=True)
+    prior = rng.uniform(0.2, 1.0, (16, 24, 4)).astype(np.float32)
+    batches_fn = lambda: iter(zip(globals_, hosts))
+    n, views = len(hosts), 2 * len(scales)
+    cases = [(None, None, 1, "cbst"), (prior, None, 2, "cbst"), (None, None, 1, "st"),
+             (None, SoftLabelling("lrent", 0.25, 4), 1, "cbst")]
+    for prior_, soft, subsample, policy in cases:
+        # the three-pass path: thresholds (network in both passes), then each batch labelled
+        lam, counts = pred.thresholds(variables, lambda: iter(globals_), 0.3, policy, prior_, subsample)
+        if soft is None:
+            want = [pred.pseudo_labels(variables, g, lam, prior_) for g in globals_]
+        else:
+            want = [pred.soft_pseudo_labels(variables, g, lam, kind=soft.kind, alpha=soft.alpha,
+                                            stride=soft.stride, keep=soft.keep) for g in globals_]
+        want = [jax.tree.map(np.asarray, w) for w in want]
+        reports = {}
+        for path, budgets in [("device", (1 << 40, 1 << 40)), ("host", (0, 1 << 40)), ("recompute", (0, 0))]:
+            got, model.runs[0] = [], 0
+            res = pred.label_split(variables, batches_fn, 0.3, policy, prior_, subsample,
+                                   lambda host, out: got.append((host, local_rows(out.labels, host),
+                                                                 jax.tree.map(np.asarray, out))),
+                                   soft=soft, device_bytes=budgets[0], host_bytes=budgets[1])
+            np.testing.assert_array_equal(res.thresholds, lam)
+            np.testing.assert_array_equal(res.class_counts, counts)
+            assert len(got) == n
+            for (host, rows, out), w, h in zip(got, want, hosts):
+                assert type(out) is type(w)
+                for field, a, b in zip(w._fields, out, w):
+                    np.testing.assert_array_equal(a, b, err_msg=f"{path} {field}")
+                np.testing.assert_array_equal(host["index"], h["index"])
+                assert [r for r, _ in rows] == [r for r in range(8) if h["index"][r] >= 0]
+                for r, lab in rows:
+                    box = h["valid"][r]
+                    np.testing.assert_array_equal(lab, w.labels[r][:box.any(1).sum(), :box.any(0).sum()])
+            assert res.selected.tolist() == np.sum([w.selected for w in want], 0).tolist()
+            assert res.valid_pixels == sum(h["valid"].sum() for h in hosts)
+            expected_runs = n if path != "recompute" else 3 * n
+            assert res.cache.forward_calls == expected_runs
+            if devices == 1:  # counted by the network itself: once per batch, scale and flip
+                assert model.runs[0] == expected_runs * views
+            assert getattr(res.cache, f"{path}_batches" if path != "recompute" else "recomputed_batches") == n
+            reports[path] = res.cache
+        # a budget holding one batch on the devices and one in host RAM: the third is recomputed
+        per_dev = reports["device"].device_bytes // n
+        meta = reports["device"].host_bytes // n
+        logits_host = reports["host"].host_bytes // n - meta
+        res = pred.label_split(variables, batches_fn, 0.3, policy, prior_, subsample, soft=soft,
+                               device_bytes=per_dev, host_bytes=2 * meta + logits_host)
+        assert (res.cache.device_batches, res.cache.host_batches, res.cache.recomputed_batches) == (1, 1, 1)
+        assert res.cache.forward_calls == n + 2 and res.cache.path == "device + host RAM + recompute"
+        np.testing.assert_array_equal(res.thresholds, lam)
+        assert res.selected.tolist() == np.sum([w.selected for w in want], 0).tolist()
+
+
+def test_label_split_logs_its_path(caplog):
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(6)
+    globals_, hosts = split_batches(rng, mesh, n_batches=2)
+    model = PixelNet()
+    variables = model.init(jax.random.key(6), hosts[0]["image"][:1], train=False)
+    pred = Predictor(model, 4, mesh, (16, 24), scales=(1.0,), flip=False)
+    with caplog.at_level("INFO", logger="cbst_jax.predict"):
+        res = pred.label_split(variables, lambda: iter(zip(globals_, hosts)), 0.5, "cbst")
+    lines = [r.getMessage() for r in caplog.records if "pseudo-labelling cache" in r.getMessage()]
+    assert len(lines) == 1
+    # on CPU no device memory statistics exist: the default device budget is 0, so host RAM
+    assert res.cache.device_budget == 0 and res.cache.host_batches == 2 and res.cache.host_budget > 0
+    assert f"{res.cache.host_bytes} bytes on this host" in lines[0] and "2 in host RAM" in lines[0]

@@ -321,20 +321,26 @@ def test_selection_exact_rank_k_pixel_one_ulp_below_and_ties(with_prior):
 
 
 @pytest.mark.parametrize("with_prior", [False, True])
-def test_selection_adversarial_ratios_near_rounding_boundaries(with_prior):
-    rng = np.random.default_rng(9)
+@pytest.mark.parametrize("tied_classes", [2, C])
+def test_selection_adversarial_ratios_near_rounding_boundaries(with_prior, tied_classes):
+    """Ratios within a few ulps of each other in two classes (the fast path decides them) or in
+    all classes (three-way near-ties: the exact path labels the batch)."""
+    rng = np.random.default_rng(9 + tied_classes)
     shape = (64, 64, C)
     for trial in range(4):
         # λ from random bit patterns in (2**-20, 1): exponents and mantissas of every kind
         lam = np.abs(random_bits(rng, C, 0x3FFFFFFF))
         lam = np.where((lam > 2 ** -20) & (lam < 1), lam, rng.uniform(0.01, 1, C)).astype(np.float32)
         target = near_tie_scores(rng, shape, lam)
+        if tied_classes == 2:  # classes 1 and 3 near the tie, the others well below
+            far = np.ones(C, np.float32)
+            far[[0, 2, 4]] = 0.7
+            target = (target * far).astype(np.float32)
         if with_prior:
             prior = rng.uniform(0.25, 1.0, shape).astype(np.float32)
             probs = (target / prior).astype(np.float32)  # prior * probs lands within an ulp of target
-            scores = (prior * probs).astype(np.float32)
         else:
-            prior, probs, scores = None, target, target
+            prior, probs = None, target
         below = rng.random(shape[:-1]) < 0.3  # some pixels pushed under every threshold
         probs = np.where(below[..., None], probs * np.float32(0.5), probs).astype(np.float32)
         scores = probs if prior is None else (prior * probs).astype(np.float32)
@@ -345,4 +351,19 @@ def test_selection_adversarial_ratios_near_rounding_boundaries(with_prior):
         top = ratio.max(-1, keepdims=True)
         assert ((ratio == top).sum(-1) > 1).sum() > 100  # many exact ties of rounded ratios
         recip = scores * (np.float32(1) / lam)
-        assert (recip.argmax(-1) != ratio.argmax(-1)).sum() > 100  # two roundings would differ
+        assert (recip.argmax(-1) != ratio.argmax(-1)).sum() > 20  # two roundings would differ
+        # the fast path: right wherever it claims certainty; certain for two-class ties only
+        label, keep, certain = (np.asarray(x) for x in jax.jit(sel._top_two_labels)(
+            np.moveaxis(scores, -1, 0), lam))
+        np.testing.assert_array_equal(np.where(keep, label, 255)[certain], want[certain])
+        assert certain.all() if tied_classes == 2 else not certain.all()
+
+
+def test_selection_thresholds_outside_the_fast_range():
+    rng = np.random.default_rng(10)
+    probs = make_probs(rng, (2, 16, 16))
+    for lam in (np.array([1e-39, 0.3, 0.2, 0.5, 1.0], np.float32),  # subnormal threshold
+                np.array([2.0 ** 127, 0.3, 0.2, 0.5, 1.0], np.float32)):
+        with np.errstate(divide="ignore", over="ignore"):
+            want = numpy_labels(probs, lam)
+        np.testing.assert_array_equal(np.asarray(sel.select_pseudo_labels(probs, lam)), want)

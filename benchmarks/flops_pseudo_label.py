@@ -59,7 +59,8 @@ def measure(model, variables, canvas, scales, num_classes=19):
         one_forward += flops(bare, variables, sds((1, *size, 3), jnp.float32))
     after = parts["network"] + parts["coarse"] + parts["fine"] + parts["labels"]
     before = after + 2 * parts["network"]
-    return dict(scales=list(scales), flip=True, views=2 * len(scales), parts_tflop={k: v / 1e12 for k, v in parts.items()},
+    return dict(scales=list(scales), flip=True, views=2 * len(scales),
+                parts_tflop={k: v / 1e12 for k, v in parts.items()},
                 one_forward_per_view_tflop=one_forward / 1e12, before_tflop=before / 1e12, after_tflop=after / 1e12,
                 before_vs_one_forward=before / one_forward, after_vs_one_forward=after / one_forward,
                 compile_s=round(time.perf_counter() - t0, 1))

@@ -118,7 +118,8 @@ class CacheReport(NamedTuple):
 
     @property
     def path(self) -> str:
-        kinds = [(self.device_batches, "device"), (self.host_batches, "host RAM"), (self.recomputed_batches, "recompute")]
+        kinds = [(self.device_batches, "device"), (self.host_batches, "host RAM"),
+                 (self.recomputed_batches, "recompute")]
         return " + ".join(name for n, name in kinds if n) or "empty"
 
 

@@ -308,3 +308,19 @@ def test_label_split_logs_its_path(caplog):
     # on CPU no device memory statistics exist: the default device budget is 0, so host RAM
     assert res.cache.device_budget == 0 and res.cache.host_batches == 2 and res.cache.host_budget > 0
     assert f"{res.cache.host_bytes} bytes on this host" in lines[0] and "2 in host RAM" in lines[0]
+
+
+def test_default_device_budget_reads_memory_stats():
+    from cbst_jax.predict import _free_device_bytes
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gpus = [Device({"bytes_limit": 100, "bytes_in_use": 30}), Device({"bytes_limit": 100, "bytes_in_use": 55})]
+    assert _free_device_bytes(gpus) == 45  # the fullest device bounds the batch-sharded cache
+    assert _free_device_bytes(gpus + [Device(None)]) == 0  # no statistics (CPU): no device budget
+    assert _free_device_bytes(jax.devices()) == 0

@@ -19,11 +19,13 @@ clean), best of ``--repeats`` timings:
 Timings are the best of ``--repeats`` calls after a first, untimed call (reported apart: for
 cbst_jax it includes JIT compilation). Peak memory = peak RSS of the worker over all calls
 minus its RSS once the inputs exist (Linux ``VmHWM``, reset after building the inputs).
-Both implementations must return identical thresholds.
+Both implementations must return identical thresholds and, in the probs workload, identical
+labels (a SHA-256 of the labels of the distinct maps, computed after the timings).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import subprocess
@@ -76,6 +78,7 @@ def _probs_pool(num_classes, images):
 
 def _worker(args):
     num_classes, portion = args.classes, args.portion
+    label_maps = None  # probs workload: lam -> the labels of the distinct maps (checked, untimed)
     if args.workload == "confidence":
         conf, pred = _confidence_inputs(args.pixels, num_classes)
         n = conf.size
@@ -108,6 +111,9 @@ def _worker(args):
                     ratio = p / lam
                     np.where(ratio.max(-1) >= 1, ratio.argmax(-1), 255).astype(np.uint8)
                 return lam
+
+            def label_maps(lam):
+                return [np.where((p / lam).max(-1) >= 1, (p / lam).argmax(-1), 255).astype(np.uint8) for p in pool]
         else:
             import jax
 
@@ -122,6 +128,9 @@ def _worker(args):
                 jax.block_until_ready(labels)
                 return lam
 
+            def label_maps(lam):
+                return [np.asarray(sel.select_pseudo_labels(p, lam)) for p in pool]
+
     _reset_peak()
     base = _memory_mib("VmRSS")
     t = time.perf_counter()
@@ -135,7 +144,9 @@ def _worker(args):
     print(json.dumps(dict(workload=args.workload, impl=args.impl, pixels=n, seconds=min(times),
                           first_call_s=first, mpix_per_s=n / min(times) / 1e6,
                           peak_mib=_memory_mib("VmHWM") - base,
-                          thresholds=np.asarray(lam).tolist())))
+                          thresholds=np.asarray(lam).tolist(),
+                          labels_sha256=None if label_maps is None else hashlib.sha256(
+                              b"".join(x.tobytes() for x in label_maps(np.asarray(lam, np.float32)))).hexdigest())))
 
 
 def main(argv=None):
@@ -166,21 +177,23 @@ def main(argv=None):
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"{'workload':<11} {'impl':<14} {'pixels':>11} {'1st call s':>10} {'seconds':>8} "
-          f"{'Mpix/s':>8} {'peak MiB':>9} {'speed-up':>8} {'same λ':>9}")
+          f"{'Mpix/s':>8} {'peak MiB':>9} {'speed-up':>8} {'same λ':>9} {'same labels':>11}")
     summary = {}
     for r in rows:
         ref = next(x for x in rows if x["workload"] == r["workload"] and x["impl"] == "numpy")
         r["speedup"] = ref["seconds"] / r["seconds"]
         r["identical_thresholds"] = ref["thresholds"] == r["thresholds"]
+        r["identical_labels"] = ref["labels_sha256"] == r["labels_sha256"]
         print(f"{r['workload']:<11} {r['impl']:<14} {r['pixels']:>11,} {r['first_call_s']:>10.3f} "
               f"{r['seconds']:>8.3f} {r['mpix_per_s']:>8.1f} {r['peak_mib']:>9.0f} "
-              f"{r['speedup']:>7.1f}x {r['identical_thresholds']!s:>9}")
+              f"{r['speedup']:>7.1f}x {r['identical_thresholds']!s:>9} {r['identical_labels']!s:>11}")
         summary[f"{r['workload']}/{r['impl']}"] = dict(
             pixels=r["pixels"], seconds=round(r["seconds"], 3), mpix_s=round(r["mpix_per_s"], 1),
             first_call_s=round(r["first_call_s"], 3), peak_mib=round(r["peak_mib"]),
-            speedup=round(r["speedup"], 2), identical_thresholds=r["identical_thresholds"])
-    if not all(r["identical_thresholds"] for r in rows):
-        raise SystemExit("thresholds differ between implementations")
+            speedup=round(r["speedup"], 2), identical_thresholds=r["identical_thresholds"],
+            identical_labels=r["identical_labels"])
+    if not all(r["identical_thresholds"] and r["identical_labels"] for r in rows):
+        raise SystemExit("thresholds or labels differ between implementations")
     print(json.dumps(dict(bench="selection", backend=jax.default_backend(), jax=jax.__version__,
                           numpy=np.__version__, machine=platform.machine(), classes=args.classes,
                           portion=args.portion, repeats=args.repeats, results=summary)))

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from cbst_jax import selection
+from cbst_jax.labels import IGNORE_INDEX
 
-IGNORE_LABEL = 255
 KINDS = ("lrent", "lrl2", "lrkld")
 KEEP_RULES = ("objective", "cbst")
 
@@ -137,7 +137,7 @@ def lrkld_soft_labels(probs, thresholds, alpha, *, iterations: int = 48, keep_al
 
 def cbst_kept(probs, thresholds):
     """CBST's selection, ``max_k p_k/λ_k ≥ 1``: the pixels ``select_pseudo_labels`` labels."""
-    return selection.select_pseudo_labels(probs, thresholds) != IGNORE_LABEL
+    return selection.select_pseudo_labels(probs, thresholds) != IGNORE_INDEX
 
 
 def soft_pseudo_labels(probs, thresholds, *, kind: str, alpha, keep: str = "objective"):
@@ -164,7 +164,7 @@ def soft_pseudo_labels(probs, thresholds, *, kind: str, alpha, keep: str = "obje
     return jnp.where(cbst_kept(probs, thresholds)[..., None], shaped, 0.0)
 
 
-def hard_labels(soft, ignore_label: int = IGNORE_LABEL):
+def hard_labels(soft, ignore_label: int = IGNORE_INDEX):
     """uint8 argmax of soft labels, ``ignore_label`` where the row is all zero (ignored)."""
     label = jnp.argmax(soft, axis=-1).astype(jnp.uint8)
     return jnp.where(jnp.sum(soft, axis=-1) > 0, label, jnp.uint8(ignore_label))

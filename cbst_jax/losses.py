@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
+from cbst_jax.labels import IGNORE_INDEX as IGNORE_LABEL  # the one ignore value, under this module's name
 REGULARIZERS = ("none", "mrent", "mrkld", "mrl2")
 RESOLUTIONS = ("stride", "upsample")
 

@@ -2,9 +2,13 @@
 and hosts (it is a sum), then per-class IoU, mIoU and mIoU over a class subset (mIoU* = 13 of
 the 16 SYNTHIA classes), and the paper-style table.
 
-IoU_c = TP / (TP + FP + FN). A class absent from both the ground truth and the predictions has
-an undefined IoU: it is reported as NaN and left out of the mean (the table says so). The
-references instead count it as 0 (CRST, ``nan_to_num``), which only matters on tiny sets.
+IoU_c = TP / (TP + FP + FN). A prediction outside [0, C) (e.g. 255, "no label") on a valid
+ground-truth pixel is a false negative of the ground-truth class and a false positive of no
+class, as cityscapesscripts counts it (there a trainId 255 becomes labelId 0, "unlabeled",
+ignored in evaluation), so the matrix has one extra column for such predictions. A class absent
+from both the ground truth and the predictions has an undefined IoU: it is reported as NaN and
+left out of the mean (the table says so), as cityscapesscripts does. The CRST code instead
+counts it as 0 (``nan_to_num``), which only matters on tiny sets.
 """
 from __future__ import annotations
 
@@ -15,23 +19,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbst_jax.labels import IGNORE_INDEX
 
-def confusion_matrix(labels, preds, num_classes: int, ignore_index: int = 255, valid=None):
-    """(C, C) int32 counts, rows = ground truth, columns = prediction; pixels whose label is
+
+def confusion_matrix(labels, preds, num_classes: int, ignore_index: int = IGNORE_INDEX, valid=None):
+    """(C, C + 1) int32 counts: rows = ground truth, columns = predicted class, and a last column
+    for predictions outside [0, C) (false negatives of the row's class). Pixels whose label is
     ``ignore_index`` (or outside [0, C)) or where ``valid`` is False are not counted.
 
     Jittable; on batch-sharded inputs the sum is global (XLA inserts the reduction). Sum the
     result over batches to accumulate; int32 holds 2^31 pixels (~1000 Cityscapes images) per
     call, so accumulate across calls in int64 on the host (``ConfusionAccumulator``)."""
+    c = num_classes
     labels = jnp.asarray(labels).astype(jnp.int32)
     preds = jnp.asarray(preds).astype(jnp.int32)
-    keep = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-    keep &= (preds >= 0) & (preds < num_classes)
+    keep = (labels != ignore_index) & (labels >= 0) & (labels < c)
     if valid is not None:
         keep &= jnp.asarray(valid, bool)
-    flat = jnp.where(keep, labels * num_classes + preds, num_classes * num_classes)
-    counts = jnp.zeros(num_classes * num_classes + 1, jnp.int32).at[flat.reshape(-1)].add(1)
-    return counts[:-1].reshape(num_classes, num_classes)
+    column = jnp.where((preds >= 0) & (preds < c), preds, c)
+    flat = jnp.where(keep, labels * (c + 1) + column, c * (c + 1))
+    counts = jnp.zeros(c * (c + 1) + 1, jnp.int32).at[flat.reshape(-1)].add(1)
+    return counts[:-1].reshape(c, c + 1)
 
 
 class ConfusionAccumulator:
@@ -39,17 +47,18 @@ class ConfusionAccumulator:
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
-        self.total = np.zeros((num_classes, num_classes), np.int64)
+        self.total = np.zeros((num_classes, num_classes + 1), np.int64)
 
     def add(self, cm) -> None:
         self.total += np.asarray(jax.device_get(cm), np.int64)
 
 
 def per_class_iou(cm) -> np.ndarray:
-    """IoU per class from a confusion matrix; NaN where the class is in neither GT nor prediction."""
+    """IoU per class from a (C, C + 1) confusion matrix (or a square (C, C) one); NaN where the
+    class is in neither ground truth nor prediction."""
     cm = np.asarray(cm, np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - tp
+    tp = np.diag(cm[:, :cm.shape[0]])
+    union = cm[:, :cm.shape[0]].sum(0) + cm.sum(1) - tp  # predicted + ground truth - both
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
@@ -64,8 +73,9 @@ def mean_iou(cm, classes: Sequence[int] | None = None) -> float:
 
 
 def pixel_accuracy(cm) -> float:
+    """Correct pixels over all counted ground-truth pixels (out-of-range predictions are wrong)."""
     cm = np.asarray(cm, np.float64)
-    return float(np.trace(cm) / cm.sum()) if cm.sum() else float("nan")
+    return float(np.trace(cm[:, :cm.shape[0]]) / cm.sum()) if cm.sum() else float("nan")
 
 
 def _fmt(v: float, std: float | None = None) -> str:

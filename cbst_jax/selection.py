@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cbst_jax import sharding as shd
+from cbst_jax.labels import IGNORE_INDEX
 
 POLICIES = ("cbst", "st")
 KEY_HALF_BITS = 16
@@ -289,16 +290,188 @@ def thresholds_from_confidence(conf, pred, num_classes: int, portion: float,
     return finish_thresholds(_fine_conf(conf, pred, target.bins, valid), target)
 
 
+# ---------------------------------------------------------------------------- exact ratios
+
+_SIGN, _EXP_MASK, _MANT_MASK, _HIDDEN = (np.uint32(x) for x in (0x80000000, 0xFF, 0x7FFFFF, 0x800000))
+_INF = np.uint32(0x7F800000)
+
+
+def _unpack(bits):
+    """|x| of float32 bit patterns as (24-bit significand S with its leading 1 at bit 23,
+    biased exponent E) with |x| = S * 2**(E - 150); subnormals are normalised (E <= 0)."""
+    exp = (bits >> 23) & _EXP_MASK
+    mant = bits & _MANT_MASK
+    shift = jnp.where(exp == 0, jax.lax.clz(mant) - 8, 0).astype(jnp.uint32)
+    sig = jnp.where(exp == 0, mant << shift, mant | _HIDDEN)
+    return sig, jnp.where(exp == 0, 1 - shift.astype(jnp.int32), exp.astype(jnp.int32))
+
+
+def correctly_rounded_divide(a, b):
+    """``a / b`` in float32, correctly rounded (ties to even) as IEEE division and numpy give,
+    on any backend; jittable, broadcasting.
+
+    XLA does not promise correctly rounded division: it rewrites a division by a broadcast
+    divisor as a product with the reciprocal (two roundings; on CPU 19 % of random quotients
+    differ from numpy's), and accelerators may use approximate division. Here the backend's
+    quotient of the two significands (in [1, 2), so it cannot over- or underflow) only gives an
+    estimate ``Q`` of the 24-bit integer quotient ``floor(A * 2**k / B)`` of the significands
+    ``A``, ``B``; the exact remainder ``R = A * 2**k - Q * B`` is computed in wrapping uint32
+    arithmetic (``|R|`` < 2**31, so the low 32 bits are all of it), a float estimate of
+    ``R / B`` and one integer step each way move ``Q`` until ``0 <= R < B``, and ``2R`` against
+    ``B`` rounds to nearest even. Only integer operations decide the result, so neither
+    flush-to-zero, fused multiply-adds nor the division's accuracy (anything better than 2**-17
+    relative) can change it. Subnormal operands and results are exact too (gradual underflow);
+    zeros, infinities and NaNs follow IEEE (NaN results are the positive quiet NaN).
+    """
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    # per operand on its own shape (a per-class threshold is unpacked once per class)
+    ua, ub = (jax.lax.bitcast_convert_type(x, jnp.uint32) for x in (a, b))
+    (sa, ea), (sb, eb) = _unpack(ua), _unpack(ub)
+    unit = lambda sig: jax.lax.bitcast_convert_type(np.uint32(127 << 23) | (sig & _MANT_MASK), jnp.float32)
+    unit_b, sb_i = unit(sb), sb.astype(jnp.int32)
+    inv_b = 1 / sb.astype(jnp.float32)
+    sign = (ua ^ ub) & _SIGN
+    small = sa < sb  # quotient of the significands in (1/2, 1): one more quotient bit
+    k = jnp.where(small, 24, 23).astype(jnp.uint32)
+    estimate = (unit(sa) / unit_b) * jnp.where(small, np.float32(2.0 ** 24), np.float32(2.0 ** 23))
+    q = estimate.astype(jnp.int32)
+    r = jax.lax.bitcast_convert_type((sa << k) - q.astype(jnp.uint32) * sb, jnp.int32)
+    # |r| < 2**31; one float step brings q within 1 of floor(A * 2**k / B), one integer step each
+    # way makes it exact (0 <= r < B)
+    step = jnp.floor(r.astype(jnp.float32) * inv_b).astype(jnp.int32)
+    q, r = q + step, r - step * sb_i
+    low = r < 0
+    q, r = jnp.where(low, q - 1, q), jnp.where(low, r + sb_i, r)
+    high = r >= sb_i
+    q, r = jnp.where(high, q + 1, q), jnp.where(high, r - sb_i, r)
+    q = q.astype(jnp.uint32)
+    e = ea - eb + jnp.where(small, 126, 127)  # biased exponent of q * 2**-23
+    # normal result: round the 24-bit q; subnormal (e < 1): round q / 2**(1 - e) instead
+    shift = jnp.clip(1 - e, 0, 31).astype(jnp.uint32)
+    kept, dropped = q >> shift, q & ((jnp.uint32(1) << shift) - 1)
+    half = jnp.where(shift > 0, jnp.uint32(1) << (shift - 1), 0)
+    # the part beyond the kept bits against half a unit of them: dropped bits, then the remainder
+    beyond = jnp.where(shift > 0, jnp.sign(dropped.astype(jnp.int32) - half.astype(jnp.int32)),
+                       jnp.sign(2 * r - sb_i))
+    sticky = (shift > 0) & (r > 0)
+    up = (beyond > 0) | ((beyond == 0) & (sticky | ((kept & 1) == 1)))  # ties to even
+    kept = kept + up.astype(jnp.uint32)
+    normal = e >= 1
+    carry = jnp.where(normal, kept >> 24, 0)  # rounded up to 2**24
+    kept = jnp.where(carry == 1, _HIDDEN, kept)
+    e = e + carry.astype(jnp.int32)
+    bits = jnp.where(normal, (jnp.clip(e, 1, 255).astype(jnp.uint32) << 23) | (kept & _MANT_MASK), kept)
+    out = jax.lax.bitcast_convert_type(sign | jnp.where(e >= 255, _INF, bits), jnp.float32)
+    # IEEE special operands
+    abs_a, abs_b = ua & ~_SIGN, ub & ~_SIGN
+    a_zero, b_zero, a_inf, b_inf = abs_a == 0, abs_b == 0, abs_a == _INF, abs_b == _INF
+    signed = lambda magnitude: jax.lax.bitcast_convert_type(sign | magnitude, jnp.float32)
+    nan = (abs_a > _INF) | (abs_b > _INF) | (a_zero & b_zero) | (a_inf & b_inf)
+    out = jnp.where(a_inf | b_zero, signed(_INF), out)
+    out = jnp.where(a_zero | b_inf, signed(np.uint32(0)), out)
+    return jnp.where(nan, jnp.float32(np.nan), out)
+
+
+def _exact_labels(scores, lam):
+    """(label, keep) from class-major scores (C, ...) and thresholds (C,): the argmax of the
+    correctly rounded ratios (lowest class on ties) and ``score >= lambda`` of that class, both
+    decided on order-preserving integer keys (no flush-to-zero can move them). The argmax is a
+    running comparison over the classes, elementwise over pixels (measured on CPU: an argmax
+    reduce over the class axis with the division fused into it ran ~10x slower)."""
+
+    def keys(c):  # (ratio, score, threshold) of class c
+        return _sort_key(correctly_rounded_divide(scores[c], lam[c])), _sort_key(scores[c]), _sort_key(lam[c])
+
+    best, score, threshold = keys(0)
+    label = jnp.zeros(best.shape, jnp.int32)
+    for c in range(1, scores.shape[0]):
+        ratio_c, score_c, threshold_c = keys(c)
+        better = ratio_c > best  # strictly: ties keep the lower class
+        best, label = jnp.where(better, ratio_c, best), jnp.where(better, c, label)
+        score, threshold = jnp.where(better, score_c, score), jnp.where(better, threshold_c, threshold)
+    return label, score >= threshold
+
+
+_NEAR = np.float32(1 - 2.0 ** -20)  # approximate ratios closer than this share of the best: near-tie
+
+
+def _top_two_labels(scores, lam):
+    """The same (label, keep) at a fraction of the cost, and ``certain``: where it is proven
+    equal to :func:`_exact_labels`.
+
+    Approximate ratios ``s_c * RN(1/lambda_c)`` (two IEEE roundings: within 2**-22.9 of
+    ``s_c / lambda_c`` while normal) rank the classes; only the best two get the correctly
+    rounded division, and the exact comparison of those two (lowest class on ties) is the label.
+    A kept pixel has ``s_c >= lambda_c`` for some c, so its best ratio is >= 1; if the third
+    approximate ratio lies below ``_NEAR`` times the first (and that one is finite), no class
+    outside the two can reach, or round to, the best ratio, so the label is exact there. With
+    every ``lambda`` normal (checked by the caller), a score that is subnormal or whose
+    approximate ratio underflows has a ratio below 1 - 2**-23, which never ties a kept pixel's
+    best. Keep is ``any_c s_c >= lambda_c``, the exact rule for positive thresholds.
+    """
+    inv = correctly_rounded_divide(np.float32(1), lam)
+    first = scores[0] * inv[0]
+    minus_inf = jnp.full(first.shape, -jnp.inf, jnp.float32)
+    v1, v2, v3 = first, minus_inf, minus_inf
+    i1 = i2 = jnp.zeros(first.shape, jnp.int32)
+    s1 = s2 = scores[0]
+    t1 = t2 = jnp.broadcast_to(lam[0], first.shape)
+    keep = scores[0] >= lam[0]
+    for c in range(1, scores.shape[0]):
+        q = scores[c] * inv[c]
+        above1, above2, above3 = q > v1, q > v2, q > v3  # strictly: ties keep the lower class first
+        v3 = jnp.where(above2, v2, jnp.where(above3, q, v3))
+        v2, i2, s2, t2 = (jnp.where(above1, x1, jnp.where(above2, x, x2))
+                          for x1, x, x2 in ((v1, q, v2), (i1, c, i2), (s1, scores[c], s2), (t1, lam[c], t2)))
+        v1, i1, s1, t1 = (jnp.where(above1, x, x1) for x, x1 in ((q, v1), (c, i1), (scores[c], s1), (lam[c], t1)))
+        keep = keep | (scores[c] >= lam[c])
+    r1 = _sort_key(correctly_rounded_divide(s1, t1))
+    r2 = _sort_key(correctly_rounded_divide(s2, t2))
+    label = jnp.where((r2 > r1) | ((r2 == r1) & (i2 < i1)), i2, i1)
+    certain = ~keep | (jnp.isfinite(v1) & (v3 < v1 * _NEAR))
+    return label, keep, certain
+
+
 @functools.partial(jax.jit, static_argnames="ignore_index")
-def select_pseudo_labels(probs, thresholds, prior=None, ignore_index: int = 255):
-    """Pseudo-labels (uint8, pixel shape): ``argmax_c (q p)_c / lambda_c`` where that ratio
-    is >= 1, else ``ignore_index``; the minimiser of the self-training objective."""
-    ratio = _scores(probs, prior) / jnp.asarray(thresholds, jnp.float32)
-    label = jnp.argmax(ratio, axis=-1)
-    return jnp.where(jnp.max(ratio, axis=-1) >= 1, label, ignore_index).astype(jnp.uint8)
+def select_pseudo_labels(probs, thresholds, prior=None, ignore_index: int = IGNORE_INDEX):
+    """Pseudo-labels (uint8, pixel shape), the minimiser of the self-training objective: the
+    class ``c* = argmax_c (q p)_c / lambda_c`` where ``(q p)_c* >= lambda_c*``, else
+    ``ignore_index``.
+
+    Exact at the boundary, as the reference's numpy float32 code: the ratios are correctly
+    rounded (:func:`correctly_rounded_divide`), the argmax takes the lowest class on ties (as
+    ``np.argmax``), and keep/ignore compares the score with its threshold itself. For
+    ``lambda > 0`` that is the reference's ``ratio >= 1`` (a correctly rounded ``s / lambda``
+    reaches 1 exactly when ``s >= lambda``): a pixel scoring exactly ``lambda_c`` is kept, one
+    ulp below is not. A fast path (:func:`_top_two_labels`, ~4x cheaper on CPU) decides every
+    pixel it can prove; a batch with a pixel it cannot (a near-tie of three classes, thresholds
+    outside [2**-126, 2**126]) is labelled by :func:`_exact_labels` instead.
+    """
+    scores = jnp.moveaxis(_scores(probs, prior), -1, 0)  # class-major: one pixel map per class
+    lam = jnp.asarray(thresholds, jnp.float32)
+    label, keep, certain = _top_two_labels(scores, lam)
+    # one packed array, so that XLA computes the fast path once instead of once per consumer
+    fast = jax.lax.optimization_barrier(
+        jnp.where(keep, label, ignore_index).astype(jnp.int32) | (certain.astype(jnp.int32) << 8))
+    normal = jnp.all((lam >= np.float32(2.0 ** -126)) & (lam <= np.float32(2.0 ** 126)))
+
+    def exact():
+        label, keep = _exact_labels(scores, lam)
+        return jnp.where(keep, label, ignore_index).astype(jnp.int32)
+
+    labels = jax.lax.cond(normal & jnp.all(fast >> 8 == 1), lambda: fast & 0xFF, exact)
+    return labels.astype(jnp.uint8)
 
 
 # ------------------------------------------------------------------------------- streaming
+
+
+class ClassThresholds(NamedTuple):
+    """The result of the two passes: ``thresholds`` λ (C,) float32 and ``class_counts`` (C,)
+    int64, the pixels predicted as each class (pass 1's row sums; rare-class mining)."""
+
+    thresholds: np.ndarray
+    class_counts: np.ndarray
 
 
 class HistogramAccumulator(NamedTuple):
@@ -331,29 +504,59 @@ def accumulate(acc: HistogramAccumulator, counts) -> HistogramAccumulator:
     return HistogramAccumulator(acc.hi + (lo >> _LO_BITS), lo & ((1 << _LO_BITS) - 1))
 
 
-@functools.lru_cache(maxsize=None)
-def _batch_pass(mesh: Mesh | None, refine: bool, subsample: int):
-    """Jitted ``(acc, probs, valid, prior, bins) -> acc`` for one batch of either pass.
+def histogram_step(mesh: Mesh | None, refine: bool, subsample: int = 1):
+    """The per-batch step of either pass, ``(acc, bins, probs, valid, prior) -> acc`` (traceable).
 
-    With a mesh, each device counts its shard of the batch and ``psum`` over ``'data'``
-    merges the counts (``valid``/``prior`` may be None: an empty pytree matches any spec).
+    ``bins`` is ``RefinementTarget.bins`` for the fine pass (``refine``) and ignored by the coarse
+    one. With a mesh, each device counts its shard of the batch (images are the leading axis, so
+    ``subsample`` keeps the per-image lists) and ``psum`` over ``'data'`` merges the counts;
+    ``valid``/``prior`` may be None (an empty pytree matches any spec). The one implementation of
+    the sharded histogram: :func:`streaming_class_thresholds` jits it on probability batches, and
+    ``cbst_jax.predict.Predictor`` composes it with the network.
     """
 
-    def counts(probs, valid, prior, bins):
+    def counts(bins, probs, valid, prior):
         if refine:
             return fine_histogram(probs, bins, prior, valid, subsample)
         return coarse_histogram(probs, prior, valid, subsample)
 
     if mesh is not None:
         local, data, rep = counts, P(shd.DATA_AXIS), P()
-        counts = jax.shard_map(
-            lambda *a: jax.lax.psum(local(*a), shd.DATA_AXIS),
-            mesh=mesh, in_specs=(data, data, rep, rep), out_specs=rep)
+        counts = jax.shard_map(lambda *a: jax.lax.psum(local(*a), shd.DATA_AXIS),
+                               mesh=mesh, in_specs=(rep, data, data, rep), out_specs=rep)
 
-    def step(acc, probs, valid, prior, bins):
-        return accumulate(acc, counts(probs, valid, prior, bins))
+    def step(acc, bins, probs, valid, prior):
+        _check_batch(int(np.prod(probs.shape[:-1])))
+        return accumulate(acc, counts(bins, probs, valid, prior))
 
-    return jax.jit(step, donate_argnums=0)
+    return step
+
+
+def histogram_pass(step: Callable, batches: Iterable[tuple], num_classes: int, bins=None,
+                   sharding=None) -> np.ndarray:
+    """Runs ``acc = step(acc, bins, *args)`` for every ``args`` in ``batches`` from a zero
+    :class:`HistogramAccumulator` (placed with ``sharding``) and returns the int64 counts.
+    ``bins`` None is the coarse pass (all -1 are passed)."""
+    acc = HistogramAccumulator.zeros(num_classes, sharding)
+    bins = np.full(num_classes, -1, np.int32) if bins is None else np.asarray(bins, np.int32)
+    bins = jax.device_put(bins, sharding) if sharding is not None else jnp.asarray(bins)
+    for args in batches:
+        acc = step(acc, bins, *args)
+    return acc.counts()
+
+
+def two_pass_thresholds(run_pass: Callable, portion: float, policy: str = "cbst") -> ClassThresholds:
+    """The exact thresholds from two streaming passes: ``run_pass(None)`` returns the coarse
+    counts, ``run_pass(bins)`` the fine ones (int64 (C, 65536), e.g. :func:`histogram_pass`)."""
+    coarse = run_pass(None)
+    target = plan_refinement(coarse, portion, policy)
+    return ClassThresholds(finish_thresholds(run_pass(target.bins), target), class_pixel_counts(coarse))
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_pass(mesh: Mesh | None, refine: bool, subsample: int):
+    """:func:`histogram_step` jitted (accumulator donated), one per (mesh, pass, subsample)."""
+    return jax.jit(histogram_step(mesh, refine, subsample), donate_argnums=0)
 
 
 def _put(x, mesh: Mesh | None, spec):
@@ -364,18 +567,6 @@ def _put(x, mesh: Mesh | None, spec):
     if isinstance(x, jax.Array):
         return jax.device_put(x, NamedSharding(mesh, spec))
     return shd.to_global(x, mesh) if spec == P(shd.DATA_AXIS) else jax.device_put(x, NamedSharding(mesh, spec))
-
-
-def _stream(batches: Iterable, num_classes: int, prior, mesh, subsample, bins=None) -> np.ndarray:
-    acc = HistogramAccumulator.zeros(num_classes, shd.replicated(mesh) if mesh is not None else None)
-    prior = _put(prior, mesh, P())
-    bins_arr = _put(np.full(num_classes, -1, np.int32) if bins is None else bins, mesh, P())
-    for probs, valid in batches:
-        _check_batch(int(np.prod(np.shape(probs)[:-1])))
-        step = _batch_pass(mesh, bins is not None, subsample)
-        data = P(shd.DATA_AXIS)
-        acc = step(acc, _put(probs, mesh, data), _put(valid, mesh, data), prior, bins_arr)
-    return acc.counts()
 
 
 def streaming_class_thresholds(make_batches: Callable[[], Iterable], num_classes: int,
@@ -389,10 +580,17 @@ def streaming_class_thresholds(make_batches: Callable[[], Iterable], num_classes
     ``valid`` a boolean pixel mask or None. With ``mesh`` (a ``('data',)`` mesh) batches are
     sharded on their leading axis and counts are summed over devices. Device memory for the
     statistics is one :class:`HistogramAccumulator`, independent of the number of pixels.
-    With ``return_counts``, also returns the per-class predicted-pixel counts (int64).
+    With ``return_counts``, returns a :class:`ClassThresholds` (λ and the per-class
+    predicted-pixel counts).
     """
-    coarse = _stream(make_batches(), num_classes, prior, mesh, subsample)
-    target = plan_refinement(coarse, portion, policy)
-    fine = _stream(make_batches(), num_classes, prior, mesh, subsample, target.bins)
-    lam = finish_thresholds(fine, target)
-    return (lam, class_pixel_counts(coarse)) if return_counts else lam
+    rep = shd.replicated(mesh) if mesh is not None else None
+    prior = _put(prior, mesh, P())
+    data = P(shd.DATA_AXIS)
+
+    def run_pass(bins):
+        step = _batch_pass(mesh, bins is not None, subsample)
+        batches = ((_put(p, mesh, data), _put(v, mesh, data), prior) for p, v in make_batches())
+        return histogram_pass(step, batches, num_classes, bins, rep)
+
+    result = two_pass_thresholds(run_pass, portion, policy)
+    return result if return_counts else result.thresholds

@@ -228,3 +228,142 @@ def test_accumulator_memory_is_independent_of_pixels_and_counts_stay_exact():
         acc = add(acc, big)
     assert np.all(acc.counts() == 6 * ((1 << 30) - 1))
     assert add._cache_size() == 1
+
+
+# ------------------------------------------------------------- exactness at the boundary
+
+
+def numpy_labels(scores, lam, ignore=255):
+    """The reference's float32 selection (numpy division is correctly rounded): argmax of
+    s / λ, first class on ties, ignored where that ratio is below 1."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.asarray(scores, np.float32) / np.asarray(lam, np.float32)
+    return np.where(ratio.max(-1) >= 1, ratio.argmax(-1), ignore).astype(np.uint8)
+
+
+def random_bits(rng, n, mask=0xFFFFFFFF):
+    return (rng.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32) & np.uint32(mask)).view(np.float32)
+
+
+def same_floats(a, b):
+    return (a.view(np.uint32) == b.view(np.uint32)) | (np.isnan(a) & np.isnan(b))
+
+
+def test_correctly_rounded_divide_matches_numpy_bit_for_bit():
+    rng = np.random.default_rng(7)
+    divide = jax.jit(sel.correctly_rounded_divide)
+    n = 400_000
+    cases = [(random_bits(rng, n), random_bits(rng, n)),  # every sign, exponent, NaN and infinity
+             (random_bits(rng, n), random_bits(rng, n, 0x807FFFFF)),  # subnormal divisors
+             (random_bits(rng, n, 0x807FFFFF), random_bits(rng, n)),  # subnormal dividends
+             (random_bits(rng, n, 0x3FFFFFFF), random_bits(rng, n, 0x3FFFFFFF))]  # |x| < 2: mid range
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -3.0, 1e-45, 3e38], np.float32)
+    a, b = np.meshgrid(special, special)
+    cases.append((a.ravel(), b.ravel()))
+    for a, b in cases:
+        with np.errstate(all="ignore"):
+            want = a / b
+        got = np.asarray(divide(a, b))
+        assert same_floats(got, want).all(), (a[~same_floats(got, want)][:4], b[~same_floats(got, want)][:4])
+    # a divisor broadcast over the pixels (what XLA turns into a reciprocal product)
+    a, b = rng.random((1000, 19), dtype=np.float32), rng.random(19, dtype=np.float32)
+    assert same_floats(np.asarray(divide(a, b)), a / b).all()
+    with np.errstate(all="ignore"):
+        assert (a * (np.float32(1) / b) != a / b).mean() > 0.05  # the two-rounding product is not it
+
+
+def near_tie_scores(rng, shape, lam, spread_ulps=3):
+    """Scores whose ratios s_c / λ_c all lie within a few ulps of one value t >= 1 per pixel, so
+    the argmax and the ties are decided by the last bit of correctly rounded quotients."""
+    t = rng.uniform(1.0, 1.5, shape[:-1] + (1,)).astype(np.float32)
+    s = (t * lam).astype(np.float32)
+    steps = rng.integers(-spread_ulps, spread_ulps + 1, shape)
+    for _ in range(spread_ulps):
+        s = np.where(steps > 0, np.nextafter(s, np.float32(np.inf)), s)
+        s = np.where(steps < 0, np.nextafter(s, np.float32(0)), s)
+        steps = steps - np.sign(steps)
+    return s
+
+
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_selection_exact_rank_k_pixel_one_ulp_below_and_ties(with_prior):
+    rng = np.random.default_rng(8)
+    probs = make_probs(rng, (4, 12, 16))
+    prior = rng.uniform(0.05, 1.0, (12, 16, C)).astype(np.float32) if with_prior else None
+    scores = probs if prior is None else (prior * probs).astype(np.float32)
+    conf, pred = scores.max(-1), scores.argmax(-1)
+    for portion in (0.05, 0.3, 0.77, 1.0):
+        lam = sel.class_thresholds(probs, portion, prior=prior)
+        got = np.asarray(sel.select_pseudo_labels(probs, lam, prior=prior))
+        np.testing.assert_array_equal(got, numpy_labels(scores, lam))
+        for c in range(C):  # the rank-k pixel scores exactly λ_c and is selected
+            rank_k = (pred == c) & (conf == lam[c])
+            if lam[c] < 1:
+                assert rank_k.any() and (got[rank_k] != 255).all()
+        if portion == 1.0:  # every pixel is some class's most confident: all are selected
+            assert (got != 255).all()
+        # λ one ulp above: a pixel scoring one ulp below its threshold is not selected by it
+        up = np.nextafter(lam, np.float32(2))
+        got_up = np.asarray(sel.select_pseudo_labels(probs, up, prior=prior))
+        np.testing.assert_array_equal(got_up, numpy_labels(scores, up))
+        below = (conf == lam[pred]) & (lam[pred] < 1) & (scores / up < 1).all(-1)
+        assert below.any() and (got_up[below] == 255).all()
+    # exact ratio ties: equal λ and equal scores in two classes -> the lower class
+    tied = probs.copy()
+    tied[..., 3] = tied[..., 1]
+    lam = np.full(C, 0.05, np.float32)
+    got = np.asarray(sel.select_pseudo_labels(tied, lam, prior=prior))
+    tied_scores = tied if prior is None else (prior * tied).astype(np.float32)
+    np.testing.assert_array_equal(got, numpy_labels(tied_scores, lam))
+    assert (got == 1).any()
+    if prior is None:
+        assert not (got == 3).any()
+
+
+@pytest.mark.parametrize("with_prior", [False, True])
+@pytest.mark.parametrize("tied_classes", [2, C])
+def test_selection_adversarial_ratios_near_rounding_boundaries(with_prior, tied_classes):
+    """Ratios within a few ulps of each other in two classes (the fast path decides them) or in
+    all classes (three-way near-ties: the exact path labels the batch)."""
+    rng = np.random.default_rng(9 + tied_classes)
+    shape = (64, 64, C)
+    for trial in range(4):
+        # λ from random bit patterns in (2**-20, 1): exponents and mantissas of every kind
+        lam = np.abs(random_bits(rng, C, 0x3FFFFFFF))
+        lam = np.where((lam > 2 ** -20) & (lam < 1), lam, rng.uniform(0.01, 1, C)).astype(np.float32)
+        target = near_tie_scores(rng, shape, lam)
+        if tied_classes == 2:  # classes 1 and 3 near the tie, the others well below
+            far = np.ones(C, np.float32)
+            far[[0, 2, 4]] = 0.7
+            target = (target * far).astype(np.float32)
+        if with_prior:
+            prior = rng.uniform(0.25, 1.0, shape).astype(np.float32)
+            probs = (target / prior).astype(np.float32)  # prior * probs lands within an ulp of target
+        else:
+            prior, probs = None, target
+        below = rng.random(shape[:-1]) < 0.3  # some pixels pushed under every threshold
+        probs = np.where(below[..., None], probs * np.float32(0.5), probs).astype(np.float32)
+        scores = probs if prior is None else (prior * probs).astype(np.float32)
+        got = np.asarray(sel.select_pseudo_labels(probs, lam, prior=prior))
+        want = numpy_labels(scores, lam)
+        np.testing.assert_array_equal(got, want)
+        ratio = scores / lam
+        top = ratio.max(-1, keepdims=True)
+        assert ((ratio == top).sum(-1) > 1).sum() > 100  # many exact ties of rounded ratios
+        recip = scores * (np.float32(1) / lam)
+        assert (recip.argmax(-1) != ratio.argmax(-1)).sum() > 20  # two roundings would differ
+        # the fast path: right wherever it claims certainty; certain for two-class ties only
+        label, keep, certain = (np.asarray(x) for x in jax.jit(sel._top_two_labels)(
+            np.moveaxis(scores, -1, 0), lam))
+        np.testing.assert_array_equal(np.where(keep, label, 255)[certain], want[certain])
+        assert certain.all() if tied_classes == 2 else not certain.all()
+
+
+def test_selection_thresholds_outside_the_fast_range():
+    rng = np.random.default_rng(10)
+    probs = make_probs(rng, (2, 16, 16))
+    for lam in (np.array([1e-39, 0.3, 0.2, 0.5, 1.0], np.float32),  # subnormal threshold
+                np.array([2.0 ** 127, 0.3, 0.2, 0.5, 1.0], np.float32)):
+        with np.errstate(divide="ignore", over="ignore"):
+            want = numpy_labels(probs, lam)
+        np.testing.assert_array_equal(np.asarray(sel.select_pseudo_labels(probs, lam)), want)

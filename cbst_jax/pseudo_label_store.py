@@ -36,8 +36,8 @@ class Manifest:
     """What a round's labelling found, written last into its store: the portion and policy,
     the thresholds λ, per class the pixels predicted (``class_counts``) / selected / selected
     and correct (``correct``, where the target has hidden labels), the valid pixel count, the
-    classes chosen for rare-class mining, (LR* rounds) the soft labels' cell stride, and the
-    sha256 of every file of the store (``files``, by file name)."""
+    classes chosen for rare-class mining, (LR* rounds) the soft labels' cell stride, where the
+    network's logits were kept, and the sha256 of every file of the store (``files``, by name)."""
     method: str
     round: int
     portion: float
@@ -51,6 +51,7 @@ class Manifest:
     num_records: int
     has_ground_truth: bool
     soft_label_stride: int | None
+    logits: str = ""   # where the labelling pass kept the network's logits (Predictor.label_split)
     files: dict = dataclasses.field(default_factory=dict)
 
 

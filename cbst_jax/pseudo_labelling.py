@@ -1,7 +1,8 @@
 """Labelling the target: the first step of every self-training round.
 
-At the round's portion p the current model's predictions on the whole target train split give
-the thresholds λ (one per class for CBST, one pooled for ST, over prior-weighted scores for the
+At the round's portion p the current model's predictions on the whole target train split
+(the network run once per image, scale and flip, its logits kept on the devices or in host RAM
+for the later passes: ``cbst_jax.predict.Predictor.label_split``) give the thresholds λ (one per class for CBST, one pooled for ST, over prior-weighted scores for the
 -SP variants: ``cbst_jax.selection``, streamed and exact), then every image's pseudo-labels
 ŷ = argmax q·p/λ where that ratio is ≥ 1, else ignored (for CRST's LR* methods the soft
 minimisers of the label-regularised objective at the same λ), written to the stage's
@@ -15,51 +16,46 @@ import numpy as np
 
 from cbst_jax import sharding as shd
 from cbst_jax.methods import Method, Stage
-from cbst_jax.predict import local_rows
+from cbst_jax.predict import SoftLabelling, local_rows
 from cbst_jax.pseudo_label_store import Manifest, PseudoLabelStore
 
 
 def label_target(exp, variables, method: Method, stage: Stage, portion: float, store: PseudoLabelStore) -> Manifest:
-    """Thresholds at ``portion``, then the pseudo-labels of the whole target train split;
-    returns the manifest (also written, last, into ``store``)."""
+    """Thresholds at ``portion``, then the pseudo-labels of the whole target train split, the
+    network run once per image, scale and flip (``Predictor.label_split``); returns the
+    manifest (also written, last, into ``store``)."""
     cfg = exp.config
-    target = exp.data.target_train
-    hidden = exp.data.hidden_label_key
+    target, hidden = exp.data.target_train, exp.data.hidden_label_key
     prior = exp.prior if method.spatial_prior else None
+    kind = method.label_regularizer
+    stride = cfg.self_training.soft_label_stride
+    soft = (SoftLabelling(kind, cfg.self_training.label_reg_weight[kind], stride, cfg.self_training.label_reg_keep[kind])
+            if kind else None)
     show = jax.process_index() == 0
-
-    def batches():
-        return (g for g, _ in exp.batches(target, hidden, desc=f"{stage.key} λ"))
-
-    lam, class_counts = exp.predictor.thresholds(variables, batches, portion, method.policy, prior,
-                                                 cfg.self_training.select_subsample)
     if show:
         store.begin()
     shd.barrier("pl-begin")
-    c = exp.num_classes
-    kind = method.label_regularizer
-    stride = cfg.self_training.soft_label_stride
-    picked, correct, valid_n = np.zeros(c, np.int64), np.zeros(c, np.int64), 0
-    for g, host in exp.batches(target, hidden, desc=f"{stage.key} labels"):
-        if kind:  # CRST LR*: soft labels from the same class-balanced λ
-            lab, top, cells, p, k, v = exp.predictor.soft_pseudo_labels(
-                variables, g, lam, kind=kind, alpha=cfg.self_training.label_reg_weight[kind], stride=stride,
-                keep=cfg.self_training.label_reg_keep[kind])
-            for (row, t), (_, cell) in zip(local_rows(top, host), local_rows(cells, host, stride)):
-                store.write_soft(int(host["index"][row]), t, cell)
-        else:
-            lab, p, k, v = exp.predictor.pseudo_labels(variables, g, lam, prior)
-        for row, label in local_rows(lab, host):
+
+    def write(host, out):
+        if soft is not None:  # CRST LR*: soft labels from the same class-balanced λ
+            for (row, top), (_, cells) in zip(local_rows(out.top, host), local_rows(out.cells, host, stride)):
+                store.write_soft(int(host["index"][row]), top, cells)
+        for row, label in local_rows(out.labels, host):
             store.write(int(host["index"][row]), label)
-        picked += np.asarray(p, np.int64)
-        correct += np.asarray(k, np.int64)
-        valid_n += int(v)
+
+    res = exp.predictor.label_split(variables, lambda: exp.batches(target, hidden), portion, method.policy, prior,
+                                    cfg.self_training.select_subsample, write, soft=soft, desc=f"{stage.key} labels",
+                                    total=-(-len(target) // exp.eval_batch_size()))
     shd.barrier("pl-written")
+    c = exp.num_classes
     manifest = Manifest(method=method.name, round=stage.round, portion=portion, policy=method.policy,
-                        thresholds=lam.tolist(), class_counts=np.asarray(class_counts).tolist(),
-                        selected=picked.tolist(), correct=correct.tolist(), valid_pixels=valid_n,
-                        mine_classes=mining_classes(class_counts, c), num_records=len(target),
-                        has_ground_truth=hidden is not None, soft_label_stride=stride if kind else None)
+                        thresholds=np.asarray(res.thresholds).tolist(),
+                        class_counts=np.asarray(res.class_counts).tolist(),
+                        selected=np.asarray(res.selected, np.int64).tolist(),
+                        correct=np.asarray(res.correct, np.int64).tolist(), valid_pixels=int(res.valid_pixels),
+                        mine_classes=mining_classes(res.class_counts, c), num_records=len(target),
+                        has_ground_truth=hidden is not None, soft_label_stride=stride if kind else None,
+                        logits=res.cache.path)
     if show:
         store.finish(manifest)
     shd.barrier("pl-done")

@@ -79,6 +79,10 @@ def launch(default_config: str | None = None) -> None:
     flags.DEFINE_bool("fresh", False, "Start over: an existing run of ours in --workdir is moved aside, and "
                       "deleted once the new run has started.")
     flags.DEFINE_bool("debug", False, "Show the traceback of an error instead of its one-line message.")
+    flags.DEFINE_string("compilation_cache", default_compilation_cache(),
+                        "Folder of jax's persistent compilation cache (every compiled program is kept, so a "
+                        "rerun or resume compiles nothing); empty: off. Default: $CBST_JAX_COMPILATION_CACHE or "
+                        "~/.cache/cbst_jax/xla.")
 
     def parse(args):
         try:
@@ -89,11 +93,29 @@ def launch(default_config: str | None = None) -> None:
     def main(_):
         from absl import logging
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        use_compilation_cache(flags.FLAGS.compilation_cache)
         name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
         workdir = flags.FLAGS.workdir or os.path.join("runs", name)
         return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh, flags.FLAGS.debug)
 
     app.run(main, flags_parser=parse)
+
+
+def default_compilation_cache() -> str:
+    return os.environ.get("CBST_JAX_COMPILATION_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "cbst_jax", "xla"))
+
+
+def use_compilation_cache(directory: str) -> None:
+    """jax's persistent compilation cache in ``directory``, for every program however fast it
+    compiled (jax's defaults skip programs under 1 s, which are most of a small run's)."""
+    if not directory:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _fail(message) -> None:

@@ -1,0 +1,264 @@
+"""Nothing lost, nothing silently wrong (issue 12), on small embedded-pair runs in subprocesses:
+
+* a fault-injection campaign: one run killed (SIGKILL, by failpoints) at seven points -
+  inside source training, while a checkpoint is written, while pseudo-labels are written,
+  between a file's write and its rename, between a stage's weights file and its record,
+  between a row's log line and its record, inside a round - then its newest checkpoint
+  damaged; the same command resumes it to bit-identical rows and pseudo-label files;
+* damaged, replaced and deleted files (checkpoints truncated / emptied / without metadata,
+  pseudo-labels replaced by valid all-ignore PNGs, a weights file with flipped bytes) are
+  detected, named, skipped or redone, in a workdir moved to another place;
+* --fresh and a workdir that is not ours; one-line errors and exit 2 for bad inputs, with the
+  workdir's files hashed before and after; a non-finite loss, then a restart from the last
+  finished stage with a lower learning rate; a full disk.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--config.methods=source_only,cbst",
+    "--config.synthetic.num_source=32", "--config.synthetic.num_target_train=16",
+    "--config.synthetic.num_target_val=8",
+    "--config.source_training.steps=16", "--config.self_training.rounds=2",
+    "--config.self_training.steps_per_round=8", "--config.input.batch_size=8",
+    "--config.input.eval_batch_size=8", "--config.checkpoint_every=4", "--config.log_every=4",
+    "--config.input.workers=1",
+]
+
+
+def run(workdir, *extra, failpoint=None, small=True, cwd=ROOT, timeout=900):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+    env.pop("CBST_JAX_FAILPOINT", None)
+    if failpoint:
+        env["CBST_JAX_FAILPOINT"] = failpoint
+    cmd = [sys.executable, "-m", "experiments.synthetic", f"--workdir={workdir}", *(SMALL if small else ()), *extra]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(seed_dir, kind):
+    out = {}
+    with open(os.path.join(seed_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["kind"] == kind:
+                out[(r["method"], r["round"])] = {k: v for k, v in r.items() if k != "wall_s"}
+    return out
+
+
+def label_files(seed_dir):
+    out = {}
+    base = os.path.join(seed_dir, "pseudo_labels")
+    for d, _, files in os.walk(base):
+        for f in files:
+            if f.endswith(".png"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    out[os.path.relpath(os.path.join(d, f), base)] = fh.read()
+    return out
+
+
+def tree_hashes(path):
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def assert_same_results(seed_dir, reference):
+    assert rows(seed_dir, "eval") == rows(reference, "eval")
+    assert rows(seed_dir, "pseudo_labels") == rows(reference, "pseudo_labels")
+    assert label_files(seed_dir) == label_files(reference)
+
+
+def one_line_error(res):
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert err and err[-1].startswith("error: ") and "Traceback" not in res.stderr, res.stderr[-2000:]
+    return err[-1]
+
+
+def checkpoints(seed_dir):
+    d = os.path.join(seed_dir, "checkpoints")
+    return sorted((int(n) for n in os.listdir(d) if n.isdigit()), reverse=True) if os.path.isdir(d) else []
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    res = run(workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return str(workdir / "seed_0")
+
+
+def test_fault_injection_campaign(reference, tmp_path):
+    workdir = tmp_path / "campaign"
+    seed_dir = str(workdir / "seed_0")
+    points = ["train.step:5",                 # inside source training (after its step-4 checkpoint)
+              "checkpoint.save:2",            # while a checkpoint is being written
+              "pseudo_labels.write:6",        # in the middle of a round's pseudo-label files
+              "atomic_write.before_rename:3",  # a file written to its temporary name, not renamed
+              "ledger.weights_written:1",     # a stage's weights file written, not yet recorded
+              "ledger.row_logged:1",          # a row in metrics.jsonl, not yet in the ledger
+              "train.step:6"]                 # inside round 1, after its step-4 checkpoint
+    for point in points:
+        res = run(workdir, failpoint=point)
+        assert res.returncode == -9, (point, res.returncode, res.stderr[-2000:])
+    newest = checkpoints(seed_dir)
+    assert newest, "the last kill should leave a training checkpoint"
+    victim = os.path.join(seed_dir, "checkpoints", str(newest[0]), "state", "_METADATA")
+    with open(victim, "r+b") as f:  # one flipped byte
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0x01
+        f.seek(0)
+        f.write(data)
+    res = run(workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "does not match the digest recorded" in res.stderr
+    assert_same_results(seed_dir, reference)
+    assert not [n for n in os.listdir(os.path.join(seed_dir, "checkpoints")) if "tmp" in n]
+
+
+@pytest.mark.parametrize("damage", ["truncate_and_no_metadata", "empty_and_bad_meta"])
+def test_damaged_checkpoints_fall_back_in_a_moved_workdir(reference, tmp_path, damage):
+    """Killed in source training with two checkpoints kept; both damaged, the workdir moved:
+    each damaged checkpoint is named and skipped, source training starts over, same results."""
+    first = tmp_path / "first"
+    res = run(first, failpoint="train.step:14")
+    assert res.returncode == -9, res.stderr[-2000:]
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(first, moved)
+    before = tree_hashes(first)
+    seed_dir = str(moved / "seed_0")
+    newest, older = checkpoints(seed_dir)[:2]
+    ck = lambda i, *p: os.path.join(seed_dir, "checkpoints", str(i), *p)  # noqa: E731
+    state_files = sorted(os.path.join(d, f) for d, _, fs in os.walk(ck(newest, "state", "d")) for f in fs)
+    if damage == "truncate_and_no_metadata":
+        with open(state_files[0], "r+b") as f:
+            f.truncate(max(1, os.path.getsize(state_files[0]) // 2))
+        os.remove(ck(older, "state", "_METADATA"))
+    else:
+        open(state_files[0], "wb").close()
+        with open(ck(older, "meta", "metadata"), "r+b") as f:
+            f.truncate(5)
+    res = run(moved)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("does not match the digest recorded") == 2, res.stderr[-3000:]
+    assert_same_results(seed_dir, reference)
+    assert tree_hashes(first) == before  # the original was never read or written
+
+
+def test_replaced_and_damaged_files_are_redone(reference, tmp_path):
+    """Killed inside round 0 (its pseudo-labels complete): the round's PNGs replaced by valid
+    all-ignore PNGs and one deleted, the source weights file's bytes flipped. The resume names
+    both problems, trains the source again and labels the round again, to the same results."""
+    workdir = tmp_path / "w"
+    res = run(workdir, failpoint="train.step:18")
+    assert res.returncode == -9, res.stderr[-2000:]
+    seed_dir = str(workdir / "seed_0")
+    labels = os.path.join(seed_dir, "pseudo_labels", "cbst", "round_0")
+    pngs = sorted(f for f in os.listdir(labels) if f.endswith(".png"))
+    assert len(pngs) == 16
+    for f in pngs:
+        Image.fromarray(np.full((64, 128), 255, np.uint8)).save(os.path.join(labels, f))
+    os.remove(os.path.join(labels, pngs[3]))
+    weights = os.path.join(seed_dir, "models", "source.npz")
+    with open(weights, "r+b") as f:
+        data = bytearray(f.read())
+        for k in range(64):
+            data[len(data) // 3 + k] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    res = run(workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "models/source.npz does not match the sha256" in res.stderr
+    assert "the pseudo-labels of stage cbst/r0 are made again" in res.stderr
+    assert_same_results(seed_dir, reference)
+
+
+def test_fresh_and_foreign_folders_lose_nothing(reference, tmp_path):
+    finished = tmp_path / "finished"
+    shutil.copytree(os.path.dirname(reference), finished)
+    before = tree_hashes(finished)
+    line = one_line_error(run(finished, "--fresh", "--config.model.name=resnet9000"))
+    assert "model.name" in line and "resnet9000" in line
+    assert tree_hashes(finished) == before and not list(tmp_path.glob("finished.replaced-*"))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    for extra in (("--fresh",), ()):
+        line = one_line_error(run(home, *extra))
+        assert "not empty and holds no cbst_jax run" in line
+        assert (home / "thesis.tex").read_text() == "years of work" and os.listdir(home) == ["thesis.tex"]
+    res = run(finished, "--fresh", "--config.self_training.rounds=0")  # a valid --fresh
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert set(rows(str(finished / "seed_0"), "eval")) == {("source_only", None)}
+    assert not list(tmp_path.glob("finished.replaced-*"))  # the old run, moved aside, is gone now
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--config.seed=abc",), "config.seed=abc"),
+    (("--config.input.crop=(640, 1280)",), "config.input.crop=(640, 1280)"),
+    (("--config=nope",), "unknown variant nope"),
+    (("--config.input.nope=1",), "unknown config key config.input.nope"),
+    (("--config.model.init=README.md",), "README.md"),
+])
+def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, args, expected):
+    workdir = tmp_path / "untouched"
+    line = one_line_error(run(workdir, *args, small=False))
+    assert expected in line, line
+    assert not workdir.exists()
+
+
+def test_non_finite_loss_then_resume_from_the_last_finished_stage(reference, tmp_path):
+    workdir = tmp_path / "nan"
+    seed_dir = str(workdir / "seed_0")
+    line = one_line_error(run(workdir, "--config.self_training.lr=1e30"))
+    assert "non-finite loss in stage cbst/r0" in line and "--config.resume_from_stage=source" in line, line
+    res = run(workdir, "--config.self_training.lr=1e-3")  # not allowed without naming a stage
+    assert "another configuration" in one_line_error(res)
+    res = run(workdir, "--config.resume_from_stage=source", f"--config.self_training.lr={5e-4}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "restarting after stage source" in res.stderr
+    assert rows(seed_dir, "eval")[("cbst", 1)] == rows(reference, "eval")[("cbst", 1)]
+    assert os.listdir(os.path.join(seed_dir, "rewound"))  # the diverged stage's files were kept
+    nan_source = tmp_path / "nan_source"
+    line = one_line_error(run(nan_source, "--config.source_training.lr=1e30"))
+    assert "non-finite loss in stage source" in line and "no stage has finished yet" in line, line
+
+
+def test_full_disk_is_one_line_and_leaves_nothing_half_written(reference, tmp_path):
+    """In a private mount namespace, the workdir on a 2 MiB tmpfs: the first training checkpoint
+    does not fit. One line saying how much space it needs, no orbax temporary folder left; with
+    the filesystem grown, the same command resumes to the same results."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"]).returncode:
+        pytest.skip("no unprivileged mount namespaces here")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    args = " ".join(f"'{a}'" for a in SMALL)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+    env.pop("CBST_JAX_FAILPOINT", None)
+    script = (f"mount -t tmpfs -o size=2m tmpfs {mnt} && cd {ROOT} && "
+              f"{{ {sys.executable} -m experiments.synthetic --workdir={mnt}/w {args} 2> {tmp_path}/full.err; "
+              f"echo $? > {tmp_path}/full.rc; ls -a {mnt}/w/seed_0/checkpoints > {tmp_path}/full.ls; "
+              f"mount -o remount,size=64m {mnt} && {sys.executable} -m experiments.synthetic --workdir={mnt}/w {args} "
+              f"2> {tmp_path}/again.err; echo $? > {tmp_path}/again.rc; cp -r {mnt}/w {tmp_path}/result; }}")
+    subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=env, timeout=1800)
+    err = (tmp_path / "full.err").read_text().strip().splitlines()
+    assert (tmp_path / "full.rc").read_text().strip() == "2", err[-5:]
+    assert err[-1].startswith("error: ") and "MiB" in err[-1] and "Traceback" not in "\n".join(err), err[-5:]
+    assert "tmp" not in (tmp_path / "full.ls").read_text()
+    assert (tmp_path / "again.rc").read_text().strip() == "0", (tmp_path / "again.err").read_text()[-3000:]
+    assert_same_results(str(tmp_path / "result" / "seed_0"), reference)

@@ -210,7 +210,7 @@ def test_fresh_and_foreign_folders_lose_nothing(reference, tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (("--config.seed=abc",), "config.seed=abc"),
     (("--config.input.crop=(640, 1280)",), "config.input.crop=(640, 1280)"),
-    (("--config=nope",), "unknown variant nope"),
+    (("--config=nope",), "unknown variant 'nope'"),
     (("--config.input.nope=1",), "unknown config key config.input.nope"),
     (("--config.model.init=README.md",), "README.md"),
 ])
@@ -262,3 +262,19 @@ def test_full_disk_is_one_line_and_leaves_nothing_half_written(reference, tmp_pa
     assert "tmp" not in (tmp_path / "full.ls").read_text()
     assert (tmp_path / "again.rc").read_text().strip() == "0", (tmp_path / "again.err").read_text()[-3000:]
     assert_same_results(str(tmp_path / "result" / "seed_0"), reference)
+
+
+def test_weights_that_are_not_ours_are_one_line(tmp_path):
+    """A PyTorch pickle handed to model.init (instead of converting it) and a truncated weights
+    file: one line naming the file, nothing created."""
+    torch = pytest.importorskip("torch")
+    pth = tmp_path / "deeplab.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(2, 3, 1, 1)}, "epoch": 3}, pth)
+    truncated = tmp_path / "cut.npz"
+    np.savez(truncated, w=np.zeros(1000, np.float32))
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    for path in (pth, truncated):
+        workdir = tmp_path / f"w_{path.stem}"
+        line = one_line_error(run(workdir, f"--config.model.init={path}", small=False))
+        assert str(path) in line, line
+        assert not workdir.exists()

@@ -21,10 +21,46 @@ def cli(module, *args, devices=2):
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("get_config", [gta5_cityscapes.get_config, synthia_cityscapes.get_config,
-                                        cityscapes_nthu.get_config, gta5_bdd.get_config, synthetic.get_config])
-def test_shipped_configs_validate(get_config):
-    config_lib.validate(get_config(), need_roots=False)
+RECIPES = ("", "crst_deeplabv2", "cbst_resnet38")
+
+
+@pytest.mark.parametrize("module", [gta5_cityscapes, synthia_cityscapes, cityscapes_nthu, gta5_bdd])
+@pytest.mark.parametrize("variant", RECIPES)
+def test_shipped_configs_validate(module, variant):
+    config_lib.validate(module.get_config(variant), need_roots=False)
+
+
+@pytest.mark.parametrize("variant", ["", "quick", "gpu"])
+def test_synthetic_configs_validate(variant):
+    config_lib.validate(synthetic.get_config(variant), need_roots=False)
+
+
+def test_recipes_carry_the_references_values():
+    """Spot checks of each recipe against reference-cbst.md §3-§5, crst_seg.py and CRST#14."""
+    crst, cbst = gta5_cityscapes.get_config(), gta5_cityscapes.get_config("cbst_resnet38")
+    assert crst.variant == "" and cbst.variant == "cbst_resnet38"
+    assert (crst.model.name, cbst.model.name) == ("deeplabv2_resnet101", "resnet38")
+    assert tuple(crst.predict.scales) == (0.9,) and tuple(crst.evaluate.scales) == (0.9, 1.0, 1.2)
+    assert crst.target.list_file == cbst.target.list_file == "builtin:cityscapes_train_ClsConfSet"
+    assert crst.source.list_file == "builtin:gta5_crst_19984" and cbst.source.list_file == ""
+    assert (crst.source_training.batch_size, tuple(crst.source_training.crop)) == (4, (500, 500))
+    assert tuple(cbst.self_training.portion) == (0.15, 0.05, 0.5) and cbst.self_training.rounds == 6
+    assert cbst.self_training.lr == 1e-4 and abs(cbst.self_training.lr_round_decay - 2 ** -0.5) < 1e-15
+    assert tuple(cbst.input.crop) == (504, 504) and tuple(cbst.input.scale_range) == (0.7, 1.3)
+    assert cbst.self_training.loss_resolution == "stride" and cbst.input.source_subset == "nested"
+    assert crst.input.mine_domains == "target" and cbst.input.mine_domains == "both"
+    assert tuple(cbst.predict.scales) == (1850 / 2048,) and tuple(cbst.evaluate.scales) == (1.0,)
+    syn = synthia_cityscapes.get_config()
+    assert syn.num_classes == 16 and syn.eval_classes == "miou13" and syn.source.lanemarking_as_road
+    assert tuple(syn.input.source_scale_range) == (0.8, 1.2) and tuple(syn.input.target_scale_range) == (0.6, 1.5)
+    assert tuple(syn.input.crop) == (600, 900) and tuple(syn.input.source_portion) == (0.02, 0.0025, 0.06)
+    assert not synthia_cityscapes.get_config("cbst_resnet38").source.lanemarking_as_road
+    assert gta5_bdd.get_config().methods == "source_only,st,st_sp,cbst,cbst_sp"
+    nthu = cityscapes_nthu.get_config()
+    assert (nthu.num_classes, nthu.target.city, nthu.target.list_file, nthu.source.list_file) == (13, "all", "", "")
+    assert config_lib.nthu_cities(nthu) == ["Rome", "Rio", "Tokyo", "Taipei"]
+    nthu.target.city = "rio"
+    assert config_lib.nthu_cities(nthu) is None
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -34,18 +70,81 @@ def test_shipped_configs_validate(get_config):
     ("methods", "cbst,bogus", "one of source_only"),
     ("input.sampler", "mixed", "pooled or paired"),
     ("model.init", "/nonexistent/weights.npz", "existing converted-weights file"),
+    # issue 12, items 5 and 6
+    ("source_training.steps", -1, "a step count >= 0"),
+    ("self_training.steps_per_round", -5, "a step count >= 0"),
+    ("self_training.epochs_per_round", -1.0, "a number of epochs >= 0"),
+    ("self_training.epochs_per_round", float("nan"), "a number of epochs >= 0"),
+    ("input.eval_batch_size", 0, "a positive global batch size"),
+    ("checkpoint_every", 0, "a positive number of training steps"),
+    ("log_every", 0, "a positive number of training steps"),
+    ("model.name", "resnet9000", "one of deeplabv2_resnet101"),
+    ("synthetic.num_target_train", 0, "a positive image count"),
+    ("synthetic.num_source", 0, "a positive image count"),
+    # the keys the recipes need
+    ("source_training.batch_size", -2, "a positive global batch size, or 0 for input's"),
+    ("source_training.crop", (500,), "(height, width), two positive integers"),
+    ("source_training.crop", (0, 500), "(height, width), two positive integers"),
+    ("source_training.scale_range", (1.5, 0.5), "(low, high) with 0 < low <= high"),
+    ("input.source_scale_range", (0.0, 1.2), "(low, high) with 0 < low <= high, or () for input.scale_range"),
+    ("input.target_scale_range", (0.6, 1.5, 2.0), "(low, high) with 0 < low <= high"),
+    ("input.mine_domains", "source", "'both' or 'target'"),
+    ("input.crop", (64, -1), "(height, width), two positive integers"),
+    ("input.eval_size", (64,), "(height, width), two positive integers"),
+    ("input.workers", 0, "a positive number of loader threads"),
+    ("input.source_share", 1.5, "a share in [0, 1]"),
+    ("evaluate.scales", (), "positive scales"),
+    ("evaluate.scales", (1.0, -0.5), "positive scales"),
+    ("predict.scales", (0.0,), "positive scales"),
+    ("model.normalization", "bgr", "'auto' or 'imagenet' or 'caffe' or 'unit'"),
+    ("optim.momentum", 1.0, "a momentum in [0, 1)"),
+    ("optim.weight_decay", -1e-4, "a weight decay >= 0"),
+    ("optim.bias_lr_mult", 0.0, "a multiplier > 0"),
+    ("optim.bias_weight_decay_mult", -1.0, "a multiplier >= 0"),
+    ("self_training.lr", -1e-4, "a learning rate >= 0"),
+    ("self_training.lr_round_decay", 0.0, "a factor > 0"),
+    ("self_training.prior_sigma", 0.0, "a Gaussian sigma > 0"),
+    ("self_training.prior_size", (0, 128), "(height, width), two positive integers"),
+    ("source.lanemarking_as_road", True, "False unless source.name='synthia'"),
+    ("target.city", "Rome", "'' (cities exist only for target.name='nthu')"),
+    ("eval_classes", "miou13", "'miou13' only with num_classes=16"),
 ])
 def test_invalid_values_are_named(key, value, message):
     c = synthetic.get_config()
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    _set(c, key, value)
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c)
     text = str(e.value)
     assert f"config.{key}" in text and message in text and "\n" not in text
+
+
+def _set(config, key, value):
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+@pytest.mark.parametrize("city, ok", [("Rome", True), ("taipei", True), ("all", True), ("", True),
+                                      ("Paris", False)])
+def test_nthu_city_is_one_of_four_or_all(city, ok):
+    c = cityscapes_nthu.get_config()
+    c.target.city = city
+    if ok:
+        config_lib.validate(c, need_roots=False)
+        return
+    with pytest.raises(config_lib.ConfigError, match=r"config.target.city='Paris': expected one of Rome, Rio, "
+                                                     r"Tokyo, Taipei, or 'all'"):
+        config_lib.validate(c, need_roots=False)
+
+
+def test_new_keys_default_to_the_input_values():
+    """Empty source-training and per-domain keys mean "as input"; a shipped SYNTHIA recipe sets them."""
+    c = config_lib.base_config()
+    assert c.source_training.batch_size == 0 and tuple(c.source_training.crop) == ()
+    assert tuple(c.source_training.scale_range) == () and tuple(c.input.source_scale_range) == ()
+    assert tuple(c.input.target_scale_range) == () and tuple(c.evaluate.scales) == tuple(c.predict.scales)
 
 
 def test_missing_roots_say_where_to_download():
@@ -99,3 +198,36 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "other.npz" in last and "another architecture" in last
+
+
+def test_source_phase_uses_source_training_batch_crop_and_scales():
+    """trainer.mixed_iterator: the source phase at source_training's batch/crop/scale, a round at
+    input's; rare-class mining on the domains of input.mine_domains."""
+    import types
+
+    import numpy as np
+
+    from cbst_jax.data import pipeline
+    from cbst_jax.data.experiment_data import open_side
+    from cbst_jax.trainer import mixed_iterator
+
+    c = synthetic.get_config("quick")
+    c.synthetic.num_source, c.synthetic.num_target_train = 12, 6
+    c.input.batch_size, c.input.crop, c.input.workers = 2, (32, 48), 1
+    c.source_training.batch_size, c.source_training.crop = 4, (40, 40)
+    c.source_training.scale_range = (0.5, 0.5)
+    c.input.mine_domains = "target"
+    data = types.SimpleNamespace(source=open_side(c, "source", "train"), target_train=open_side(c, "target", "train"))
+    exp = types.SimpleNamespace(config=c, data=data)
+    with mixed_iterator(exp, None) as it:
+        batch = next(it)
+        assert batch["image"].shape == (4, 40, 40, 3) and it.scale_range == (0.5, 0.5)
+        assert np.all(batch["domain"] == pipeline.SOURCE)
+    with mixed_iterator(exp, 0, target_labels=lambda i: np.zeros((64, 128), np.uint8)) as it:
+        assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
+        assert it.mine_domains == (pipeline.TARGET,)
+    c.source_training.batch_size, c.source_training.crop, c.source_training.scale_range = 0, (), ()
+    c.input.mine_domains = "both"
+    with mixed_iterator(exp, None) as it:
+        assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
+        assert it.mine_domains == (pipeline.SOURCE, pipeline.TARGET)

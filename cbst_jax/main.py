@@ -113,7 +113,10 @@ def run_command(config, workdir: str, seeds_text: str | None, fresh: bool) -> in
 
 
 def run_seeds(config, workdir: str, seeds, fresh: bool = False) -> int:
-    """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds."""
+    """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds. Cityscapes ->
+    NTHU with ``target.city`` "all" or "" runs each city in turn the same way in
+    ``workdir/<City>/`` and writes the per-city table with the mean over cities to
+    ``workdir/results.md``."""
     import jax
 
     from cbst_jax import run_outputs, self_training
@@ -129,16 +132,31 @@ def run_seeds(config, workdir: str, seeds, fresh: bool = False) -> int:
     if fresh and jax.process_index() == 0 and os.path.isdir(workdir):
         shutil.rmtree(workdir)
     shd.barrier("fresh")
-    rows, pl_rows = [], []
-    t0 = time.time()
-    for s in seeds:
-        cfg = copy.deepcopy(config)
-        cfg.seed = int(s)
-        seed_rows, seed_pl_rows = self_training.run(cfg, os.path.join(workdir, f"seed_{s}"))
-        rows += seed_rows
-        pl_rows += seed_pl_rows
+
+    def run_target(cfg, target_workdir):
+        rows, pl_rows = [], []
+        t0 = time.time()
+        for s in seeds:
+            seed_cfg = copy.deepcopy(cfg)
+            seed_cfg.seed = int(s)
+            seed_rows, seed_pl_rows = self_training.run(seed_cfg, os.path.join(target_workdir, f"seed_{s}"))
+            rows += seed_rows
+            pl_rows += seed_pl_rows
+        if jax.process_index() == 0:
+            run_outputs.write_aggregate(cfg, target_workdir, seeds, rows, pl_rows, time.time() - t0)
+        return rows
+
+    cities = config_lib.nthu_cities(config)
+    if cities is None:
+        run_target(config, workdir)
+        return 0
+    t0, rows_by_city = time.time(), {}
+    for city in cities:
+        city_cfg = copy.deepcopy(config)
+        city_cfg.target.city = city
+        rows_by_city[city] = run_target(city_cfg, os.path.join(workdir, city))
     if jax.process_index() == 0:
-        run_outputs.write_aggregate(config, workdir, seeds, rows, pl_rows, time.time() - t0)
+        run_outputs.write_city_table(config, workdir, seeds, rows_by_city, time.time() - t0)
     return 0
 
 

@@ -231,3 +231,72 @@ def test_source_phase_uses_source_training_batch_crop_and_scales():
     with mixed_iterator(exp, None) as it:
         assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
         assert it.mine_domains == (pipeline.SOURCE, pipeline.TARGET)
+
+
+def _eval_row(seed, method, rnd, iou, subset=None):
+    import numpy as np
+
+    row = {"kind": "eval", "seed": seed, "method": method, "round": rnd, "iou": list(iou),
+           "miou": float(np.nanmean(iou))}
+    if subset is not None:
+        row["miou_subset"] = float(np.nanmean([iou[c] for c in subset]))
+    return row
+
+
+def _cells(table: str, first: str) -> list[str]:
+    line = next(ln for ln in table.splitlines() if ln.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_multi_seed_table_has_sample_std_and_miou_star():
+    """mean ± sample std (ddof=1, checked against statistics.stdev) per class, mIoU and mIoU*."""
+    import statistics
+
+    import numpy as np
+
+    from cbst_jax import reporting
+
+    rng = np.random.default_rng(0)
+    subset = [0, 2, 3]
+    rows = []
+    for seed in (0, 1, 2):
+        rows.append(_eval_row(seed, "source_only", None, rng.uniform(0, 1, 4), subset))
+        iou = rng.uniform(0, 1, 4)
+        iou[1] = np.nan if seed == 0 else iou[1]  # a class absent in one seed
+        rows.append(_eval_row(seed, "cbst", 0, iou, subset))
+    table = reporting.seed_aggregate_table(rows, ["a", "b", "c", "d"], subset, subset_name="mIoU*")
+    assert "| method | a | b | c | d | mIoU | mIoU* |" in table
+    assert "sample standard deviation (ddof=1)" in table
+    cbst = [r for r in rows if r["method"] == "cbst"]
+    cells = _cells(table, "cbst r0")
+    for c, cell in enumerate(cells[1:5]):
+        vals = [r["iou"][c] for r in cbst if not np.isnan(r["iou"][c])]
+        assert cell == f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
+    for key, cell in (("miou", cells[5]), ("miou_subset", cells[6])):
+        vals = [r[key] for r in cbst]
+        assert cell == f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
+    one = reporting.seed_aggregate_table(rows[:2], ["a", "b", "c", "d"], subset)
+    assert "one seed: no standard deviation" in one and "±" not in _cells(one, "source_only")[1]
+
+
+def test_city_table_is_per_city_plus_mean_over_cities():
+    import numpy as np
+
+    from cbst_jax import reporting
+
+    rng = np.random.default_rng(1)
+    by_city = {}
+    for city in ("Rome", "Rio", "Tokyo", "Taipei"):
+        by_city[city] = [_eval_row(s, m, r, rng.uniform(0, 1, 3)) for s in (0, 1)
+                         for m, r in (("source_only", None), ("cbst", 0), ("cbst", 1))]
+    table = reporting.city_table(by_city, ["road", "sw", "bus"], last_round=1)
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [ln.split("|")[1].strip() for ln in lines] == [c for c in by_city for _ in range(2)] + ["mean"] * 2
+    assert "cbst r0" not in table  # only the last round, as the seed's table
+    rome = [r for r in by_city["Rome"] if r["method"] == "cbst" and r["round"] == 1]
+    cells = [ln for ln in lines if ln.startswith("| Rome | cbst r1 |")][0].strip("|").split("|")
+    assert cells[2].strip() == f"{100 * np.mean([r['iou'][0] for r in rome]):.1f}"
+    per_city = [np.mean([r["miou"] for r in rows if r["method"] == "cbst" and r["round"] == 1])
+                for rows in by_city.values()]
+    mean = [ln for ln in lines if ln.startswith("| mean | cbst r1 |")][0].strip("|").split("|")
+    assert mean[-1].strip() == f"{100 * np.mean(per_city):.1f}"

@@ -157,7 +157,8 @@ def city_table(by_city: dict[str, Sequence[dict]], class_names: Sequence[str], l
         body.append([label, name] + [_cell(v) for v in iou] + [_cell(miou)])
     seeds = sorted({r["seed"] for rows in by_city.values() for r in rows})
     return (_markdown(header, body) + f"\n\nIoU in %, each the mean over seeds {seeds}; \"mean\" rows average the "
-            f"cities; n/a = class absent from both ground truth and prediction, excluded from the mean.")
+            f"cities (a class that is n/a in a city is left out of its column's mean); n/a = class absent from "
+            f"both ground truth and prediction, excluded from the mean.")
 
 
 def _plt():

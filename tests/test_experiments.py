@@ -1,9 +1,11 @@
 """The experiment entry points: config validation messages, the real-dataset path run end to
 end on fixture folders in the official layouts, and refusal of mismatched weights."""
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cbst_jax import config_lib
@@ -14,9 +16,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fixtures_layouts import make_cityscapes, make_gta5  # noqa: E402
 
 
-def cli(module, *args, devices=2):
+def cli(module, *args, devices=2, env=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -165,23 +167,105 @@ def test_cli_rejects_unknown_keys_and_bad_values():
     assert res.returncode == 2 and "download GTA5" in res.stderr
 
 
-def test_gta5_cityscapes_on_fixture_folders(tmp_path):
-    """The real data path (folder readers, DeepLab-v2 code, stride-8 logits) on tiny folders."""
+TINY = ["--config.input.crop=(32, 64)", "--config.input.eval_size=(32, 64)", "--config.input.batch_size=2",
+        "--config.input.eval_batch_size=2", "--config.input.source_portion=(0.5, 0.0, 0.5)",
+        "--config.source_training.batch_size=2", "--config.source_training.crop=(32, 64)",
+        "--config.self_training.rounds=1", "--config.self_training.steps_per_round=1", "--config.input.workers=1",
+        "--config.source.list_file=", "--config.target.list_file="]
+
+
+def run_experiment(module, tmp_path, *args):
+    """A launcher on fixture folders, tiny; a persistent compilation cache of its own lets the
+    four NTHU cities reuse the programs compiled for the first."""
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    res = cli(module, f"--workdir={tmp_path / 'work'}", *TINY, *args, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp_path / "work"
+
+
+def test_gta5_cityscapes_cbst_resnet38_recipe_on_fixture_folders(tmp_path):
+    """The real data path (folder readers, stride-8 logits and loss, source training at its own
+    batch and crop) with the CBST recipe; the CRST default runs in tests/test_user_path.py."""
     make_gta5(tmp_path / "gta5", n=8, size=(32, 64))
     make_cityscapes(tmp_path / "cityscapes", n_train=4, n_val=2, size=(32, 64))
-    work = tmp_path / "work"
-    res = cli("experiments.gta5_cityscapes", f"--workdir={work}",
-              f"--config.source.root={tmp_path / 'gta5'}", f"--config.target.root={tmp_path / 'cityscapes'}",
-              "--config.model.name=deeplabv2_resnet_small", "--config.methods=source_only,cbst",
-              "--config.input.crop=(32, 64)", "--config.input.eval_size=(32, 64)", "--config.input.batch_size=2",
-              "--config.input.eval_batch_size=2", "--config.input.source_portion=(0.5, 0.0, 0.5)",
-              "--config.source_training.steps=3", "--config.self_training.rounds=1",
-              "--config.self_training.steps_per_round=2", "--config.self_training.loss_resolution=stride",
-              "--config.input.workers=1")
-    assert res.returncode == 0, res.stderr[-3000:]
+    work = run_experiment("experiments.gta5_cityscapes", tmp_path, "--config=cbst_resnet38",
+                          f"--config.source.root={tmp_path / 'gta5'}", f"--config.target.root={tmp_path / 'cityscapes'}",
+                          "--config.model.name=deeplabv2_resnet_small", "--config.methods=source_only,cbst",
+                          "--config.source_training.steps=2")
     seed = work / "seed_0"
+    config = json.loads((seed / "config.json").read_text())
+    assert config["variant"] == "cbst_resnet38" and config["self_training"]["loss_resolution"] == "stride"
     assert (seed / "results.md").exists() and (seed / "pseudo_labels" / "cbst" / "round_0" / "manifest.json").exists()
-    assert "cbst r0" in (seed / "results.md").read_text()
+    assert "cbst r0" in (seed / "results.md").read_text() and (seed / "models" / "cbst_r0.npz").exists()
+
+
+def test_synthia_cityscapes_on_fixture_folders(tmp_path):
+    """16 classes, mIoU and mIoU* in the seed's table and in the table over seeds; CRST's
+    lanemarking-as-road reaches the SYNTHIA reader."""
+    from cbst_jax.data.experiment_data import open_side
+    from fixtures_layouts import make_synthia
+
+    make_synthia(tmp_path / "synthia", n=8, size=(32, 64))
+    make_cityscapes(tmp_path / "cityscapes", n_train=4, n_val=2, size=(32, 64))
+    c = synthia_cityscapes.get_config()
+    c.source.root = str(tmp_path / "synthia")
+    c.source.list_file = ""
+    road = [open_side(c, "source", "train")[i]["label"] for i in range(2)]
+    c.source.lanemarking_as_road = False
+    ignored = [open_side(c, "source", "train")[i]["label"] for i in range(2)]
+    assert all(((a == 0) & (b == 255)).any() and np.array_equal(a[b != 255], b[b != 255]) for a, b in zip(road, ignored))
+    work = run_experiment("experiments.synthia_cityscapes", tmp_path, f"--config.source.root={tmp_path / 'synthia'}",
+                          f"--config.target.root={tmp_path / 'cityscapes'}", "--config.model.name=demo_segnet",
+                          "--config.methods=cbst", "--config.source_training.steps=1")
+    for results in (work / "seed_0" / "results.md", work / "results.md"):
+        header = next(ln for ln in results.read_text().splitlines() if ln.startswith("| method |"))
+        assert header.endswith("| mIoU | mIoU* |") and "| wall |" in header and "| terrain |" not in header
+    summary = json.loads((work / "summary.json").read_text())
+    assert all("miou_subset" in r for r in summary["rows"])
+
+
+def test_gta5_bdd_on_fixture_folders(tmp_path):
+    """The seed's GTA5 -> BDD100K rows: source-only, ST, ST-SP, CBST, CBST-SP."""
+    from fixtures_layouts import make_bdd100k
+
+    make_gta5(tmp_path / "gta5", n=8, size=(32, 64))
+    make_bdd100k(tmp_path / "bdd", n_train=4, n_val=2, size=(32, 64))
+    work = run_experiment("experiments.gta5_bdd", tmp_path, f"--config.source.root={tmp_path / 'gta5'}",
+                          f"--config.target.root={tmp_path / 'bdd'}", "--config.model.name=demo_segnet",
+                          "--config.source_training.steps=1")
+    names = [ln.split("|")[1].strip() for ln in (work / "seed_0" / "results.md").read_text().splitlines()
+             if ln.startswith("| ") and not ln.startswith("| method") and "---" not in ln]
+    assert names == ["source_only", "st r0", "st_sp r0", "cbst r0", "cbst_sp r0"]
+
+
+def test_cityscapes_nthu_all_four_cities_on_fixture_folders(tmp_path):
+    """target.city=all (the default): each city in <workdir>/<City>/, the per-city table with the
+    mean over cities at <workdir>/results.md. The fixture's Train and Test images share names
+    (as the real lists do) but not pixels, so nothing is left out of adaptation."""
+    from fixtures_layouts import make_nthu
+
+    cities = ("Rome", "Rio", "Tokyo", "Taipei")
+    make_nthu(tmp_path / "nthu", cities=cities, n_train=3, n_test=2, size=(32, 64))
+    make_cityscapes(tmp_path / "cityscapes", n_train=6, n_val=2, size=(32, 64))
+    work = run_experiment("experiments.cityscapes_nthu", tmp_path, f"--config.source.root={tmp_path / 'cityscapes'}",
+                          f"--config.target.root={tmp_path / 'nthu'}", "--config.model.name=demo_segnet",
+                          "--config.source_training.steps=1")
+    for city in cities:
+        run = work / city / "seed_0"
+        assert json.loads((run / "config.json").read_text())["target"]["city"] == city
+        assert json.loads((run / "eval_overlap.json").read_text())["eval_images_in_train"] == 0
+        assert "cbst r0" in (run / "results.md").read_text() and (work / city / "results.md").exists()
+    text = (work / "results.md").read_text()
+    rows = [ln.split("|")[1:3] for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [(a.strip(), b.strip()) for a, b in rows] == [(c, m) for c in cities + ("mean",)
+                                                         for m in ("source_only", "st r0", "cbst r0")]
+    header = next(ln for ln in text.splitlines() if ln.startswith("| city |"))
+    assert header.count("|") == 2 + 13 + 2 and "| bicycle | mean |" in header
+    summary = json.loads((work / "summary.json").read_text())
+    rome = [r for r in summary["rows"]["Rome"] if r["method"] == "cbst"][0]
+    line = next(ln for ln in text.splitlines() if ln.startswith("| Rome | cbst r0 |"))
+    assert line.strip("|").split("|")[-1].strip() == f"{100 * rome['miou']:.1f}"
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):

@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scales", nargs="+", type=float, default=None, help="test scales relative to the canvas")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="average with the flipped image (default: the run's; --weights: on)")
-    parser.add_argument("--eval-size", type=_size, default=None, help="H,W canvas (default: the run's)")
+    parser.add_argument("--eval-size", type=_size, default=None,
+                        help="H,W canvas (default: the run's; --weights: 1024,2048)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (rounded up to the devices)")
     parser.add_argument("--workers", type=int, default=None, help="image-loading threads")
     parser.add_argument("--out", default=None, help="folder for evaluation.md and evaluation.json")

@@ -68,11 +68,12 @@ def seed_workdir(workdir: str, seed: int | None = None) -> str:
         return os.path.join(workdir, f"seed_{seeds[0]}")
     if seeds:
         raise ExportError(f"--workdir {workdir} holds seeds {', '.join(map(str, seeds))}: pass --seed")
-    cities = sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d))
-                    and any(x.startswith("seed_") for x in os.listdir(os.path.join(workdir, d))))
-    if cities:
-        raise ExportError(f"--workdir {workdir} holds one run per city ({', '.join(cities)}): pass "
-                          f"--workdir {os.path.join(workdir, cities[0])} (or another city)")
+    runs = sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d))
+                  and any(re.fullmatch(r"seed_-?\d+", x) and os.path.isfile(os.path.join(workdir, d, x, CONFIG_FILE))
+                          for x in os.listdir(os.path.join(workdir, d))))
+    if runs:  # e.g. Cityscapes -> NTHU over all cities: one run per city
+        raise ExportError(f"--workdir {workdir} holds one run per sub-folder ({', '.join(runs)}): pass "
+                          f"--workdir {os.path.join(workdir, runs[0])} (or another)")
     raise ExportError(f"--workdir {workdir}: not a run's folder (no {CONFIG_FILE}, no seed_<s>/ with one)")
 
 

@@ -149,3 +149,69 @@ def test_weights_to_adapted_model(tmp_path, capsys):
     row = json.loads((tmp_path / "eval_stage" / "evaluation.json").read_text())["row"]
     assert row["scales"] == [0.9, 1.0, 1.2] and row["flip"] is True and row["split"] == "val"
     assert row["iou"] == ledger["cbst/r0"]["eval"]["iou"] and row["miou"] == ledger["cbst/r0"]["eval"]["miou"]
+
+
+def test_command_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    """cbst_jax.evaluate / cbst_jax.export on workdirs, stages and files they cannot use."""
+    import jax
+
+    from cbst_jax import config_lib, evaluate, export, models
+
+    run = tmp_path / "run"
+    for s in (0, 1):
+        (run / f"seed_{s}" / "models").mkdir(parents=True)
+        (run / f"seed_{s}" / "config.json").write_text(config_lib.base_config().to_json())
+    (tmp_path / "cities" / "Rome" / "seed_0").mkdir(parents=True)
+    (tmp_path / "cities" / "Rome" / "seed_0" / "config.json").write_text(config_lib.base_config().to_json())
+    (tmp_path / "empty").mkdir()
+    backbone = tmp_path / "backbone.npz"
+    module = models.get_model("demo_segnet", 19)
+    variables = jax.device_get(module.init(jax.random.key(0, impl="rbg"), np.zeros((1, 32, 32, 3), np.uint8)))
+    models.save_variables(backbone, variables, models.make_metadata("demo_segnet", None, "unit"))
+    (tmp_path / "notes.npz").write_text("not weights")
+    trained = tmp_path / "trained.npz"
+    models.save_variables(trained, variables, models.make_metadata("demo_segnet", 19, "unit"))
+    from fixtures_layouts import make_nthu
+
+    make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=1, n_test=1)
+    cases = [
+        (export.main, ["--workdir", str(tmp_path / "nowhere"), "--stage", "source", "--out", "o.npz"], "no such folder"),
+        (export.main, ["--workdir", str(run), "--stage", "source", "--out", "o.npz"], "holds seeds 0, 1: pass --seed"),
+        (export.main, ["--workdir", str(run), "--seed", "7", "--stage", "source", "--out", "o.npz"],
+         "no run of seed 7 (seeds there: 0, 1)"),
+        (export.main, ["--workdir", str(tmp_path / "cities"), "--stage", "source", "--out", "o.npz"],
+         "holds one run per sub-folder (Rome): pass --workdir"),
+        (export.main, ["--workdir", str(tmp_path / "empty"), "--stage", "source", "--out", "o.npz"],
+         "not a run's folder"),
+        (export.main, ["--workdir", str(run), "--seed", "0", "--stage", "cbst/r1", "--out", "o.npz"],
+         "stage cbst/r1 is not trained (no models/cbst_r1.npz); trained stages: none yet"),
+        (export.main, ["--workdir", str(run), "--seed", "0", "--stage", "source_only/r0", "--out", "o.npz"],
+         "--stage 'source_only/r0': expected 'source' or '<method>/r<round>'"),
+        (export.main, ["--workdir", str(run), "--seed", "0", "--stage", "bogus", "--out", "o.npz"],
+         "--stage 'bogus': expected"),
+        (evaluate.main, [], "give either --workdir (with --stage) or --weights"),
+        (evaluate.main, ["--workdir", str(run), "--weights", str(backbone)], "give either --workdir"),
+        (evaluate.main, ["--workdir", str(run), "--seed", "0"], "--workdir needs --stage"),
+        (evaluate.main, ["--workdir", str(run), "--seed", "0", "--stage", "source", "--dataset", "cityscapes"],
+         "--dataset is for --weights"),
+        (evaluate.main, ["--workdir", str(run), "--seed", "1", "--stage", "st/r0"], "stage st/r0 is not trained"),
+        (evaluate.main, ["--weights", str(backbone), "--dataset", "cityscapes", "--root", str(tmp_path)],
+         "backbone.npz: a backbone-only init"),
+        (evaluate.main, ["--weights", str(tmp_path / "notes.npz"), "--dataset", "cityscapes", "--root", "x"],
+         "notes.npz: not a converted-weights .npz (a text file)"),
+        (evaluate.main, ["--weights", str(tmp_path / "missing.npz"), "--dataset", "cityscapes", "--root", "x"],
+         "missing.npz: weights file not found"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
+                         "--city", "Rome", "--split", "train"], "nthu: split 'train' has no labels to evaluate against"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
+                         "--city", "Paris"], "nthu: city='Paris', expected one of Rome, Rio, Tokyo, Taipei"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "kitti", "--root", str(tmp_path)],
+         "--dataset 'kitti': expected one of"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
+                         "--city", "Rome", "--scales", "0"], "--scales [0.0]: expected positive scales"),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
+    assert not os.path.exists("o.npz")

@@ -167,22 +167,24 @@ def _check_choice(config, key: str, choices) -> None:
         _fail(key, v, " or ".join(repr(c) for c in choices))
 
 
-def _check_size(config, key: str, *, optional: bool = False) -> None:
+def _check_size(config, key: str, *, fallback: str = "") -> None:
+    """(height, width) of positive integers; ``fallback``: () is allowed and means that key's."""
     v = _get(config, key)
-    if optional and not v:
+    if fallback and not v:
         return
     if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_count(n, 1) for n in v)):
         _fail(key, tuple(v) if isinstance(v, list) else v,
-              "(height, width), two positive integers" + (", or () for input's" if optional else ""))
+              "(height, width), two positive integers" + (f", or () for {fallback}'s" if fallback else ""))
 
 
-def _check_scale_range(config, key: str, *, optional: bool = False) -> None:
+def _check_scale_range(config, key: str, *, fallback: str = "") -> None:
+    """(low, high) with 0 < low <= high; ``fallback``: () is allowed and means that key's."""
     v = _get(config, key)
-    if optional and not v:
+    if fallback and not v:
         return
     if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v) and 0 < v[0] <= v[1]):
         _fail(key, tuple(v) if isinstance(v, list) else v,
-              "(low, high) with 0 < low <= high" + (", or () for input.scale_range" if optional else ""))
+              "(low, high) with 0 < low <= high" + (f", or () for {fallback}'s" if fallback else ""))
 
 
 def _check_scales(config, key: str) -> None:
@@ -240,8 +242,8 @@ def validate(config, *, need_roots: bool = True) -> None:
     _check_size(config, "input.crop")
     _check_size(config, "input.eval_size")
     _check_scale_range(config, "input.scale_range")
-    _check_scale_range(config, "input.source_scale_range", optional=True)
-    _check_scale_range(config, "input.target_scale_range", optional=True)
+    _check_scale_range(config, "input.source_scale_range", fallback="input.scale_range")
+    _check_scale_range(config, "input.target_scale_range", fallback="input.scale_range")
     if not 0 <= config.input.mine_prob <= 1:
         _fail("input.mine_prob", config.input.mine_prob, "a probability in [0, 1]")
     _check_choice(config, "input.mine_domains", ("both", "target"))
@@ -250,9 +252,9 @@ def validate(config, *, need_roots: bool = True) -> None:
     _check_number(config, "input.source_share", lambda v: 0 <= v <= 1, "a share in [0, 1]")
     if config.input.source_subset not in ("nested", "fresh"):
         _fail("input.source_subset", config.input.source_subset, "nested or fresh")
-    _check_count(config, "source_training.batch_size", 0, "a positive global batch size, or 0 for input's")
-    _check_size(config, "source_training.crop", optional=True)
-    _check_scale_range(config, "source_training.scale_range", optional=True)
+    _check_count(config, "source_training.batch_size", 0, "a positive global batch size, or 0 for input.batch_size's")
+    _check_size(config, "source_training.crop", fallback="input.crop")
+    _check_scale_range(config, "source_training.scale_range", fallback="input.scale_range")
     _check_number(config, "source_training.lr", lambda v: v >= 0, "a learning rate >= 0")
     _check_number(config, "self_training.lr", lambda v: v >= 0, "a learning rate >= 0")
     _check_number(config, "self_training.lr_round_decay", lambda v: v > 0, "a factor > 0 (CBST: 1/sqrt(2))")

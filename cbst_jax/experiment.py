@@ -1,6 +1,7 @@
 """The set-up of one seed's run: the mesh, the data, the network, its initial variables, the
 predictors (inference, thresholds and pseudo-labels at ``predict.scales``; evaluation at
-``evaluate.scales``) and, where a method needs it, the spatial prior. Built once per (config, seed) and read by every step of the round loop."""
+``evaluate.scales``) and, where a method needs it, the spatial prior. Built once per (config,
+seed) and read by every step of the round loop."""
 from __future__ import annotations
 
 import dataclasses

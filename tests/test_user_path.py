@@ -175,7 +175,8 @@ def test_command_errors_are_one_line_with_exit_2(tmp_path, capsys):
 
     make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=1, n_test=1)
     cases = [
-        (export.main, ["--workdir", str(tmp_path / "nowhere"), "--stage", "source", "--out", "o.npz"], "no such folder"),
+        (export.main, ["--workdir", str(tmp_path / "nowhere"), "--stage", "source", "--out", "o.npz"],
+         "no such folder"),
         (export.main, ["--workdir", str(run), "--stage", "source", "--out", "o.npz"], "holds seeds 0, 1: pass --seed"),
         (export.main, ["--workdir", str(run), "--seed", "7", "--stage", "source", "--out", "o.npz"],
          "no run of seed 7 (seeds there: 0, 1)"),
@@ -202,7 +203,8 @@ def test_command_errors_are_one_line_with_exit_2(tmp_path, capsys):
         (evaluate.main, ["--weights", str(tmp_path / "missing.npz"), "--dataset", "cityscapes", "--root", "x"],
          "missing.npz: weights file not found"),
         (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
-                         "--city", "Rome", "--split", "train"], "nthu: split 'train' has no labels to evaluate against"),
+                         "--city", "Rome", "--split", "train"],
+         "nthu: split 'train' has no labels to evaluate against"),
         (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
                          "--city", "Paris"], "nthu: city='Paris', expected one of Rome, Rio, Tokyo, Taipei"),
         (evaluate.main, ["--weights", str(trained), "--dataset", "kitti", "--root", str(tmp_path)],

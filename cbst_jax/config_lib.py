@@ -54,7 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model
     c.model.init_is_source_model = False        # True: round 0 = these weights, no source training
 
-    c.source = ml_collections.ConfigDict(dict(name="gta5", root="", split="train", list_file=""))
+    c.source = ml_collections.ConfigDict(dict(name="gta5", root="", split="train", list_file="",
+                                              # SYNTHIA only: lanemarking (id 22) as road (CRST) or
+                                              # ignored (CBST)
+                                              lanemarking_as_road=False))
+    # target.city (NTHU): Rome | Rio | Tokyo | Taipei, or "all" / "" for each of the four in turn,
+    # each in <workdir>/<City>/ with a per-city table at <workdir>/results.md
     c.target = ml_collections.ConfigDict(dict(name="cityscapes", root="", train_split="train",
                                               eval_split="val", list_file="", city="",
                                               # True: also adapt on train images that are evaluation
@@ -70,8 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.input = ml_collections.ConfigDict()
     c.input.crop = (512, 1024)
     c.input.scale_range = (0.5, 1.5)
+    c.input.source_scale_range = ()             # per domain (CRST SYNTHIA: source 0.8-1.2, target
+    c.input.target_scale_range = ()             # 0.6-1.5); empty: input.scale_range
     c.input.flip = True
     c.input.mine_prob = 0.8
+    c.input.mine_domains = "both"               # rare-class crops on both domains (CBST) | target (CRST)
     c.input.batch_size = 2                      # global batch, source + target
     c.input.sampler = "pooled"                  # pooled (CBST/CRST) | paired (fixed source share)
     c.input.source_share = 0.5                  # paired sampler: source images per batch / batch
@@ -82,7 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.workers = -1                        # data workers; -1: every core but one
     c.input.worker_kind = "auto"                # auto (processes when grain is installed) | processes | threads
 
-    c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd"))
+    # batch_size 0, crop () and scale_range (): those of c.input
+    c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd",
+                                                       batch_size=0, crop=(), scale_range=()))
 
     c.self_training = ml_collections.ConfigDict()
     c.self_training.rounds = 3
@@ -109,9 +119,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.self_training.soft_label_stride = 8       # LR* soft labels kept as cells of this many pixels
     c.self_training.mine_rare = True            # rare-class mining from the pseudo-label statistics
 
+    # scales (relative to input.eval_size) and flip of pseudo-labelling (predict) and of evaluation
     c.predict = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
+    c.evaluate = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
 
-    c.optim = ml_collections.ConfigDict(dict(momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0))
+    # bias_lr_mult / bias_weight_decay_mult: biases' LR and weight decay relative to their group's
+    # (CBST's MXNet lr_type 'alex': 2 and 0)
+    c.optim = ml_collections.ConfigDict(dict(momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
+                                             bias_lr_mult=1.0, bias_weight_decay_mult=1.0))
     c.log_every = 50
     c.checkpoint_every = 500                    # training steps between checkpoints
     return c
@@ -132,8 +147,71 @@ def _fail(key, value, expected):
     raise ConfigError(f"config.{key}={value!r}: expected {expected}")
 
 
+def _is_count(v, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_count(config, key: str, minimum: int, expected: str) -> None:
+    v = _get(config, key)
+    if not _is_count(v, minimum):
+        _fail(key, v, expected)
+
+
+def _check_number(config, key: str, ok, expected: str) -> None:
+    v = _get(config, key)
+    if not _is_number(v) or not ok(v):
+        _fail(key, v, expected)
+
+
+def _check_choice(config, key: str, choices) -> None:
+    v = _get(config, key)
+    if v not in choices:
+        _fail(key, v, " or ".join(repr(c) for c in choices))
+
+
+def _check_size(config, key: str, *, fallback: str = "") -> None:
+    """(height, width) of positive integers; ``fallback``: () is allowed and means that key's."""
+    v = _get(config, key)
+    if fallback and not v:
+        return
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_count(n, 1) for n in v)):
+        _fail(key, tuple(v) if isinstance(v, list) else v,
+              "(height, width), two positive integers" + (f", or () for {fallback}'s" if fallback else ""))
+
+
+def _check_scale_range(config, key: str, *, fallback: str = "") -> None:
+    """(low, high) with 0 < low <= high; ``fallback``: () is allowed and means that key's."""
+    v = _get(config, key)
+    if fallback and not v:
+        return
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v) and 0 < v[0] <= v[1]):
+        _fail(key, tuple(v) if isinstance(v, list) else v,
+              "(low, high) with 0 < low <= high" + (f", or () for {fallback}'s" if fallback else ""))
+
+
+def _check_scales(config, key: str) -> None:
+    v = _get(config, key)
+    if not (isinstance(v, (tuple, list)) and v and all(_is_number(s) and s > 0 for s in v)):
+        _fail(key, tuple(v) if isinstance(v, list) else v, "positive scales, e.g. (0.9, 1.0, 1.2)")
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def validate(config, *, need_roots: bool = True) -> None:
     """Raises ConfigError on the first invalid value."""
+    from cbst_jax.data.nthu import CITIES
+    from cbst_jax.models.layers import NORMALIZATIONS
+    from cbst_jax.models.registry import MODELS
+
     names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
     if not names:
         _fail("methods", config.methods, "a comma-separated list of " + ", ".join(methods_lib.NAMES))
@@ -142,6 +220,10 @@ def validate(config, *, need_roots: bool = True) -> None:
             _fail("methods", m, "one of " + ", ".join(methods_lib.NAMES))
     if config.num_classes not in (13, 16, 19):
         _fail("num_classes", config.num_classes, "19, 16 (SYNTHIA protocol) or 13 (NTHU)")
+    _check_count(config, "seed", 0, "a non-negative integer")
+    if config.model.name not in MODELS:
+        _fail("model.name", config.model.name, "one of " + ", ".join(sorted(MODELS)))
+    _check_choice(config, "model.normalization", ("auto",) + tuple(NORMALIZATIONS))
     p0, dp, pmax = config.self_training.portion
     for key, v in (("self_training.portion[0] (p0)", p0), ("self_training.portion[2] (p_max)", pmax)):
         if not (0 < v <= 1) or math.isnan(v):
@@ -156,17 +238,33 @@ def validate(config, *, need_roots: bool = True) -> None:
               "(first, step, max) with 0 < first <= max <= 1 and step >= 0")
     if config.self_training.rounds < 0:
         _fail("self_training.rounds", config.self_training.rounds, "a count >= 0")
+    _check_count(config, "self_training.steps_per_round", 0, "a step count >= 0 (0: epochs_per_round)")
+    _check_number(config, "self_training.epochs_per_round", lambda v: v >= 0, "a number of epochs >= 0")
+    _check_count(config, "source_training.steps", 0, "a step count >= 0")
     if config.input.batch_size < 1:
         _fail("input.batch_size", config.input.batch_size, "a positive global batch size")
-    lo, hi = config.input.scale_range
-    if not 0 < lo <= hi:
-        _fail("input.scale_range", tuple(config.input.scale_range), "0 < low <= high")
+    _check_count(config, "input.eval_batch_size", 1, "a positive global batch size")
+    if config.input.workers != -1 and config.input.workers < 1:
+        _fail("input.workers", config.input.workers, "a positive number of data workers, or -1 (every core but one)")
+    _check_size(config, "input.crop")
+    _check_size(config, "input.eval_size")
+    _check_scale_range(config, "input.scale_range")
+    _check_scale_range(config, "input.source_scale_range", fallback="input.scale_range")
+    _check_scale_range(config, "input.target_scale_range", fallback="input.scale_range")
     if not 0 <= config.input.mine_prob <= 1:
         _fail("input.mine_prob", config.input.mine_prob, "a probability in [0, 1]")
+    _check_choice(config, "input.mine_domains", ("both", "target"))
     if config.input.sampler not in ("pooled", "paired"):
         _fail("input.sampler", config.input.sampler, "pooled or paired")
+    _check_number(config, "input.source_share", lambda v: 0 <= v <= 1, "a share in [0, 1]")
     if config.input.source_subset not in ("nested", "fresh"):
         _fail("input.source_subset", config.input.source_subset, "nested or fresh")
+    _check_count(config, "source_training.batch_size", 0, "a positive global batch size, or 0 for input.batch_size's")
+    _check_size(config, "source_training.crop", fallback="input.crop")
+    _check_scale_range(config, "source_training.scale_range", fallback="input.scale_range")
+    _check_number(config, "source_training.lr", lambda v: v >= 0, "a learning rate >= 0")
+    _check_number(config, "self_training.lr", lambda v: v >= 0, "a learning rate >= 0")
+    _check_number(config, "self_training.lr_round_decay", lambda v: v > 0, "a factor > 0 (CBST: 1/sqrt(2))")
     if config.self_training.loss_resolution not in ("upsample", "stride"):
         _fail("self_training.loss_resolution", config.self_training.loss_resolution, "upsample or stride")
     if config.self_training.schedule not in ("constant", "poly"):
@@ -175,17 +273,27 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("source_training.schedule", config.source_training.schedule, "constant or poly")
     if config.eval_classes not in ("", "miou13", "synthetic"):
         _fail("eval_classes", config.eval_classes, "'', 'miou13' or 'synthetic'")
+    if config.eval_classes == "miou13" and config.num_classes != 16:
+        _fail("eval_classes", config.eval_classes, "'miou13' only with num_classes=16 (mIoU* of SYNTHIA)")
     if config.self_training.prior_normalize not in ("class", "pixel"):
         _fail("self_training.prior_normalize", config.self_training.prior_normalize, "class or pixel")
+    _check_size(config, "self_training.prior_size")
+    _check_number(config, "self_training.prior_sigma", lambda v: v > 0, "a Gaussian sigma > 0 (prior pixels)")
     for key in ("source_training", "self_training"):
         if config[key].optimizer not in ("sgd", "adam"):
             _fail(f"{key}.optimizer", config[key].optimizer, "sgd or adam")
     if config.input.worker_kind not in ("auto", "processes", "threads"):
         _fail("input.worker_kind", config.input.worker_kind, "auto, processes or threads")
+    _check_number(config, "optim.momentum", lambda v: 0 <= v < 1, "a momentum in [0, 1)")
+    _check_number(config, "optim.weight_decay", lambda v: v >= 0, "a weight decay >= 0")
+    _check_number(config, "optim.head_lr_mult", lambda v: v > 0, "a multiplier > 0")
+    _check_number(config, "optim.bias_lr_mult", lambda v: v > 0, "a multiplier > 0")
+    _check_number(config, "optim.bias_weight_decay_mult", lambda v: v >= 0, "a multiplier >= 0")
     if config.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
-    if not config.predict.scales or any(s <= 0 for s in config.predict.scales):
-        _fail("predict.scales", tuple(config.predict.scales), "positive scales, e.g. (0.9, 1.0, 1.2)")
+    for key in ("predict", "evaluate"):
+        _check_scales(config, f"{key}.scales")
+        _check_choice(config, f"{key}.flip", (True, False))
     for kind, rule in config.self_training.label_reg_keep.items():
         if rule not in ("objective", "cbst"):
             _fail(f"self_training.label_reg_keep.{kind}", rule, "objective or cbst")
@@ -198,6 +306,21 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("self_training.soft_label_stride", config.self_training.soft_label_stride, "an integer >= 1")
     if config.self_training.select_subsample < 1:
         _fail("self_training.select_subsample", config.self_training.select_subsample, "an integer >= 1")
+    _check_count(config, "log_every", 1, "a positive number of training steps")
+    _check_count(config, "checkpoint_every", 1, "a positive number of training steps")
+    if config.source.lanemarking_as_road and config.source.name != "synthia":
+        _fail("source.lanemarking_as_road", True, "False unless source.name='synthia' (SYNTHIA's lanemarking id)")
+    city = config.target.city
+    if config.target.name == "nthu":
+        if str(city).lower() not in ("", "all") + tuple(c.lower() for c in CITIES):
+            _fail("target.city", city, f"one of {', '.join(CITIES)}, or 'all' (each city in turn)")
+    elif city:
+        _fail("target.city", city, "'' (cities exist only for target.name='nthu')")
+    if config.source.name.startswith("synthetic/") or config.target.name.startswith("synthetic/"):
+        _check_count(config, "synthetic.height", 8, "an image height >= 8")
+        _check_count(config, "synthetic.width", 8, "an image width >= 8")
+        for key in ("num_source", "num_target_train", "num_target_val"):
+            _check_count(config, f"synthetic.{key}", 1, "a positive image count")
     if config.model.init and not os.path.exists(config.model.init):
         _fail("model.init", config.model.init, "an existing converted-weights file (.npz)")
     if config.model.init_is_source_model and not config.model.init:
@@ -215,6 +338,16 @@ def validate(config, *, need_roots: bool = True) -> None:
                                   f"or run `python -m experiments.synthetic`, which needs no download")
             if not os.path.isdir(d.root) and not str(d.root).startswith("tfds:"):
                 _fail(f"{side}.root", d.root, f"an existing folder holding {d.name} (see docs/datasets.md)")
+
+
+def nthu_cities(config) -> list[str] | None:
+    """The NTHU cities a configuration runs one after another (``target.city`` "all" or ""),
+    or None when it runs one target (any other dataset, or one named city)."""
+    from cbst_jax.data.nthu import CITIES
+
+    if config.target.name == "nthu" and str(config.target.city).lower() in ("", "all"):
+        return list(CITIES)
+    return None
 
 
 def parse_seeds(text: str) -> list[int]:

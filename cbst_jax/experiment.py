@@ -1,6 +1,7 @@
 """The set-up of one seed's run: the mesh, the data, the network, its initial variables, the
-predictor (inference, thresholds, pseudo-labels, evaluation) and, where a method needs it, the
-spatial prior. Built once per (config, seed) and read by every step of the round loop."""
+predictors (inference, thresholds and pseudo-labels at ``predict.scales``; evaluation at
+``evaluate.scales``) and, where a method needs it, the spatial prior. Built once per (config,
+seed) and read by every step of the round loop."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,10 @@ class Experiment:
     data: ExperimentData
     methods: list            # cbst_jax.methods.Method, in the order they run
     model: object
-    predictor: Predictor
+    predictor: Predictor     # pseudo-labelling: predict.scales / predict.flip
     canvas: tuple            # (H, W) of evaluation and pseudo-labelling batches
     prior: object = None     # the spatial prior q on the canvas, replicated (CBST-SP, ST-SP)
+    eval_predictor: Predictor | None = None  # evaluation: evaluate.scales / evaluate.flip (None: predictor)
 
     @property
     def num_classes(self) -> int:
@@ -64,7 +66,13 @@ def build(config, workdir: str) -> Experiment:
     model = build_model(config)
     canvas = tuple(config.input.eval_size)
     predictor = Predictor(model, config.num_classes, mesh, canvas, config.predict.scales, config.predict.flip)
-    exp = Experiment(config, workdir, mesh, data, methods_lib.parse(config.methods), model, predictor, canvas)
+    eval_predictor = predictor
+    if (tuple(float(s) for s in config.evaluate.scales), bool(config.evaluate.flip)) != (predictor.scales,
+                                                                                           predictor.flip):
+        eval_predictor = Predictor(model, config.num_classes, mesh, canvas, config.evaluate.scales,
+                                   config.evaluate.flip)
+    exp = Experiment(config, workdir, mesh, data, methods_lib.parse(config.methods), model, predictor, canvas,
+                     eval_predictor=eval_predictor)
     if any(m.spatial_prior for m in exp.methods):
         exp.prior = spatial_prior(exp)
     return exp

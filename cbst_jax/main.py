@@ -220,22 +220,40 @@ def _remove_aside(aside: str | None) -> None:
 
 def run_seeds(config, workdir: str, seeds, on_started=None) -> int:
     """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds;
-    ``on_started()`` once the first seed's source model exists."""
+    ``on_started()`` once the first seed's source model exists. Cityscapes -> NTHU with
+    ``target.city`` "all" or "" runs each city in turn the same way in ``workdir/<City>/`` and
+    writes the per-city table with the mean over cities to ``workdir/results.md``."""
     import jax
 
     from cbst_jax import run_outputs, self_training
 
-    rows, pl_rows = [], []
-    t0 = time.time()
-    for s in seeds:
-        cfg = copy.deepcopy(config)
-        cfg.seed = int(s)
-        seed_rows, seed_pl_rows = self_training.run(cfg, os.path.join(workdir, f"seed_{s}"), on_started=on_started)
-        on_started = None
-        rows += seed_rows
-        pl_rows += seed_pl_rows
+    started = [on_started]
+
+    def run_target(cfg, target_workdir):
+        rows, pl_rows = [], []
+        t0 = time.time()
+        for s in seeds:
+            seed_cfg = copy.deepcopy(cfg)
+            seed_cfg.seed = int(s)
+            seed_rows, seed_pl_rows = self_training.run(seed_cfg, os.path.join(target_workdir, f"seed_{s}"),
+                                                        on_started=started.pop() if started else None)
+            rows += seed_rows
+            pl_rows += seed_pl_rows
+        if jax.process_index() == 0:
+            run_outputs.write_aggregate(cfg, target_workdir, seeds, rows, pl_rows, time.time() - t0)
+        return rows
+
+    cities = config_lib.nthu_cities(config)
+    if cities is None:
+        run_target(config, workdir)
+        return 0
+    t0, rows_by_city = time.time(), {}
+    for city in cities:
+        city_cfg = copy.deepcopy(config)
+        city_cfg.target.city = city
+        rows_by_city[city] = run_target(city_cfg, os.path.join(workdir, city))
     if jax.process_index() == 0:
-        run_outputs.write_aggregate(config, workdir, seeds, rows, pl_rows, time.time() - t0)
+        run_outputs.write_city_table(config, workdir, seeds, rows_by_city, time.time() - t0)
     return 0
 
 

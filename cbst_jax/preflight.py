@@ -20,13 +20,25 @@ def image_sizes(source, samples: int = SIZE_SAMPLES) -> list[tuple[int, int]]:
 
 
 def preflight(config) -> None:
-    """Raises ConfigError / DatasetError / WeightMismatchError (one line) on the first problem."""
+    """Raises ConfigError / DatasetError / WeightMismatchError (one line) on the first problem;
+    every city of a Cityscapes -> NTHU run over all four is checked."""
+    import copy
+
     from cbst_jax import experiment, models
 
     config_lib.validate(config)
     experiment.build_model(config)  # the network and the normalisation its weights need
     if config.model.init:
         models.load_variables(config.model.init)
+    for city in config_lib.nthu_cities(config) or [None]:
+        target = config
+        if city is not None:
+            target = copy.deepcopy(config)
+            target.target.city = city
+        _check_splits(target)
+
+
+def _check_splits(config) -> None:
     source = open_side(config, "source", config.source.split)
     target_train = open_side(config, "target", config.target.train_split, labelled=False)
     target_eval = open_side(config, "target", config.target.eval_split)
@@ -36,8 +48,8 @@ def preflight(config) -> None:
                                f"is empty")
     if not getattr(target_eval, "has_labels", True):
         raise DatasetError(f"target evaluation split {config.target.eval_split!r} has no labels")
-    crop = tuple(config.input.crop)
-    for name, split in (("source", source), ("target", target_train)):
+    crop = tuple(config.source_training.crop) or tuple(config.input.crop)
+    for name, split, crop in (("source", source, crop), ("target", target_train, tuple(config.input.crop))):
         sizes = image_sizes(split)
         if all(crop[0] > h or crop[1] > w for h, w in sizes):
             largest = max(sizes, key=lambda s: s[0] * s[1])

@@ -86,21 +86,79 @@ def eval_table(rows: Sequence[dict], class_names: Sequence[str], subset: Sequenc
     return metrics.format_table(table_rows, class_names, extra_means=extra)
 
 
-def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:
-    """mean ± std over seeds of every (method, round) present for all seeds."""
+def _mean_std(values) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1) of the finite values; std None below 2 values."""
+    a = np.array([_nan(v) for v in values], np.float64)
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return float("nan"), None
+    return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else None)
+
+
+def _cell(mean: float, std: float | None = None) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def _stage_name(method: str, rnd) -> str:
+    return method if rnd is None else f"{method} r{rnd}"
+
+
+def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str], subset: Sequence[int] | None = None,
+                         subset_name: str = "mIoU*") -> str:
+    """mean ± std over seeds of every (method, round): per class, mIoU and (``subset`` given,
+    the rows' ``miou_subset``) the subset's mean, e.g. SYNTHIA's mIoU*. The std is the sample
+    standard deviation (ddof=1), as the footer says; a cell with one value shows the mean only."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["method"], r.get("round")), []).append(r)
     seeds = sorted({r["seed"] for r in rows})
-    table_rows, stds = [], []
+    header = ["method"] + list(class_names) + ["mIoU"] + ([subset_name] if subset is not None else [])
+    body = []
     for (method, rnd), rs in groups.items():
-        iou = np.array([[_nan(v) for v in r["iou"]] for r in rs], np.float64)
-        miou = np.array([_nan(r["miou"]) for r in rs], np.float64)
-        name = method if rnd is None else f"{method} r{rnd}"
-        name += f" (n={len(rs)})" if len(rs) != len(seeds) else ""
-        table_rows.append((name, np.nanmean(iou, 0), float(np.nanmean(miou))))
-        stds.append(list(np.nanstd(iou, 0)) + [float(np.nanstd(miou))])
-    return metrics.format_table(table_rows, class_names, stds=stds) + f"\nmean ± std over seeds {seeds}."
+        name = _stage_name(method, rnd) + (f" (n={len(rs)})" if len(rs) != len(seeds) else "")
+        cells = [name] + [_cell(*_mean_std([r["iou"][c] for r in rs])) for c in range(len(class_names))]
+        cells.append(_cell(*_mean_std([r["miou"] for r in rs])))
+        if subset is not None:
+            cells.append(_cell(*_mean_std([r.get("miou_subset") for r in rs])))
+        body.append(cells)
+    spread = ("mean ± sample standard deviation (ddof=1)" if len(seeds) > 1
+              else "one seed: no standard deviation")
+    return (_markdown(header, body) + f"\n\nIoU in %, {spread} over seeds {seeds}; n/a = class absent from both "
+            f"ground truth and prediction, excluded from the mean.")
+
+
+def city_table(by_city: dict[str, Sequence[dict]], class_names: Sequence[str], last_round: int | None) -> str:
+    """The seed's cross-city table: per city one row per method (source-only, and each
+    self-training method at round ``last_round``), IoU per class and their mean, each the mean
+    over seeds; then the mean over the cities of every column."""
+    header = ["city", "method"] + list(class_names) + ["mean"]
+    body, per_method = [], {}
+    for city, rows in by_city.items():
+        groups: dict = {}
+        for r in rows:
+            if r.get("round") is None or r.get("round") == last_round:
+                groups.setdefault(_stage_name(r["method"], r.get("round")), []).append(r)
+        for name, rs in groups.items():
+            iou = [_mean_std([r["iou"][c] for r in rs])[0] for c in range(len(class_names))]
+            miou = _mean_std([r["miou"] for r in rs])[0]
+            per_method.setdefault(name, []).append((iou, miou))
+            body.append([city, name] + [_cell(v) for v in iou] + [_cell(miou)])
+    for name, values in per_method.items():
+        iou = [_mean_std([v[0][c] for v in values])[0] for c in range(len(class_names))]
+        miou = _mean_std([v[1] for v in values])[0]
+        label = f"mean of {len(values)} cities" if len(values) != len(by_city) else "mean"
+        body.append([label, name] + [_cell(v) for v in iou] + [_cell(miou)])
+    seeds = sorted({r["seed"] for rows in by_city.values() for r in rows})
+    return (_markdown(header, body) + f"\n\nIoU in %, each the mean over seeds {seeds}; \"mean\" rows average the "
+            f"cities (a class that is n/a in a city is left out of its column's mean); n/a = class absent from "
+            f"both ground truth and prediction, excluded from the mean.")
 
 
 def _plt():
@@ -115,7 +173,7 @@ def _atomic_savefig(fig, path):
 
 
 def plot_miou_curves(rows: Sequence[dict], path: str) -> None:
-    """mIoU per round per method (mean over seeds, with a ±std band when several seeds)."""
+    """mIoU per round per method (mean over seeds, with a ±std band, ddof=1, when several seeds)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     by_method: dict = {}
@@ -126,8 +184,9 @@ def plot_miou_curves(rows: Sequence[dict], path: str) -> None:
             ax.axhline(100 * np.nanmean(per_round[None]), ls="--", color="gray", label=method)
             continue
         rounds = sorted(k for k in per_round if k is not None)
-        mean = np.array([100 * np.nanmean(per_round[k]) for k in rounds])
-        std = np.array([100 * np.nanstd(per_round[k]) for k in rounds])
+        stats = [_mean_std(per_round[k]) for k in rounds]  # sample std (ddof=1), as the tables
+        mean = np.array([100 * m for m, _ in stats])
+        std = np.array([100 * (sd or 0.0) for _, sd in stats])
         ax.plot(rounds, mean, marker="o", label=method)
         ax.set_xticks(rounds)
         if any(len(per_round[k]) > 1 for k in rounds):

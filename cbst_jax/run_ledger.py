@@ -119,9 +119,7 @@ class RunLedger:
         return [docs[s.key][kind] for s in self.order if kind in docs.get(s.key, {})]
 
     def stage_weights(self, stage: Stage) -> str:
-        """The weights file of a stage (``models/source.npz``, ``models/cbst_r2.npz``)."""
-        name = "source" if stage == SOURCE else f"{stage.method}_r{stage.round}"
-        return os.path.join(self.workdir, "models", f"{name}.npz")
+        return stage_weights_path(self.workdir, stage)
 
     def trained_variables(self, stage: Stage) -> dict:
         """The variables of a trained stage, read from its verified weights file."""
@@ -300,6 +298,31 @@ class RunLedger:
         self._checkpoints = checkpointing.RunCheckpoints(os.path.join(self.workdir, "checkpoints"), max_to_keep=2)
         notice(f"restarting after stage {stage_key} with changed settings; the later stages' files are kept in "
                f"{os.path.relpath(aside if jax.process_index() == 0 else 'rewound', self.workdir)}")
+
+
+def stage_weights_path(workdir: str, stage: Stage) -> str:
+    """The weights file of a stage in a seed's workdir (``models/source.npz``, ``models/cbst_r2.npz``)."""
+    name = "source" if stage == SOURCE else f"{stage.method}_r{stage.round}"
+    return os.path.join(workdir, "models", f"{name}.npz")
+
+
+def stage_weights_problem(workdir: str, stage: Stage) -> str | None:
+    """None if the seed workdir's ledger records ``stage`` as trained and its weights file
+    matches the recorded sha256; else what is wrong, in one line (for readers outside a run:
+    evaluation, export)."""
+    path = stage_weights_path(workdir, stage)
+    try:
+        with open(os.path.join(workdir, LEDGER_FILE)) as f:
+            trained = json.load(f)["stages"].get(stage.key, {}).get("trained")
+    except (OSError, ValueError, KeyError) as e:
+        return f"{os.path.join(workdir, LEDGER_FILE)} cannot be read ({e})"
+    if trained is None:
+        return f"stage {stage.key} is not recorded as trained in {workdir}"
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    if file_sha256(path) != trained["sha256"]:
+        return f"{path} does not match the sha256 recorded when it was written (damaged)"
+    return None
 
 
 def _comparable(config_dict: dict) -> dict:

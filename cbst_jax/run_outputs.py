@@ -133,11 +133,11 @@ def overlap_note(report: dict) -> str:
 
 # ---------------------------------------------------------------------------- over seeds
 def write_aggregate(config, workdir, seeds, rows, pl_rows, wall_s) -> None:
-    """mean ± std over seeds: ``results.md``, ``summary.json`` and the figures of ``workdir``."""
+    """mean ± std (ddof=1) over seeds: ``results.md``, ``summary.json`` and the figures of ``workdir``."""
     names = labels_lib.class_names(config.num_classes)
-    table_classes, _ = class_lists(config)
+    table_classes, subset = class_lists(config)
     sub = [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
-    table = reporting.seed_aggregate_table(sub, [names[c] for c in table_classes])
+    table = reporting.seed_aggregate_table(sub, [names[c] for c in table_classes], subset, subset_name="mIoU*")
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
     reporting.plot_miou_curves(rows, os.path.join(workdir, "figures", "miou_per_round.png"))
     adapted = [m.name for m in parse_methods(config.methods) if m.self_trains]
@@ -150,3 +150,25 @@ def write_aggregate(config, workdir, seeds, rows, pl_rows, wall_s) -> None:
                       reporting.jsonable({"seeds": list(seeds), "wall_s": wall_s, "rows": rows}))
     if len(seeds) > 1:
         print(f"\n{text}", flush=True)
+
+
+def write_city_table(config, workdir, seeds, rows_by_city: dict, wall_s) -> None:
+    """Cityscapes -> NTHU over several cities (each run in ``workdir/<City>/``): the seed's
+    per-city table (source-only and every method's last round) with the mean over cities, at
+    ``workdir/results.md``; every row of every city in ``workdir/summary.json``."""
+    names = labels_lib.class_names(config.num_classes)
+    table_classes, _ = class_lists(config)
+    sub = {city: [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
+           for city, rows in rows_by_city.items()}
+    rounds = config.self_training.rounds
+    table = reporting.city_table(sub, [names[c] for c in table_classes], rounds - 1 if rounds > 0 else None)
+    cities = list(rows_by_city)
+    text = (f"# Results per city ({', '.join(cities)}), seeds {list(seeds)}\n\n{table}\n\n"
+            f"Self-training methods at their last round (r{max(rounds - 1, 0)}); every round of each city, with "
+            f"mean ± std over seeds: {', '.join(f'{c}/results.md' for c in cities)}.\n\nwall time "
+            f"{wall_s / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
+    atomic_write_bytes(os.path.join(workdir, "results.md"), text.encode())
+    atomic_write_json(os.path.join(workdir, "summary.json"),
+                      reporting.jsonable({"cities": cities, "seeds": list(seeds), "wall_s": wall_s,
+                                          "rows": {city: rows for city, rows in rows_by_city.items()}}))
+    print(f"\n{text}", flush=True)

@@ -36,8 +36,10 @@ class Trainer:
     def optimizer(self, kind: str):
         if kind not in self._tx:
             o = self.exp.config.optim
-            self._tx[kind] = train_lib.make_optimizer(self.labels, momentum=o.momentum, weight_decay=o.weight_decay,
-                                                      head_lr_mult=o.head_lr_mult, optimizer=kind)
+            self._tx[kind] = train_lib.make_optimizer(
+                self.labels, momentum=o.momentum, weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult,
+                bias_lr_mult=o.bias_lr_mult, bias_weight_decay=o.weight_decay * o.bias_weight_decay_mult,
+                optimizer=kind)
         return self._tx[kind]
 
     def kind(self, stage: Stage) -> str:
@@ -121,13 +123,22 @@ def variables_of(state) -> dict:
 
 
 def mixed_iterator(exp, round_idx: int | None, target_labels=None, mine_classes=(), target_soft_labels=None):
-    """The training stream of the source phase (``round_idx`` None: the whole source set) or
-    of a round (its source subset and the pseudo-labelled target)."""
+    """The training stream of the source phase (``round_idx`` None: the whole source set, at
+    ``source_training``'s batch size, crop and scale range where set) or of a round (its
+    source subset and the pseudo-labelled target, at ``input``'s). Rare-class crops are mined
+    on the domains of ``input.mine_domains``."""
     cfg = exp.config
     data = exp.data
     s0, ds, smax = cfg.input.source_portion
+    crop, scale_range = tuple(cfg.input.crop), tuple(cfg.input.scale_range)
+    source_range = tuple(cfg.input.source_scale_range) or scale_range
+    target_range = tuple(cfg.input.target_scale_range) or scale_range
     if round_idx is None:
-        sampler = pipeline.MixedSampler(tuple(range(len(data.source))), 0, cfg.input.batch_size, "pooled",
+        st = cfg.source_training
+        crop = tuple(st.crop) or crop
+        source_range = tuple(st.scale_range) or source_range
+        sampler = pipeline.MixedSampler(tuple(range(len(data.source))), 0, st.batch_size or cfg.input.batch_size,
+                                        "pooled",
                                         seed=int(np.random.SeedSequence([cfg.seed, 999]).generate_state(1)[0]))
     else:
         per_batch = int(round(cfg.input.source_share * cfg.input.batch_size)) if cfg.input.sampler == "paired" else None
@@ -135,10 +146,13 @@ def mixed_iterator(exp, round_idx: int | None, target_labels=None, mine_classes=
             len(data.source), len(data.target_train), round_idx, batch_size=cfg.input.batch_size,
             mode=cfg.input.sampler, source_per_batch=per_batch, s0=s0, ds=ds, s_max=smax,
             subset_schedule="cumulative" if cfg.input.source_subset == "nested" else "fresh", seed=cfg.seed)
-    return pipeline.MixedIterator(data.source, data.target_train, sampler, crop_size=tuple(cfg.input.crop),
-                                  target_labels=target_labels, scale_range=tuple(cfg.input.scale_range),
+    mine_domains = (pipeline.TARGET,) if cfg.input.mine_domains == "target" else (pipeline.SOURCE, pipeline.TARGET)
+    return pipeline.MixedIterator(data.source, data.target_train, sampler, crop_size=crop,
+                                  target_labels=target_labels, scale_range=source_range,
+                                  target_scale_range=target_range,
                                   flip=cfg.input.flip, mine_classes=mine_classes, p_mine=cfg.input.mine_prob,
-                                  workers=cfg.input.workers, processes=worker_processes(cfg),
+                                  mine_domains=mine_domains, workers=cfg.input.workers,
+                                  processes=worker_processes(cfg),
                                   target_soft_labels=target_soft_labels,
                                   soft_stride=cfg.self_training.soft_label_stride, num_classes=cfg.num_classes)
 

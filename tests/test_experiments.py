@@ -1,9 +1,11 @@
 """The experiment entry points: config validation messages, the real-dataset path run end to
 end on fixture folders in the official layouts, and refusal of mismatched weights."""
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cbst_jax import config_lib
@@ -14,17 +16,53 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fixtures_layouts import make_cityscapes, make_gta5  # noqa: E402
 
 
-def cli(module, *args, devices=2):
+def cli(module, *args, devices=2, env=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT, **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("get_config", [gta5_cityscapes.get_config, synthia_cityscapes.get_config,
-                                        cityscapes_nthu.get_config, gta5_bdd.get_config, synthetic.get_config])
-def test_shipped_configs_validate(get_config):
-    config_lib.validate(get_config(), need_roots=False)
+RECIPES = ("", "crst_deeplabv2", "cbst_resnet38")
+
+
+@pytest.mark.parametrize("module", [gta5_cityscapes, synthia_cityscapes, cityscapes_nthu, gta5_bdd])
+@pytest.mark.parametrize("variant", RECIPES)
+def test_shipped_configs_validate(module, variant):
+    config_lib.validate(module.get_config(variant), need_roots=False)
+
+
+@pytest.mark.parametrize("variant", ["", "quick", "gpu"])
+def test_synthetic_configs_validate(variant):
+    config_lib.validate(synthetic.get_config(variant), need_roots=False)
+
+
+def test_recipes_carry_the_references_values():
+    """Spot checks of each recipe against reference-cbst.md §3-§5, crst_seg.py and CRST#14."""
+    crst, cbst = gta5_cityscapes.get_config(), gta5_cityscapes.get_config("cbst_resnet38")
+    assert crst.variant == "" and cbst.variant == "cbst_resnet38"
+    assert (crst.model.name, cbst.model.name) == ("deeplabv2_resnet101", "resnet38")
+    assert tuple(crst.predict.scales) == (0.9,) and tuple(crst.evaluate.scales) == (0.9, 1.0, 1.2)
+    assert crst.target.list_file == cbst.target.list_file == "builtin:cityscapes_train_ClsConfSet"
+    assert crst.source.list_file == "builtin:gta5_crst_19984" and cbst.source.list_file == ""
+    assert (crst.source_training.batch_size, tuple(crst.source_training.crop)) == (4, (500, 500))
+    assert tuple(cbst.self_training.portion) == (0.15, 0.05, 0.5) and cbst.self_training.rounds == 6
+    assert cbst.self_training.lr == 1e-4 and abs(cbst.self_training.lr_round_decay - 2 ** -0.5) < 1e-15
+    assert tuple(cbst.input.crop) == (504, 504) and tuple(cbst.input.scale_range) == (0.7, 1.3)
+    assert cbst.self_training.loss_resolution == "stride" and cbst.input.source_subset == "nested"
+    assert crst.input.mine_domains == "target" and cbst.input.mine_domains == "both"
+    assert tuple(cbst.predict.scales) == (1850 / 2048,) and tuple(cbst.evaluate.scales) == (1.0,)
+    syn = synthia_cityscapes.get_config()
+    assert syn.num_classes == 16 and syn.eval_classes == "miou13" and syn.source.lanemarking_as_road
+    assert tuple(syn.input.source_scale_range) == (0.8, 1.2) and tuple(syn.input.target_scale_range) == (0.6, 1.5)
+    assert tuple(syn.input.crop) == (600, 900) and tuple(syn.input.source_portion) == (0.02, 0.0025, 0.06)
+    assert not synthia_cityscapes.get_config("cbst_resnet38").source.lanemarking_as_road
+    assert gta5_bdd.get_config().methods == "source_only,st,st_sp,cbst,cbst_sp"
+    nthu = cityscapes_nthu.get_config()
+    assert (nthu.num_classes, nthu.target.city, nthu.target.list_file, nthu.source.list_file) == (13, "all", "", "")
+    assert config_lib.nthu_cities(nthu) == ["Rome", "Rio", "Tokyo", "Taipei"]
+    nthu.target.city = "rio"
+    assert config_lib.nthu_cities(nthu) is None
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -34,18 +72,82 @@ def test_shipped_configs_validate(get_config):
     ("methods", "cbst,bogus", "one of source_only"),
     ("input.sampler", "mixed", "pooled or paired"),
     ("model.init", "/nonexistent/weights.npz", "existing converted-weights file"),
+    # issue 12, items 5 and 6
+    ("source_training.steps", -1, "a step count >= 0"),
+    ("self_training.steps_per_round", -5, "a step count >= 0"),
+    ("self_training.epochs_per_round", -1.0, "a number of epochs >= 0"),
+    ("self_training.epochs_per_round", float("nan"), "a number of epochs >= 0"),
+    ("input.eval_batch_size", 0, "a positive global batch size"),
+    ("checkpoint_every", 0, "a positive number of training steps"),
+    ("log_every", 0, "a positive number of training steps"),
+    ("model.name", "resnet9000", "one of deeplabv2_resnet101"),
+    ("synthetic.num_target_train", 0, "a positive image count"),
+    ("synthetic.num_source", 0, "a positive image count"),
+    # the keys the recipes need
+    ("source_training.batch_size", -2, "a positive global batch size, or 0 for input.batch_size's"),
+    ("source_training.crop", (500,), "(height, width), two positive integers, or () for input.crop's"),
+    ("source_training.crop", (0, 500), "(height, width), two positive integers"),
+    ("source_training.scale_range", (1.5, 0.5), "(low, high) with 0 < low <= high"),
+    ("input.source_scale_range", (0.0, 1.2),
+     "(low, high) with 0 < low <= high, or () for input.scale_range's"),
+    ("input.target_scale_range", (0.6, 1.5, 2.0), "(low, high) with 0 < low <= high"),
+    ("input.mine_domains", "source", "'both' or 'target'"),
+    ("input.crop", (64, -1), "(height, width), two positive integers"),
+    ("input.eval_size", (64,), "(height, width), two positive integers"),
+    ("input.workers", 0, "a positive number of loader threads"),
+    ("input.source_share", 1.5, "a share in [0, 1]"),
+    ("evaluate.scales", (), "positive scales"),
+    ("evaluate.scales", (1.0, -0.5), "positive scales"),
+    ("predict.scales", (0.0,), "positive scales"),
+    ("model.normalization", "bgr", "'auto' or 'imagenet' or 'caffe' or 'unit'"),
+    ("optim.momentum", 1.0, "a momentum in [0, 1)"),
+    ("optim.weight_decay", -1e-4, "a weight decay >= 0"),
+    ("optim.bias_lr_mult", 0.0, "a multiplier > 0"),
+    ("optim.bias_weight_decay_mult", -1.0, "a multiplier >= 0"),
+    ("self_training.lr", -1e-4, "a learning rate >= 0"),
+    ("self_training.lr_round_decay", 0.0, "a factor > 0"),
+    ("self_training.prior_sigma", 0.0, "a Gaussian sigma > 0"),
+    ("self_training.prior_size", (0, 128), "(height, width), two positive integers"),
+    ("source.lanemarking_as_road", True, "False unless source.name='synthia'"),
+    ("target.city", "Rome", "'' (cities exist only for target.name='nthu')"),
+    ("eval_classes", "miou13", "'miou13' only with num_classes=16"),
 ])
 def test_invalid_values_are_named(key, value, message):
     c = synthetic.get_config()
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    _set(c, key, value)
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c)
     text = str(e.value)
     assert f"config.{key}" in text and message in text and "\n" not in text
+
+
+def _set(config, key, value):
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+@pytest.mark.parametrize("city, ok", [("Rome", True), ("taipei", True), ("all", True), ("", True),
+                                      ("Paris", False)])
+def test_nthu_city_is_one_of_four_or_all(city, ok):
+    c = cityscapes_nthu.get_config()
+    c.target.city = city
+    if ok:
+        config_lib.validate(c, need_roots=False)
+        return
+    with pytest.raises(config_lib.ConfigError, match=r"config.target.city='Paris': expected one of Rome, Rio, "
+                                                     r"Tokyo, Taipei, or 'all'"):
+        config_lib.validate(c, need_roots=False)
+
+
+def test_new_keys_default_to_the_input_values():
+    """Empty source-training and per-domain keys mean "as input"; a shipped SYNTHIA recipe sets them."""
+    c = config_lib.base_config()
+    assert c.source_training.batch_size == 0 and tuple(c.source_training.crop) == ()
+    assert tuple(c.source_training.scale_range) == () and tuple(c.input.source_scale_range) == ()
+    assert tuple(c.input.target_scale_range) == () and tuple(c.evaluate.scales) == tuple(c.predict.scales)
 
 
 def test_missing_roots_say_where_to_download():
@@ -66,23 +168,107 @@ def test_cli_rejects_unknown_keys_and_bad_values():
     assert res.returncode == 2 and "download GTA5" in res.stderr
 
 
-def test_gta5_cityscapes_on_fixture_folders(tmp_path):
-    """The real data path (folder readers, DeepLab-v2 code, stride-8 logits) on tiny folders."""
+TINY = ["--config.input.crop=(32, 64)", "--config.input.eval_size=(32, 64)", "--config.input.batch_size=2",
+        "--config.input.eval_batch_size=2", "--config.input.source_portion=(0.5, 0.0, 0.5)",
+        "--config.source_training.batch_size=2", "--config.source_training.crop=(32, 64)",
+        "--config.self_training.rounds=1", "--config.self_training.steps_per_round=1", "--config.input.workers=1",
+        "--config.source.list_file=", "--config.target.list_file="]
+
+
+def run_experiment(module, tmp_path, *args):
+    """A launcher on fixture folders, tiny; a persistent compilation cache of its own lets the
+    four NTHU cities reuse the programs compiled for the first."""
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    res = cli(module, f"--workdir={tmp_path / 'work'}", *TINY, *args, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp_path / "work"
+
+
+def test_gta5_cityscapes_cbst_resnet38_recipe_on_fixture_folders(tmp_path):
+    """The real data path (folder readers, stride-8 logits and loss, source training at its own
+    batch and crop) with the CBST recipe; the CRST default runs in tests/test_user_path.py."""
     make_gta5(tmp_path / "gta5", n=8, size=(32, 64))
     make_cityscapes(tmp_path / "cityscapes", n_train=4, n_val=2, size=(32, 64))
-    work = tmp_path / "work"
-    res = cli("experiments.gta5_cityscapes", f"--workdir={work}",
-              f"--config.source.root={tmp_path / 'gta5'}", f"--config.target.root={tmp_path / 'cityscapes'}",
-              "--config.model.name=deeplabv2_resnet_small", "--config.methods=source_only,cbst",
-              "--config.input.crop=(32, 64)", "--config.input.eval_size=(32, 64)", "--config.input.batch_size=2",
-              "--config.input.eval_batch_size=2", "--config.input.source_portion=(0.5, 0.0, 0.5)",
-              "--config.source_training.steps=3", "--config.self_training.rounds=1",
-              "--config.self_training.steps_per_round=2", "--config.self_training.loss_resolution=stride",
-              "--config.input.workers=1")
-    assert res.returncode == 0, res.stderr[-3000:]
+    work = run_experiment("experiments.gta5_cityscapes", tmp_path, "--config=cbst_resnet38",
+                          f"--config.source.root={tmp_path / 'gta5'}",
+                          f"--config.target.root={tmp_path / 'cityscapes'}",
+                          "--config.model.name=deeplabv2_resnet_small", "--config.methods=source_only,cbst",
+                          "--config.source_training.steps=2")
     seed = work / "seed_0"
+    config = json.loads((seed / "config.json").read_text())
+    assert config["variant"] == "cbst_resnet38" and config["self_training"]["loss_resolution"] == "stride"
     assert (seed / "results.md").exists() and (seed / "pseudo_labels" / "cbst" / "round_0" / "manifest.json").exists()
-    assert "cbst r0" in (seed / "results.md").read_text()
+    assert "cbst r0" in (seed / "results.md").read_text() and (seed / "models" / "cbst_r0.npz").exists()
+
+
+def test_synthia_cityscapes_on_fixture_folders(tmp_path):
+    """16 classes, mIoU and mIoU* in the seed's table and in the table over seeds; CRST's
+    lanemarking-as-road reaches the SYNTHIA reader."""
+    from cbst_jax.data.experiment_data import open_side
+    from fixtures_layouts import make_synthia
+
+    make_synthia(tmp_path / "synthia", n=8, size=(32, 64))
+    make_cityscapes(tmp_path / "cityscapes", n_train=4, n_val=2, size=(32, 64))
+    c = synthia_cityscapes.get_config()
+    c.source.root = str(tmp_path / "synthia")
+    c.source.list_file = ""
+    road = [open_side(c, "source", "train")[i]["label"] for i in range(2)]
+    c.source.lanemarking_as_road = False
+    ignored = [open_side(c, "source", "train")[i]["label"] for i in range(2)]
+    for a, b in zip(road, ignored):  # lanemarking pixels are road in one, ignored in the other; the rest agree
+        assert ((a == 0) & (b == 255)).any() and np.array_equal(a[b != 255], b[b != 255])
+    work = run_experiment("experiments.synthia_cityscapes", tmp_path, f"--config.source.root={tmp_path / 'synthia'}",
+                          f"--config.target.root={tmp_path / 'cityscapes'}", "--config.model.name=demo_segnet",
+                          "--config.methods=cbst", "--config.source_training.steps=1")
+    for results in (work / "seed_0" / "results.md", work / "results.md"):
+        header = next(ln for ln in results.read_text().splitlines() if ln.startswith("| method |"))
+        assert header.endswith("| mIoU | mIoU* |") and "| wall |" in header and "| terrain |" not in header
+    summary = json.loads((work / "summary.json").read_text())
+    assert all("miou_subset" in r for r in summary["rows"])
+
+
+def test_gta5_bdd_on_fixture_folders(tmp_path):
+    """The seed's GTA5 -> BDD100K rows: source-only, ST, ST-SP, CBST, CBST-SP."""
+    from fixtures_layouts import make_bdd100k
+
+    make_gta5(tmp_path / "gta5", n=8, size=(32, 64))
+    make_bdd100k(tmp_path / "bdd", n_train=4, n_val=2, size=(32, 64))
+    work = run_experiment("experiments.gta5_bdd", tmp_path, f"--config.source.root={tmp_path / 'gta5'}",
+                          f"--config.target.root={tmp_path / 'bdd'}", "--config.model.name=demo_segnet",
+                          "--config.source_training.steps=1")
+    names = [ln.split("|")[1].strip() for ln in (work / "seed_0" / "results.md").read_text().splitlines()
+             if ln.startswith("| ") and not ln.startswith("| method") and "---" not in ln]
+    assert names == ["source_only", "st r0", "st_sp r0", "cbst r0", "cbst_sp r0"]
+
+
+def test_cityscapes_nthu_all_four_cities_on_fixture_folders(tmp_path):
+    """target.city=all (the default): each city in <workdir>/<City>/, the per-city table with the
+    mean over cities at <workdir>/results.md. The fixture's Train and Test images share names
+    (as the real lists do) but not pixels, so nothing is left out of adaptation."""
+    from fixtures_layouts import make_nthu
+
+    cities = ("Rome", "Rio", "Tokyo", "Taipei")
+    make_nthu(tmp_path / "nthu", cities=cities, n_train=3, n_test=2, size=(32, 64))
+    make_cityscapes(tmp_path / "cityscapes", n_train=6, n_val=2, size=(32, 64))
+    work = run_experiment("experiments.cityscapes_nthu", tmp_path, f"--config.source.root={tmp_path / 'cityscapes'}",
+                          f"--config.target.root={tmp_path / 'nthu'}", "--config.model.name=demo_segnet",
+                          "--config.source_training.steps=1")
+    for city in cities:
+        run = work / city / "seed_0"
+        assert json.loads((run / "config.json").read_text())["target"]["city"] == city
+        assert json.loads((run / "eval_overlap.json").read_text())["eval_images_in_train"] == 0
+        assert "cbst r0" in (run / "results.md").read_text() and (work / city / "results.md").exists()
+    text = (work / "results.md").read_text()
+    rows = [ln.split("|")[1:3] for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [(a.strip(), b.strip()) for a, b in rows] == [(c, m) for c in cities + ("mean",)
+                                                         for m in ("source_only", "st r0", "cbst r0")]
+    header = next(ln for ln in text.splitlines() if ln.startswith("| city |"))
+    assert header.count("|") == 2 + 13 + 2 and "| bicycle | mean |" in header
+    summary = json.loads((work / "summary.json").read_text())
+    rome = [r for r in summary["rows"]["Rome"] if r["method"] == "cbst"][0]
+    line = next(ln for ln in text.splitlines() if ln.startswith("| Rome | cbst r0 |"))
+    assert line.strip("|").split("|")[-1].strip() == f"{100 * rome['miou']:.1f}"
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
@@ -99,3 +285,105 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "other.npz" in last and "another architecture" in last
+
+
+def test_source_phase_uses_source_training_batch_crop_and_scales():
+    """trainer.mixed_iterator: the source phase at source_training's batch/crop/scale, a round at
+    input's; rare-class mining on the domains of input.mine_domains."""
+    import types
+
+    import numpy as np
+
+    from cbst_jax.data import pipeline
+    from cbst_jax.data.experiment_data import open_side
+    from cbst_jax.trainer import mixed_iterator
+
+    c = synthetic.get_config("quick")
+    c.synthetic.num_source, c.synthetic.num_target_train = 12, 6
+    c.input.batch_size, c.input.crop, c.input.workers = 2, (32, 48), 1
+    c.source_training.batch_size, c.source_training.crop = 4, (40, 40)
+    c.source_training.scale_range = (0.5, 0.5)
+    c.input.mine_domains = "target"
+    data = types.SimpleNamespace(source=open_side(c, "source", "train"), target_train=open_side(c, "target", "train"))
+    exp = types.SimpleNamespace(config=c, data=data)
+    with mixed_iterator(exp, None) as it:
+        batch = next(it)
+        assert batch["image"].shape == (4, 40, 40, 3) and it.scale_range == (0.5, 0.5)
+        assert np.all(batch["domain"] == pipeline.SOURCE)
+    with mixed_iterator(exp, 0, target_labels=lambda i: np.zeros((64, 128), np.uint8)) as it:
+        assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
+        assert it.mine_domains == (pipeline.TARGET,)
+    c.source_training.batch_size, c.source_training.crop, c.source_training.scale_range = 0, (), ()
+    c.input.mine_domains = "both"
+    with mixed_iterator(exp, None) as it:
+        assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
+        assert it.mine_domains == (pipeline.SOURCE, pipeline.TARGET)
+
+
+def _eval_row(seed, method, rnd, iou, subset=None):
+    import numpy as np
+
+    row = {"kind": "eval", "seed": seed, "method": method, "round": rnd, "iou": list(iou),
+           "miou": float(np.nanmean(iou))}
+    if subset is not None:
+        row["miou_subset"] = float(np.nanmean([iou[c] for c in subset]))
+    return row
+
+
+def _cells(table: str, first: str) -> list[str]:
+    line = next(ln for ln in table.splitlines() if ln.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_multi_seed_table_has_sample_std_and_miou_star():
+    """mean ± sample std (ddof=1, checked against statistics.stdev) per class, mIoU and mIoU*."""
+    import statistics
+
+    import numpy as np
+
+    from cbst_jax import reporting
+
+    rng = np.random.default_rng(0)
+    subset = [0, 2, 3]
+    rows = []
+    for seed in (0, 1, 2):
+        rows.append(_eval_row(seed, "source_only", None, rng.uniform(0, 1, 4), subset))
+        iou = rng.uniform(0, 1, 4)
+        iou[1] = np.nan if seed == 0 else iou[1]  # a class absent in one seed
+        rows.append(_eval_row(seed, "cbst", 0, iou, subset))
+    table = reporting.seed_aggregate_table(rows, ["a", "b", "c", "d"], subset, subset_name="mIoU*")
+    assert "| method | a | b | c | d | mIoU | mIoU* |" in table
+    assert "sample standard deviation (ddof=1)" in table
+    cbst = [r for r in rows if r["method"] == "cbst"]
+    cells = _cells(table, "cbst r0")
+    for c, cell in enumerate(cells[1:5]):
+        vals = [r["iou"][c] for r in cbst if not np.isnan(r["iou"][c])]
+        assert cell == f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
+    for key, cell in (("miou", cells[5]), ("miou_subset", cells[6])):
+        vals = [r[key] for r in cbst]
+        assert cell == f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
+    one = reporting.seed_aggregate_table(rows[:2], ["a", "b", "c", "d"], subset)
+    assert "one seed: no standard deviation" in one and "±" not in _cells(one, "source_only")[1]
+
+
+def test_city_table_is_per_city_plus_mean_over_cities():
+    import numpy as np
+
+    from cbst_jax import reporting
+
+    rng = np.random.default_rng(1)
+    by_city = {}
+    for city in ("Rome", "Rio", "Tokyo", "Taipei"):
+        by_city[city] = [_eval_row(s, m, r, rng.uniform(0, 1, 3)) for s in (0, 1)
+                         for m, r in (("source_only", None), ("cbst", 0), ("cbst", 1))]
+    table = reporting.city_table(by_city, ["road", "sw", "bus"], last_round=1)
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [ln.split("|")[1].strip() for ln in lines] == [c for c in by_city for _ in range(2)] + ["mean"] * 2
+    assert "cbst r0" not in table  # only the last round, as the seed's table
+    rome = [r for r in by_city["Rome"] if r["method"] == "cbst" and r["round"] == 1]
+    cells = [ln for ln in lines if ln.startswith("| Rome | cbst r1 |")][0].strip("|").split("|")
+    assert cells[2].strip() == f"{100 * np.mean([r['iou'][0] for r in rome]):.1f}"
+    per_city = [np.mean([r["miou"] for r in rows if r["method"] == "cbst" and r["round"] == 1])
+                for rows in by_city.values()]
+    mean = [ln for ln in lines if ln.startswith("| mean | cbst r1 |")][0].strip("|").split("|")
+    assert mean[-1].strip() == f"{100 * np.mean(per_city):.1f}"

@@ -46,6 +46,8 @@ def open_side(config, side: str, split: str, *, labelled=None):
         opts["labelled"] = labelled
     if d.name == "nthu" and d.get("city"):
         opts["city"] = d.city
+    if d.name == "synthia" and d.get("lanemarking_as_road"):
+        opts["lanemarking_as_road"] = True
     return open_dataset(d.name, d.root, split, **opts)
 
 

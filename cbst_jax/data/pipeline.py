@@ -309,10 +309,12 @@ class _CropBatches:
     rows: slice
     crop_size: tuple
     target_labels: Callable | None
-    scale_range: tuple
+    scale_range: tuple          # source rows
+    target_scale_range: tuple   # target rows
     flip: bool
     mine_classes: tuple
     p_mine: float
+    mine_domains: tuple
     target_soft_labels: Callable | None
     soft_stride: int
     num_classes: int | None
@@ -332,8 +334,10 @@ class _CropBatches:
                 raise ValueError(f"pseudo-label of target {index} has shape {rec.label.shape}, "
                                  f"image {rec.image.shape[:2]}")
         rng = np.random.default_rng([self.sampler.seed, epoch, domain, index, repeat])
-        out = aug.augment(rng, rec.image, rec.label, crop_size=self.crop_size, scale_range=self.scale_range,
-                          flip=self.flip, mine_classes=self.mine_classes, p_mine=self.p_mine,
+        out = aug.augment(rng, rec.image, rec.label, crop_size=self.crop_size,
+                          scale_range=self.scale_range if domain == SOURCE else self.target_scale_range,
+                          flip=self.flip, mine_classes=self.mine_classes if domain in self.mine_domains else (),
+                          p_mine=self.p_mine,
                           label_table=rec.table, return_geometry=soft, out=out)
         if not soft:
             return out
@@ -380,7 +384,8 @@ class MixedIterator(_Closing):
     ``"soft_label": uint8 (b, ch, cw, num_classes)``, the target crops' soft labels rebuilt
     through the same transform (zero where the hard label is 255, and on source rows).
     ``get_state()`` / ``set_state()`` give ``{"epoch": int, "step": int}``, the position of the
-    next batch.
+    next batch. Source rows are rescaled within ``scale_range``, target rows within
+    ``target_scale_range`` (default: the same); rare-class crops are mined on ``mine_domains``.
 
     Batches are built ahead, ``prefetch`` per worker, by ``workers`` workers (None or negative:
     :func:`default_workers`; 0, or ``prefetch=0``, builds each batch when asked): grain worker
@@ -393,7 +398,8 @@ class MixedIterator(_Closing):
 
     def __init__(self, source, target, sampler: MixedSampler, *, crop_size: tuple[int, int],
                  target_labels: Callable[[int], np.ndarray] | None = None, scale_range=(0.5, 1.5),
-                 flip: bool = True, mine_classes=(), p_mine: float = 0.8, process_index: int | None = None,
+                 target_scale_range=None, flip: bool = True, mine_classes=(), p_mine: float = 0.8,
+                 mine_domains=(SOURCE, TARGET), process_index: int | None = None,
                  process_count: int | None = None, prefetch: int = 2, workers: int | None = None,
                  processes: bool | None = None,
                  target_soft_labels: Callable[[int], np.ndarray] | None = None, soft_stride: int = 8,
@@ -406,8 +412,10 @@ class MixedIterator(_Closing):
         self.parallelism, n = _parallelism(prefetch, workers, processes)
         self._batches = _CropBatches(
             source, target, sampler, _host_rows(sampler.batch_size, process_index, process_count),
-            tuple(int(c) for c in crop_size), target_labels, tuple(scale_range), bool(flip),
-            tuple(int(c) for c in mine_classes), float(p_mine), target_soft_labels, int(soft_stride), num_classes,
+            tuple(int(c) for c in crop_size), target_labels, tuple(scale_range),
+            tuple(scale_range if target_scale_range is None else target_scale_range), bool(flip),
+            tuple(int(c) for c in mine_classes), float(p_mine), tuple(int(d) for d in mine_domains),
+            target_soft_labels, int(soft_stride), num_classes,
             decoder="pillow" if self.parallelism == "threads" else "pyspng")  # pyspng holds the GIL
         self._epoch, self._step = 0, 0
         self._prefetch = (_ProcessPrefetcher(self._batches, prefetch, n) if self.parallelism == "processes"

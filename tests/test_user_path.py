@@ -1,0 +1,219 @@
+"""The user's path, end to end, as the README spells it: a PyTorch DeepLab-v2 source model (built
+and saved by torch, key names as CRST's ``src_model.pth``) -> ``cbst_jax.convert_weights`` ->
+``experiments.gta5_cityscapes`` on fixture folders in the official layouts, starting from those
+weights -> ``cbst_jax.export`` -> ``cbst_jax.infer`` on a folder -> ``cbst_jax.evaluate``.
+
+The round-0 model of the run (its source model) must give the torch model's logits on the same
+image to 1e-4, which holds only with the normalisation the weights were made for (ImageNet
+mean/std, as CRST's); forced to the architecture's default (Caffe), the same check fails."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from fixtures_layouts import make_cityscapes, make_gta5  # noqa: E402
+from test_convert import TorchResDeeplab, randomize, torch_input  # noqa: E402
+
+SIZE = (32, 64)
+
+
+def cli(module, *args, devices=2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def run_args(tmp_path, init, work):
+    return [f"--workdir={work}", f"--config.source.root={tmp_path / 'gta5'}",
+            f"--config.target.root={tmp_path / 'cityscapes'}", "--config.source.list_file=",
+            "--config.target.list_file=", "--config.model.name=deeplabv2_resnet_small", f"--config.model.init={init}",
+            "--config.model.init_is_source_model=True", "--config.methods=cbst",
+            f"--config.input.crop={SIZE}", f"--config.input.eval_size={SIZE}", "--config.input.batch_size=2",
+            "--config.input.eval_batch_size=2", "--config.input.source_portion=(0.5, 0.0, 0.5)",
+            "--config.self_training.rounds=1", "--config.self_training.steps_per_round=2",
+            "--config.input.workers=1"]
+
+
+def one_error_line(res):
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and lines and lines[-1].startswith("error: "), res.stderr[-3000:]
+    return lines[-1]
+
+
+def test_weights_to_adapted_model(tmp_path, capsys):
+    from cbst_jax import evaluate, experiment, export, infer, models
+    from cbst_jax.labels import CITYSCAPES_ID_TO_TRAINID
+
+    # ---- a CRST-style source model: Res_Deeplab's keys, trained on ImageNet-normalised RGB input
+    ref = randomize(TorchResDeeplab(19, layers=(1, 1, 1, 1), width=8), seed=3)
+    torch.save(ref.state_dict(), tmp_path / "src_model.pth")
+    assert "layer5.conv2d_list.0.weight" in torch.load(tmp_path / "src_model.pth", weights_only=True)
+
+    # ---- convert: the file records architecture, classes and the ImageNet normalisation
+    init = tmp_path / "src_model.npz"
+    res = cli("cbst_jax.convert_weights", "torchvision-resnet101", tmp_path / "src_model.pth", init,
+              "--model", "deeplabv2_resnet_small")
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = models.read_metadata(init)
+    assert (meta["architecture"], meta["num_classes"], meta["normalization"]) == (
+        "deeplabv2_resnet_small", 19, "imagenet")
+
+    # ---- run the experiment from those weights (round 0 = the imported source model)
+    make_gta5(tmp_path / "gta5", n=8, size=SIZE)
+    make_cityscapes(tmp_path / "cityscapes", n_train=4, n_val=4, size=SIZE)
+    work = tmp_path / "work"
+    res = cli("experiments.gta5_cityscapes", *run_args(tmp_path, init, work))
+    assert res.returncode == 0, res.stderr[-3000:]
+    seed = work / "seed_0"
+    ledger = json.loads((seed / "ledger.json").read_text())["stages"]
+    assert set(ledger) == {"source", "cbst/r0"} and "cbst r0" in (seed / "results.md").read_text()
+    run_config = export.read_run_config(str(seed))
+    assert tuple(run_config.predict.scales) == (0.9,) and tuple(run_config.evaluate.scales) == (0.9, 1.0, 1.2)
+
+    # ---- round-0 logits: the run's source model, built as the run built it, against torch
+    image = np.asarray(Image.open(next((tmp_path / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))))[None]
+    with torch.no_grad():
+        want = ref(torch_input(image, "imagenet")).numpy().transpose(0, 2, 3, 1)
+    model = experiment.build_model(run_config)
+    source = models.load_variables(seed / "models" / "source.npz")
+    assert model.normalization == "imagenet"
+    assert models.read_metadata(seed / "models" / "source.npz")["normalization"] == "imagenet"
+    got = np.asarray(model.apply(source, image, train=False))
+    assert got.shape == want.shape and want.shape[-1] == 19
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    wrong = np.asarray(model.clone(normalization="caffe").apply(source, image, train=False))
+    assert np.abs(wrong - want).max() > 1e-2  # the same check fails with the architecture's default
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(wrong, want, rtol=0, atol=1e-4)
+    # an explicit normalisation that contradicts the weights is refused before anything runs
+    res = cli("experiments.gta5_cityscapes", *run_args(tmp_path, init, tmp_path / "other"),
+              "--config.model.normalization=caffe")
+    assert "the weights expect normalization 'imagenet'" in one_error_line(res)
+
+    # ---- export the adapted model: one file with its metadata
+    out = tmp_path / "cbst_r0.npz"
+    assert export.main(["--workdir", str(work), "--stage", "cbst/r0", "--out", str(out)]) == 0
+    assert "stage cbst/r0 of seed 0" in capsys.readouterr().err
+    exported = models.read_metadata(out)
+    assert (exported["architecture"], exported["num_classes"], exported["normalization"]) == (
+        "deeplabv2_resnet_small", 19, "imagenet")
+    assert exported["class_names"][0] == "road" and exported["palette"][0] == [128, 64, 128]
+    assert exported["stage"] == "cbst/r0" and exported["eval"]["miou"] == ledger["cbst/r0"]["eval"]["miou"]
+    trained = models.load_variables(seed / "models" / "cbst_r0.npz")
+    np.testing.assert_array_equal(models.load_variables(out)["params"]["layer5"]["conv2d_list_0"]["kernel"],
+                                  trained["params"]["layer5"]["conv2d_list_0"]["kernel"])
+    assert export.main(["--workdir", str(work), "--stage", "cbst/r3", "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage cbst/r3 is not trained" in err[0] and "trained stages: source, cbst/r0" in err[0]
+    assert not (tmp_path / "x.npz").exists()
+
+    # ---- infer on the folder of validation images (canvas = their size: no resizing)
+    val = tmp_path / "cityscapes" / "leftImg8bit" / "val"
+    shown = tmp_path / "shown"
+    assert infer.main(["--weights", str(out), "--out", str(shown), "--canvas", f"{SIZE[0]},{SIZE[1]}",
+                       "--gt", str(tmp_path / "cityscapes" / "gtFine" / "val"), str(val)]) == 0
+    summary = json.loads((shown / "infer_summary.json").read_text())
+    assert summary["segmented"] == 4 and summary["weights"][0]["normalization"] == "imagenet"
+    assert (shown / "comparison.png").exists()
+
+    # ---- evaluate the exported file at one scale without flip: the confusion matrix of the
+    # infer outputs (same forward pass) against the ground truth, counted here with numpy
+    capsys.readouterr()
+    assert evaluate.main(["--weights", str(out), "--dataset", "cityscapes", "--root", str(tmp_path / "cityscapes"),
+                          "--split", "val", "--eval-size", f"{SIZE[0]},{SIZE[1]}", "--scales", "1.0", "--no-flip",
+                          "--out", str(tmp_path / "eval")]) == 0
+    assert "| method | road |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    cm = np.zeros((19, 19), np.int64)
+    for gt_file in sorted((tmp_path / "cityscapes" / "gtFine" / "val").rglob("*_labelIds.png")):
+        stem = gt_file.name[: -len("_gtFine_labelIds.png")]
+        gt = CITYSCAPES_ID_TO_TRAINID[np.asarray(Image.open(gt_file))]
+        pred = np.asarray(Image.open(shown / gt_file.parent.name / f"{stem}_leftImg8bit_trainid.png"))
+        keep = gt != 255
+        np.add.at(cm, (gt[keep].astype(int), pred[keep].astype(int)), 1)
+    np.testing.assert_array_equal(np.asarray(result["confusion_matrix"]), cm)
+    assert result["row"]["images"] == 4 and "| cbst_r0 |" in (tmp_path / "eval" / "evaluation.md").read_text()
+
+    # ---- evaluate a stage of the workdir with the run's settings: the run's own evaluation row
+    res = cli("cbst_jax.evaluate", "--workdir", work, "--stage", "cbst/r0", "--out", tmp_path / "eval_stage")
+    assert res.returncode == 0, res.stderr[-3000:]
+    row = json.loads((tmp_path / "eval_stage" / "evaluation.json").read_text())["row"]
+    assert row["scales"] == [0.9, 1.0, 1.2] and row["flip"] is True and row["split"] == "val"
+    assert row["iou"] == ledger["cbst/r0"]["eval"]["iou"] and row["miou"] == ledger["cbst/r0"]["eval"]["miou"]
+
+
+def test_command_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    """cbst_jax.evaluate / cbst_jax.export on workdirs, stages and files they cannot use."""
+    import jax
+
+    from cbst_jax import config_lib, evaluate, export, models
+
+    run = tmp_path / "run"
+    for s in (0, 1):
+        (run / f"seed_{s}" / "models").mkdir(parents=True)
+        (run / f"seed_{s}" / "config.json").write_text(config_lib.base_config().to_json())
+    (tmp_path / "cities" / "Rome" / "seed_0").mkdir(parents=True)
+    (tmp_path / "cities" / "Rome" / "seed_0" / "config.json").write_text(config_lib.base_config().to_json())
+    (tmp_path / "empty").mkdir()
+    backbone = tmp_path / "backbone.npz"
+    module = models.get_model("demo_segnet", 19)
+    variables = jax.device_get(module.init(jax.random.key(0, impl="rbg"), np.zeros((1, 32, 32, 3), np.uint8)))
+    models.save_variables(backbone, variables, models.make_metadata("demo_segnet", None, "unit"))
+    (tmp_path / "notes.npz").write_text("not weights")
+    trained = tmp_path / "trained.npz"
+    models.save_variables(trained, variables, models.make_metadata("demo_segnet", 19, "unit"))
+    from fixtures_layouts import make_nthu
+
+    make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=1, n_test=1)
+    cases = [
+        (export.main, ["--workdir", str(tmp_path / "nowhere"), "--stage", "source", "--out", "o.npz"],
+         "no such folder"),
+        (export.main, ["--workdir", str(run), "--stage", "source", "--out", "o.npz"], "holds seeds 0, 1: pass --seed"),
+        (export.main, ["--workdir", str(run), "--seed", "7", "--stage", "source", "--out", "o.npz"],
+         "no run of seed 7 (seeds there: 0, 1)"),
+        (export.main, ["--workdir", str(tmp_path / "cities"), "--stage", "source", "--out", "o.npz"],
+         "holds one run per sub-folder (Rome): pass --workdir"),
+        (export.main, ["--workdir", str(tmp_path / "empty"), "--stage", "source", "--out", "o.npz"],
+         "not a run's folder"),
+        (export.main, ["--workdir", str(run), "--seed", "0", "--stage", "cbst/r1", "--out", "o.npz"],
+         "stage cbst/r1 is not trained (no models/cbst_r1.npz); trained stages: none yet"),
+        (export.main, ["--workdir", str(run), "--seed", "0", "--stage", "source_only/r0", "--out", "o.npz"],
+         "--stage 'source_only/r0': expected 'source' or '<method>/r<round>'"),
+        (export.main, ["--workdir", str(run), "--seed", "0", "--stage", "bogus", "--out", "o.npz"],
+         "--stage 'bogus': expected"),
+        (evaluate.main, [], "give either --workdir (with --stage) or --weights"),
+        (evaluate.main, ["--workdir", str(run), "--weights", str(backbone)], "give either --workdir"),
+        (evaluate.main, ["--workdir", str(run), "--seed", "0"], "--workdir needs --stage"),
+        (evaluate.main, ["--workdir", str(run), "--seed", "0", "--stage", "source", "--dataset", "cityscapes"],
+         "--dataset is for --weights"),
+        (evaluate.main, ["--workdir", str(run), "--seed", "1", "--stage", "st/r0"], "stage st/r0 is not trained"),
+        (evaluate.main, ["--weights", str(backbone), "--dataset", "cityscapes", "--root", str(tmp_path)],
+         "backbone.npz: a backbone-only init"),
+        (evaluate.main, ["--weights", str(tmp_path / "notes.npz"), "--dataset", "cityscapes", "--root", "x"],
+         "notes.npz: not a converted-weights .npz (a text file)"),
+        (evaluate.main, ["--weights", str(tmp_path / "missing.npz"), "--dataset", "cityscapes", "--root", "x"],
+         "missing.npz: weights file not found"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
+                         "--city", "Rome", "--split", "train"],
+         "nthu: split 'train' has no labels to evaluate against"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
+                         "--city", "Paris"], "nthu: city='Paris', expected one of Rome, Rio, Tokyo, Taipei"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "kitti", "--root", str(tmp_path)],
+         "--dataset 'kitti': expected one of"),
+        (evaluate.main, ["--weights", str(trained), "--dataset", "nthu", "--root", str(tmp_path / "nthu"),
+                         "--city", "Rome", "--scales", "0"], "--scales [0.0]: expected positive scales"),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
+    assert not os.path.exists("o.npz")

@@ -121,7 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # scales (relative to input.eval_size) and flip of pseudo-labelling (predict) and of evaluation
     c.predict = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
-    c.evaluate = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
+    c.evaluate = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True,
+                                                # the stages of these methods are also evaluated with
+                                                # multi-scale + flip testing (rows "<method>+mst")
+                                                mst_methods="", mst_scales=(0.9, 1.0, 1.2), mst_flip=True))
 
     # bias_lr_mult / bias_weight_decay_mult: biases' LR and weight decay relative to their group's
     # (CBST's MXNet lr_type 'alex': 2 and 0)
@@ -293,6 +296,10 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
     for key in ("predict", "evaluate"):
         _check_scales(config, f"{key}.scales")
+    _check_scales(config, "evaluate.mst_scales")
+    for m in [m.strip() for m in str(config.evaluate.mst_methods).split(",") if m.strip()]:
+        if m not in methods_lib.BY_NAME or not methods_lib.BY_NAME[m].self_trains:
+            _fail("evaluate.mst_methods", m, "self-training methods of config.methods, comma-separated")
         _check_choice(config, f"{key}.flip", (True, False))
     for kind, rule in config.self_training.label_reg_keep.items():
         if rule not in ("objective", "cbst"):

@@ -28,11 +28,12 @@ import os
 import sys
 
 
-def evaluate(exp, variables, keep: int = 4, desc: str = "evaluate"):
-    """(confusion matrix int64 (C, C), the first ``keep`` predictions as host arrays), at the
-    evaluation scales (``exp.eval_predictor``; the pseudo-labelling predictor when unset)."""
+def evaluate(exp, variables, keep: int = 4, desc: str = "evaluate", predictor=None):
+    """(confusion matrix int64 (C, C + 1), the first ``keep`` predictions as host arrays), with
+    ``predictor`` (default: the evaluation scales, ``exp.eval_predictor``; the pseudo-labelling
+    predictor when unset)."""
     batches = exp.batches(exp.data.target_eval, desc=desc)
-    predictor = exp.eval_predictor or exp.predictor
+    predictor = predictor or exp.eval_predictor or exp.predictor
     return predictor.evaluate(variables, batches, keep)
 
 

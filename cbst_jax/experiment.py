@@ -32,6 +32,8 @@ class Experiment:
     canvas: tuple            # (H, W) of evaluation and pseudo-labelling batches
     prior: object = None     # the spatial prior q on the canvas, replicated (CBST-SP, ST-SP)
     eval_predictor: Predictor | None = None  # evaluation: evaluate.scales / evaluate.flip (None: predictor)
+    mst_predictor: Predictor | None = None   # the extra multi-scale evaluation of evaluate.mst_methods
+    mst_methods: tuple = ()
 
     @property
     def num_classes(self) -> int:
@@ -71,8 +73,11 @@ def build(config, workdir: str) -> Experiment:
                                                                                            predictor.flip):
         eval_predictor = Predictor(model, config.num_classes, mesh, canvas, config.evaluate.scales,
                                    config.evaluate.flip)
+    mst_methods = tuple(m.strip() for m in str(config.evaluate.mst_methods).split(",") if m.strip())
+    mst = (Predictor(model, config.num_classes, mesh, canvas, config.evaluate.mst_scales, config.evaluate.mst_flip)
+           if mst_methods else None)
     exp = Experiment(config, workdir, mesh, data, methods_lib.parse(config.methods), model, predictor, canvas,
-                     eval_predictor=eval_predictor)
+                     eval_predictor=eval_predictor, mst_predictor=mst, mst_methods=mst_methods)
     if any(m.spatial_prior for m in exp.methods):
         exp.prior = spatial_prior(exp)
     return exp

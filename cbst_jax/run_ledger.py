@@ -110,13 +110,15 @@ class RunLedger:
             notice(f"{problem}: the pseudo-labels of stage {stage.key} are made again")
         return shd.agree(problem is None)
 
-    def recorded(self, stage: Stage, kind: str) -> bool:
-        return shd.agree(kind in self._stage_doc(stage))
+    def recorded(self, stage: Stage, slot: str) -> bool:
+        """Whether ``stage`` has a row in ``slot`` ("eval", "pseudo_labels", "eval+mst")."""
+        return shd.agree(slot in self._stage_doc(stage))
 
     def rows(self, kind: str) -> list[dict]:
         """The recorded rows of one kind ("eval", "pseudo_labels"), in the run's stage order."""
         docs = self._doc["stages"]
-        return [docs[s.key][kind] for s in self.order if kind in docs.get(s.key, {})]
+        return [row for s in self.order for slot, row in docs.get(s.key, {}).items()
+                if slot != "trained" and row.get("kind") == kind]
 
     def stage_weights(self, stage: Stage) -> str:
         return stage_weights_path(self.workdir, stage)
@@ -201,12 +203,13 @@ class RunLedger:
         self._doc["checkpoints"] = {}
         self._write()
 
-    def record(self, stage: Stage, row: dict) -> None:
-        """Logs ``row`` (``metrics.jsonl``, then the ledger): a kill in between repeats the row
-        in the log on resume, and readers of the log keep the last row of each key."""
+    def record(self, stage: Stage, row: dict, slot: str | None = None) -> None:
+        """Logs ``row`` (``metrics.jsonl``, then the ledger, in ``slot``, default its kind): a
+        kill in between repeats the row in the log on resume, and readers of the log keep the
+        last row of each key."""
         self.log.write(row)
         failpoint("ledger.row_logged")
-        self._stage_doc(stage)[row["kind"]] = reporting.jsonable(row)
+        self._stage_doc(stage)[slot or row["kind"]] = reporting.jsonable(row)
         self._write()
 
     # ------------------------------------------------------------------ internals

@@ -109,9 +109,9 @@ class _Loop:
         return source
 
     def evaluate_if_needed(self, stage: Stage):
-        """A stage trained before a restart, evaluated now if the stop came before its row;
+        """A stage trained before a restart, evaluated now if the stop came before its rows;
         returns its variables when read, else None (read later if needed)."""
-        if self.ledger.recorded(stage, "eval"):
+        if all(self.ledger.recorded(stage, slot) for slot in self.eval_slots(stage)):
             return None
         model = self.ledger.trained_variables(stage)
         self.evaluate_and_record(stage, model, portion=portion_at(self.exp.config.self_training.portion, stage.round),
@@ -158,11 +158,23 @@ class _Loop:
                                        recent_losses=progress.recent_losses if progress else ())
         return state, steps
 
+    def eval_slots(self, stage: Stage) -> list[str]:
+        """The evaluation rows a stage gets: "eval", and "eval+mst" for ``evaluate.mst_methods``."""
+        return ["eval"] + (["eval+mst"] if stage.method in self.exp.mst_methods else [])
+
     def evaluate_and_record(self, stage: Stage, variables, **extra):
-        """Evaluation row, kept predictions and (rounds) the pseudo-label figure of a stage."""
-        cm, preds = evaluate(self.exp, variables, desc=f"{stage.key} eval")
-        self.ledger.record(stage, run_outputs.eval_row(self.exp, stage, cm, dict(extra,
-                                                                                 wall_s=time.time() - self.t_start)))
-        run_outputs.save_predictions(self.exp, stage, preds)
-        if stage.round is not None:
-            run_outputs.pseudo_label_figure(self.exp, stage, self.ledger.pseudo_labels(stage))
+        """The evaluation rows a stage still lacks, kept predictions and (rounds) the
+        pseudo-label figure."""
+        if not self.ledger.recorded(stage, "eval"):
+            cm, preds = evaluate(self.exp, variables, desc=f"{stage.key} eval")
+            self.ledger.record(stage, run_outputs.eval_row(self.exp, stage, cm,
+                                                           dict(extra, wall_s=time.time() - self.t_start)))
+            run_outputs.save_predictions(self.exp, stage, preds)
+            if stage.round is not None:
+                run_outputs.pseudo_label_figure(self.exp, stage, self.ledger.pseudo_labels(stage))
+        if "eval+mst" in self.eval_slots(stage) and not self.ledger.recorded(stage, "eval+mst"):
+            cm, _ = evaluate(self.exp, variables, keep=0, desc=f"{stage.key} eval MST",
+                             predictor=self.exp.mst_predictor)
+            row = run_outputs.eval_row(self.exp, Stage(f"{stage.method}+mst", stage.round), cm,
+                                       dict(extra, wall_s=time.time() - self.t_start))
+            self.ledger.record(stage, row, slot="eval+mst")

@@ -134,6 +134,36 @@ def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str], subse
             f"ground truth and prediction, excluded from the mean.")
 
 
+# The comparisons the seed's tables make, as (method, baseline): each round of the method against
+# the same round of the baseline (source-only has one row, used for every round).
+PAIRED = (("st", "source_only"), ("st_sp", "st"), ("cbst", "st"), ("cbst", "source_only"), ("cbst_sp", "cbst"),
+          ("cbst_sp+mst", "cbst_sp"), ("mrkld", "cbst"), ("lrent", "cbst"))
+
+
+def paired_differences_table(rows: Sequence[dict], pairs=PAIRED) -> str:
+    """Per (method, baseline) pair present in ``rows`` and per round: the mIoU difference of the
+    method and its baseline within each seed, as mean ± sample std (ddof=1) over the seeds, and
+    in how many seeds it is positive. Empty when no pair is present."""
+    miou = {(r["seed"], r["method"], r.get("round")): _nan(r["miou"]) for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    rounds = sorted({r["round"] for r in rows if r.get("round") is not None})
+    body = []
+    for method, base in pairs:
+        for rnd in rounds:
+            diffs = [miou[(s, method, rnd)] - miou[(s, base, None if base == "source_only" else rnd)]
+                     for s in seeds if (s, method, rnd) in miou
+                     and (s, base, None if base == "source_only" else rnd) in miou]
+            if not diffs:
+                continue
+            mean, std = _mean_std(diffs)
+            body.append([f"{method} − {base}", f"r{rnd}", _cell(mean, std), f"{sum(d > 0 for d in diffs)} of {len(diffs)}"])
+    if not body:
+        return ""
+    return (_markdown(["comparison", "round", "ΔmIoU (mean ± sd over seeds)", "seeds with Δ > 0"], body)
+            + "\n\nΔ = method − baseline within each seed (same data and source model), in mIoU points; "
+              "sd: sample standard deviation (ddof=1).")
+
+
 def city_table(by_city: dict[str, Sequence[dict]], class_names: Sequence[str], last_round: int | None) -> str:
     """The seed's cross-city table: per city one row per method (source-only, and each
     self-training method at round ``last_round``), IoU per class and their mean, each the mean

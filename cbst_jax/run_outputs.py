@@ -143,8 +143,10 @@ def write_aggregate(config, workdir, seeds, rows, pl_rows, wall_s) -> None:
     adapted = [m.name for m in parse_methods(config.methods) if m.self_trains]
     reporting.plot_pseudo_label_stats(pl_rows, names, os.path.join(workdir, "figures", "pseudo_label_stats.png"),
                                       methods=adapted)
-    text = (f"# Results over seeds {list(seeds)}\n\n{table}\n\nwall time {wall_s / 60:.1f} min "
-            f"on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
+    paired = reporting.paired_differences_table(rows) if len(seeds) > 1 else ""
+    text = (f"# Results over seeds {list(seeds)}\n\n{table}\n"
+            + (f"\n## Paired differences\n\n{paired}\n" if paired else "")
+            + f"\nwall time {wall_s / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
     atomic_write_bytes(os.path.join(workdir, "results.md"), text.encode())
     atomic_write_json(os.path.join(workdir, "summary.json"),
                       reporting.jsonable({"seeds": list(seeds), "wall_s": wall_s, "rows": rows}))

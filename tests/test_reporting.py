@@ -1,0 +1,28 @@
+"""The paired-differences table of a multi-seed run, against differences computed by hand."""
+import numpy as np
+
+from cbst_jax import reporting
+
+
+def test_paired_differences_per_seed_and_round():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.4, 5)
+    st = base[:, None] + rng.normal(0, 0.01, (5, 2))
+    cbst = st + rng.normal(0.02, 0.02, (5, 2))
+    rows = [dict(seed=s, method="source_only", round=None, miou=base[s]) for s in range(5)]
+    rows += [dict(seed=s, method=m, round=r, miou=v[s, r]) for s in range(5) for r in range(2)
+             for m, v in (("st", st), ("cbst", cbst))]
+    rows.append(dict(seed=4, method="cbst_sp", round=0, miou=0.5))  # its baseline pair is complete only here
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
+             for line in reporting.paired_differences_table(rows).splitlines() if line.startswith("| ")}
+    for r in range(2):
+        d = 100 * (cbst[:, r] - st[:, r])
+        cells = [c.strip() for c in lines[("cbst − st", f"r{r}")].strip("|").split("|")]
+        assert cells[2] == f"{d.mean():.1f} ± {d.std(ddof=1):.1f}"
+        assert cells[3] == f"{int((d > 0).sum())} of 5"
+        d = 100 * (st[:, r] - base)
+        assert [c.strip() for c in lines[("st − source_only", f"r{r}")].strip("|").split("|")][2] == \
+            f"{d.mean():.1f} ± {d.std(ddof=1):.1f}"
+    one = [c.strip() for c in lines[("cbst_sp − cbst", "r0")].strip("|").split("|")]
+    assert one[2] == f"{100 * (0.5 - cbst[4, 0]):.1f}" and one[3] == ("1 of 1" if 0.5 > cbst[4, 0] else "0 of 1")
+    assert reporting.paired_differences_table(rows[:5]) == ""

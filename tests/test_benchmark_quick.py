@@ -17,13 +17,14 @@ def test_quick_benchmark_two_seeds(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     methods = {(r["method"], r["round"]) for r in summary["rows"]}
-    assert methods == {("source_only", None)} | {(m, k) for m in ("st", "cbst", "cbst_sp") for k in (0, 1)}
+    assert methods == {("source_only", None)} | {(m, k) for m in ("st", "st_sp", "cbst", "cbst_sp", "cbst_sp+mst", "mrkld")
+                                                for k in (0, 1)}
     assert sorted({r["seed"] for r in summary["rows"]}) == [0, 1]
     for r in summary["rows"]:
         assert math.isfinite(r["miou"]) and 0.0 <= r["miou"] <= 1.0
         assert all(v is None or 0.0 <= v <= 1.0 for v in r["iou"])
     text = (tmp_path / "results.md").read_text()
-    assert "mean ± std over seeds [0, 1]" in text and "cbst_sp r1" in text
+    assert "over seeds [0, 1]" in text and "cbst_sp r1" in text and "cbst − st" in text
     for f in ("figures/miou_per_round.png", "figures/pseudo_label_stats.png", "seed_0/figures/predictions.png"):
         assert (tmp_path / f).stat().st_size > 1000, f
     assert "| cbst_sp r1 |" in (tmp_path / "seed_1" / "results.md").read_text()

@@ -94,7 +94,7 @@ def test_recipes_carry_the_references_values():
     ("input.mine_domains", "source", "'both' or 'target'"),
     ("input.crop", (64, -1), "(height, width), two positive integers"),
     ("input.eval_size", (64,), "(height, width), two positive integers"),
-    ("input.workers", 0, "a positive number of loader threads"),
+    ("input.workers", 0, "a positive number of data workers"),
     ("input.source_share", 1.5, "a share in [0, 1]"),
     ("evaluate.scales", (), "positive scales"),
     ("evaluate.scales", (1.0, -0.5), "positive scales"),

@@ -73,7 +73,14 @@ class RunCheckpoints:
         return directory_digest(self.path(index))
 
     def save(self, index: int, state, meta: dict) -> str:
-        """Writes checkpoint ``index``; returns its digest."""
+        """Writes checkpoint ``index``; returns its digest. Refused before anything is written
+        when the disk has less free space than the state needs (orbax's failure inside a write
+        leaves threads that keep reporting it)."""
+        needed, free = int(1.1 * tree_nbytes(state)) + 2**20, shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointError(f"not enough space for checkpoint {self.path(index)}: it needs about "
+                                  f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; the earlier "
+                                  f"checkpoints are intact")
         failpoint_during("checkpoint.save")
         try:
             self._mngr.save(index, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -150,7 +150,10 @@ def run_command(config, workdir: str, seeds_text: str | None, fresh: bool, debug
     except user_errors as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        from cbst_jax.checkpointing import CheckpointError
+        if isinstance(e, CheckpointError):  # orbax threads of a failed write would keep reporting it
+            os._exit(EXIT_USAGE)
         return EXIT_USAGE
     except OSError as e:  # a full disk, a permission, a file that vanished
         if debug:

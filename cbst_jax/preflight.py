@@ -48,10 +48,14 @@ def _check_splits(config) -> None:
                                f"is empty")
     if not getattr(target_eval, "has_labels", True):
         raise DatasetError(f"target evaluation split {config.target.eval_split!r} has no labels")
-    crop = tuple(config.source_training.crop) or tuple(config.input.crop)
-    for name, split, crop in (("source", source, crop), ("target", target_train, tuple(config.input.crop))):
-        sizes = image_sizes(split)
-        if all(crop[0] > h or crop[1] > w for h, w in sizes):
-            largest = max(sizes, key=lambda s: s[0] * s[1])
-            raise config_lib.ConfigError(f"config.input.crop={crop}: larger than every {name} image looked at "
+    checks = [("input.crop", tuple(config.input.crop), "source", source),
+              ("input.crop", tuple(config.input.crop), "target", target_train)]
+    if config.source_training.steps > 0 and not config.model.init_is_source_model and config.source_training.crop:
+        checks.append(("source_training.crop", tuple(config.source_training.crop), "source", source))
+    sizes = {}
+    for key, crop, name, split in checks:
+        sizes.setdefault(name, image_sizes(split))
+        if all(crop[0] > h or crop[1] > w for h, w in sizes[name]):
+            largest = max(sizes[name], key=lambda s: s[0] * s[1])
+            raise config_lib.ConfigError(f"config.{key}={crop}: larger than every {name} image looked at "
                                          f"(e.g. {largest[0]}x{largest[1]}); expected a crop that fits the images")

@@ -140,23 +140,33 @@ def make_optimizer(param_labels, *, momentum: float = 0.9, weight_decay: float =
 
 
 # ---------------------------------------------------------------------------- state
-def create_train_state(variables, tx, rng, mesh) -> TrainState:
-    """A fresh state (step 0, ``tx.init`` optimiser state: both references start a new optimiser
-    every round) placed replicated on ``mesh``. ``variables``: {'params', optional
-    'batch_stats'}; ``rng``: a typed key, raw key data or an int seed."""
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        rng = jax.random.key_data(rng)
+def state_initializer(tx, mesh):
+    """``init(variables, rng) -> TrainState``: a fresh state (step 0, ``tx.init`` optimiser
+    state: both references start a new optimiser every round) placed replicated on ``mesh``.
+    One jitted program per optimiser, however many rounds start from it. ``variables``:
+    {'params', optional 'batch_stats'}; ``rng``: a typed key, raw key data or an int seed."""
     repl = replicated(mesh)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    params, batch_stats, rng = jax.device_put((params, batch_stats, rng), repl)
 
-    def init(params, batch_stats, rng):
+    def build(params, batch_stats, rng):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                           opt_state=tx.init(params), rng=rng)
 
-    return jax.jit(init, out_shardings=repl)(params, batch_stats, rng)
+    jitted = jax.jit(build, out_shardings=repl)
+
+    def init(variables, rng) -> TrainState:
+        if isinstance(rng, int):
+            rng = jax.random.key(rng)
+        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.key_data(rng)
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        return jitted(*jax.device_put((params, batch_stats, rng), repl))
+
+    return init
+
+
+def create_train_state(variables, tx, rng, mesh) -> TrainState:
+    """A fresh state of optimiser ``tx`` (:func:`state_initializer`, once)."""
+    return state_initializer(tx, mesh)(variables, rng)
 
 
 def _select(pred, new, old):
@@ -255,4 +265,5 @@ def make_train_step(model, tx, config, mesh, param_labels=None):
     return step
 
 
-__all__ = ["TrainState", "TrainConfig", "learning_rate", "make_optimizer", "create_train_state", "make_train_step"]
+__all__ = ["TrainState", "TrainConfig", "learning_rate", "make_optimizer", "state_initializer", "create_train_state",
+           "make_train_step"]

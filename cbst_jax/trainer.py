@@ -29,7 +29,7 @@ class Trainer:
 
         self.exp, self.ledger = exp, ledger
         self.labels = models.param_groups(exp.model, variables["params"], train_bn=exp.config.model.train_bn)
-        self._tx, self._steps = {}, {}
+        self._tx, self._init, self._steps = {}, {}, {}
         self.last_loss = None
 
     # ------------------------------------------------------------------ optimisers and states
@@ -51,7 +51,9 @@ class Trainer:
         so donating the new state never frees the buffers of the state it came from (the
         source model is reused by every method)."""
         variables = jax.tree.map(lambda x: np.array(jax.device_get(x)), variables)
-        return train_lib.create_train_state(variables, self.optimizer(kind), rng, self.exp.mesh)
+        if kind not in self._init:
+            self._init[kind] = train_lib.state_initializer(self.optimizer(kind), self.exp.mesh)
+        return self._init[kind](variables, rng)
 
     def round_state(self, variables, stage: Stage, run_rng):
         """The state a round starts from: the previous model, a fresh optimiser, the round's RNG."""

@@ -21,7 +21,7 @@ TINY = [
     "--config.source_training.steps=16", "--config.self_training.rounds=2",
     "--config.self_training.steps_per_round=8", "--config.input.batch_size=8",
     "--config.input.eval_batch_size=16", "--config.checkpoint_every=4", "--config.log_every=4",
-    "--config.input.workers=1",
+    "--config.input.workers=1", "--config.evaluate.mst_methods=",
 ]
 
 
@@ -209,7 +209,8 @@ def test_label_regularised_rounds(tmp_path):
     got, portion = measure(seed_dir, [0.25], kinds=("lrent",), keeps=("objective",))
     assert portion == 0.2 and [r["method"] for r in got] == ["cbst", "lrent"]
     assert got[1]["kept_fraction"] == pl["selected_fraction"]
-    assert abs(got[0]["kept_fraction"] - 0.2) < 0.02 and 1 / 19 <= got[1]["top_mass"] <= 1
+    # CBST keeps at least floor(N_c p) pixels of each class, and every pixel tied with λ_c on top
+    assert 0.2 - 19 / (32 * 64 * 128) <= got[0]["kept_fraction"] < 0.3 and 1 / 19 <= got[1]["top_mass"] <= 1
 
 
 def test_workdir_config_check_ignores_launch_keys(tmp_path):

@@ -160,7 +160,7 @@ def test_compose_and_round_trip():
 
 
 def test_store_soft_round_trip(tmp_path):
-    from cbst_jax.pseudo_label_store import PseudoLabelStore
+    from cbst_jax.pseudo_label_store import Manifest, PseudoLabelError, PseudoLabelStore
 
     store = PseudoLabelStore(str(tmp_path / "r0"))
     store.begin()
@@ -170,12 +170,18 @@ def test_store_soft_round_trip(tmp_path):
     top = np.round(255 * (0.9 + 0.1 * np.sin(yy) * np.cos(xx))).astype(np.uint8)
     cells = soft_labels.quantize(random_soft(rng, (128, 256), 19))
     store.write_soft(3, top, cells)
+    store.finish(Manifest(method="lrent", round=0, portion=0.2, policy="cbst", thresholds=[], class_counts=[],
+                          selected=[], correct=[], valid_pixels=0, mine_classes=[], num_records=4,
+                          has_ground_truth=False, soft_label_stride=8))
     got_top, got_cells = store.read_soft(3)
     np.testing.assert_array_equal(got_top, top)
     np.testing.assert_array_equal(got_cells, cells)
     assert (tmp_path / "r0" / "0000003.soft.npz").stat().st_size < 2 * 2**20
-    with pytest.raises(FileNotFoundError, match="soft pseudo-label of target record 4"):
+    with pytest.raises(PseudoLabelError, match="soft pseudo-label of target record 4 is missing"):
         store.read_soft(4)
+    np.savez_compressed(tmp_path / "r0" / "0000003.soft.npz", top=top, cells=cells[::-1])  # replaced
+    with pytest.raises(PseudoLabelError, match="does not match its manifest"):
+        PseudoLabelStore(str(tmp_path / "r0")).read_soft(3)
 
 
 def test_mixed_iterator_carries_soft_labels():

@@ -421,6 +421,15 @@ class MixedIterator(_Closing):
         self._prefetch = (_ProcessPrefetcher(self._batches, prefetch, n) if self.parallelism == "processes"
                           else _ThreadPrefetcher(self._batches, prefetch if n else 0, n))
 
+    @property
+    def scale_range(self) -> tuple:
+        """The source rows' rescaling range."""
+        return self._batches.scale_range
+
+    @property
+    def target_scale_range(self) -> tuple:
+        return self._batches.target_scale_range
+
     def __iter__(self):
         return self
 

@@ -368,3 +368,7 @@ def test_space_to_batch_programs_hold_no_dilated_convolution(name):
 def test_unknown_atrous_mode_is_refused():
     with pytest.raises(ValueError, match="atrous must be one of"):
         models.get_model("deeplabv2_resnet_small", 3, atrous="winograd").init(KEY, images(1, 32, 32))
+    # families without the option: "dilated" is what they do, space_to_batch is refused
+    assert isinstance(models.get_model("fcn8s_vgg16_small", 3, atrous="dilated"), models.FCN8s)
+    with pytest.raises(ValueError, match="not available for 'demo_segnet'"):
+        models.get_model("demo_segnet", 3, atrous="space_to_batch")

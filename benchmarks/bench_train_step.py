@@ -1,22 +1,40 @@
 """Times one DeepLab-v2 ResNet-101 SGD train step, the JAX peer of
-/work/shared/bench/anchor_torch_deeplabv2.py (run both in one GPU call).
+/work/shared/bench/anchor_torch_deeplabv2.py (run both in one GPU call), and counts its work.
 
 Step: forward + backward + SGD (momentum 0.9, weight decay 5e-4; head 10x LR) with frozen
-BatchNorm, loss = CE (ignore 255, mean over valid pixels) on logits bilinearly resized to
-the 512x1024 crop. Jitted with donated params/optimizer state; median over timed steps
-after warm-up, each closed by block_until_ready. Prints one JSON line per config and
-writes $OUT/bench_jax.json (rewritten after every config). ``--step project`` times the same
-workload through the project's own ``cbst_jax.train.make_train_step`` (what the round loop runs:
-TrainState, align_corners loss, gradient norm, non-finite guard), ``--step minimal`` the bare
-step below, ``both`` (default) one after the other per config.
+BatchNorm. ``--step project`` (default) times the project's own ``cbst_jax.train.make_train_step``
+(what the round loop runs: TrainState, parameter groups, the loss of ``--loss``, gradient norm,
+non-finite guard, batch sharded over a ('data',) mesh); ``--step minimal`` a bare step (loss on
+logits resized with ``jax.image.resize``); ``both`` one after the other.
 
-  python -m benchmarks.bench_train_step            # 4 configs, ~2-3 min on an H100
-  python -m benchmarks.bench_train_step --smoke    # tiny model on CPU
+Variants: every combination of ``--configs`` (batch:dtype), ``--atrous`` (the models' atrous
+option: dilated convolutions or the same convolutions undilated on space-to-batch phase grids) and
+``--loss`` (upsample: logits bilinear to the crop, as CRST; stride: labels sampled at the logits'
+stride, as CBST). Within a config all variants are compiled first, then timed in ``--rounds``
+interleaved rounds of ``--steps`` steps (so a drifting load hits them alike); each step is closed
+by ``block_until_ready``; rows give the median and the ratio to the config's first variant.
+
+``--aot`` compiles each variant for abstract inputs only (nothing runs, no memory is taken) and
+reports XLA's cost analysis (FLOPs, bytes accessed), memory analysis (argument / output / temp
+bytes) and what the optimised HLO holds (convolutions by operand type, transposes, copies).
+
+``--save-hlo DIR`` keeps each variant's optimised HLO. ``--profile DIR`` traces ``--steps`` steps of the first variant with ``jax.profiler`` (a perfetto
+trace) and prints the device ops that took the most time.
+
+  python -m benchmarks.bench_train_step --configs 8:bfloat16               # GPU: both atrous modes
+  python -m benchmarks.bench_train_step --aot --configs 8:bfloat16 --loss upsample,stride
+  python -m benchmarks.bench_train_step --smoke                             # tiny model on CPU
+
+One JSON line per variant on stdout; all rows so far in $OUT/bench_jax.json after each config.
 """
 import argparse
+import glob
+import gzip
 import json
 import os
+import re
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +44,7 @@ import optax
 from cbst_jax import models
 
 TFLOP_PER_IMAGE = 2.193352556544  # torch FlopCounterMode, fwd+bwd at 512x1024 (anchor README)
-CONFIGS = ((2, "float32"), (2, "bfloat16"), (8, "bfloat16"), (8, "float32"))
+CONFIGS = ((8, "bfloat16"), (2, "bfloat16"), (2, "float32"))
 
 
 def make_optimizer(module, params, lr=2.5e-4):
@@ -43,46 +61,133 @@ def cross_entropy(logits, labels, ignore=255):
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
-def make_step(module, tx, hw):
-    def step(params, opt_state, batch_stats, images, labels):
-        def loss_fn(p):
-            logits = module.apply({"params": p, "batch_stats": batch_stats}, images, train=True)
-            logits = jax.image.resize(logits, (logits.shape[0], *hw, logits.shape[-1]), "bilinear")
-            return cross_entropy(logits, labels)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def peak_memory_gib():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
-
-
-def bench(model, batch, dtype, hw, steps, warmup, num_classes=19):
-    module = models.get_model(model, num_classes, dtype=dtype)
-    rng = np.random.RandomState(0)
-    images = jnp.asarray(rng.randint(0, 256, (batch, *hw, 3), np.uint8))
-    labels = rng.randint(0, num_classes, (batch, *hw)).astype(np.int32)
+def host_batch(batch, hw, num_classes=19, seed=0):
+    """Random uint8 images and labels (first 16 rows ignored), half the rows target."""
+    rng = np.random.RandomState(seed)
+    labels = rng.randint(0, num_classes, (batch, *hw)).astype(np.uint8)
     labels[:, :16] = 255
-    labels = jnp.asarray(labels)
-    variables = jax.jit(module.init)(jax.random.key(0, impl="rbg"), images[:1])
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    tx = make_optimizer(module, params)
-    opt_state = tx.init(params)
-    step = make_step(module, tx, hw)
-    t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch_stats, images, labels).compile()
-    compile_s = time.perf_counter() - t0
-    (params, opt_state, loss), times = time_steps(
-        lambda c: compiled(c[0], c[1], batch_stats, images, labels), (params, opt_state, None), steps, warmup)
-    return summary(model, batch, dtype, hw, times, compile_s, loss=float(loss), steps=steps)
+    return {"image": rng.randint(0, 256, (batch, *hw, 3)).astype(np.uint8), "label": labels,
+            "is_target": np.arange(batch) % 2 == 1}
 
 
-def time_steps(advance, carry, steps, warmup):
+class Variant:
+    """One compiled train step: ``advance(carry) -> carry`` runs one step; ``abstract`` builds
+    only shapes (for ``--aot``)."""
+
+    def __init__(self, step_kind, model, batch, dtype, hw, atrous, loss, num_classes=19, abstract=False):
+        from cbst_jax import sharding as shd, train
+
+        self.row = dict(step=step_kind, model=model, batch=batch, hw=list(hw), dtype=dtype, atrous=atrous,
+                        loss_resolution=loss if step_kind == "project" else "resize", bn="frozen")
+        # imagenet normalisation: inputs near unit scale, so the random network's loss stays finite
+        # (with the Caffe mean-only input, random R101 logits reach ~2e3 and the loss overflows)
+        module = models.get_model(model, num_classes, dtype=dtype, atrous=atrous, normalization="imagenet")
+        key = jax.random.key(0, impl="rbg")
+        image0 = jax.ShapeDtypeStruct((1, *hw, 3), jnp.uint8)
+        variables = (jax.eval_shape(module.init, key, image0) if abstract
+                     else jax.jit(module.init)(key, np.zeros((1, *hw, 3), np.uint8)))
+        host = host_batch(batch, hw, num_classes)
+        if step_kind == "project":
+            mesh = shd.make_mesh()
+            groups = models.param_groups(module, variables["params"])
+            tx = train.make_optimizer(groups)
+            step = train.make_train_step(module, tx, train.TrainConfig(loss_resolution=loss, stride=8), mesh, groups)
+            init_state = lambda v: train.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+                                                    batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
+                                                    rng=jax.random.key_data(jax.random.key(0)))
+            state = jax.eval_shape(init_state, variables) if abstract else train.create_train_state(variables, tx, 0, mesh)
+            data = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host) if abstract
+                    else shd.to_global(host, mesh))
+            lr = np.float32(2.5e-4)
+            self.lowered = step.jitted.lower(state, data, lr)
+            self.carry = (state, None)
+            self.call = lambda compiled, c: compiled(c[0], data, lr)
+            self.row["devices"] = mesh.devices.size
+        else:
+            params, batch_stats = variables["params"], variables["batch_stats"]
+            tx = make_optimizer(module, params)
+            opt_state = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
+
+            def bare(params, opt_state, batch_stats, images, labels):
+                def loss_fn(p):
+                    logits = module.apply({"params": p, "batch_stats": batch_stats}, images, train=True)
+                    logits = jax.image.resize(logits, (logits.shape[0], *hw, logits.shape[-1]), "bilinear")
+                    return cross_entropy(logits, labels)
+
+                loss_value, grads = jax.value_and_grad(loss_fn)(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, {"loss": loss_value}
+
+            images, labels = host["image"], host["label"].astype(np.int32)
+            if abstract:
+                images, labels = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (images, labels))
+            else:
+                images, labels = jnp.asarray(images), jnp.asarray(labels)
+            self.lowered = jax.jit(bare, donate_argnums=(0, 1)).lower(params, opt_state, batch_stats, images, labels)
+            self.carry = (params, opt_state, None)
+            self.call = lambda compiled, c: compiled(c[0], c[1], batch_stats, images, labels)
+        t0 = time.perf_counter()
+        self.compiled = self.lowered.compile()
+        self.row["compile_s"] = round(time.perf_counter() - t0, 2)
+
+    def advance(self, carry):
+        return self.call(self.compiled, carry)
+
+    def metrics(self):
+        m = self.carry[-1]
+        out = {"loss": float(m["loss"])}
+        if "finite" in m:
+            out["finite"] = bool(m["finite"])
+        return out
+
+
+def hlo_summary(lowered, compiled):
+    """What the program holds. Lowered (what JAX asked for): convolutions by operand and result
+    types. Optimised (what the backend runs): convolutions (XLA ops or cuDNN calls) by result type
+    and layout, transposes and copies (layout changes), fusions."""
+    lowered_convs = Counter("x".join(m) for m in re.findall(
+        r"stablehlo.convolution.*: \(tensor<\S+x(\w+)>, tensor<\S+x(\w+)>\) -> tensor<\S+x(\w+)>",
+        lowered.as_text()))
+    text = compiled.as_text()
+    convs, layouts = Counter(), Counter()
+    for line in text.splitlines():
+        if " convolution(" in line or "cudnn$conv" in line:
+            m = re.search(r"= \(?(\w+)\[[\d,]*\](\{[\d,]*\})?", line)
+            if m:
+                convs[m.group(1)] += 1
+                layouts[m.group(2) or "-"] += 1
+    return dict(lowered_convolutions=dict(lowered_convs), convolutions=dict(convs), conv_layouts=dict(layouts),
+                transposes=len(re.findall(r"= \S+ transpose\(", text)),
+                copies=len(re.findall(r"= \S+ copy\(", text)), fusions=len(re.findall(r"= \S+ fusion\(", text)))
+
+
+def aot_row(variant, save_hlo=""):
+    """XLA's own accounting of the compiled step (per device); ``save_hlo``: a folder for the
+    optimised HLO text (gzip)."""
+    row = dict(variant.row)
+    if save_hlo:
+        os.makedirs(save_hlo, exist_ok=True)
+        name = "hlo_{dtype}_b{batch}_{atrous}_{loss_resolution}_{step}.txt.gz".format(**variant.row)
+        with gzip.open(os.path.join(save_hlo, name), "wt") as f:
+            f.write(variant.compiled.as_text())
+    cost = variant.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost:
+        row["tflop_per_step"] = cost.get("flops", float("nan")) / 1e12
+        row["tflop_per_image"] = row["tflop_per_step"] / variant.row["batch"]
+        row["gb_accessed"] = cost.get("bytes accessed", float("nan")) / 1e9
+    mem = variant.compiled.memory_analysis()
+    if mem is not None:
+        for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                      "temp_size_in_bytes", "generated_code_size_in_bytes"):
+            if hasattr(mem, field):
+                row[field.replace("_size_in_bytes", "_gib")] = round(getattr(mem, field) / 2**30, 3)
+    row["hlo"] = hlo_summary(variant.lowered, variant.compiled)
+    row.update(device=jax.devices()[0].device_kind, jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
+    return row
+
+
+def time_steps(advance, carry, steps, warmup=0):
     """``carry = advance(carry)`` ``warmup`` times, then ``steps`` timed calls, each closed by
     ``block_until_ready`` on everything it returns; (last carry, seconds per call)."""
     for _ in range(warmup):
@@ -96,72 +201,123 @@ def time_steps(advance, carry, steps, warmup):
     return carry, times
 
 
-def summary(model, batch, dtype, hw, times, compile_s, **extra):
-    """One JSON row: median/min step time, throughput, achieved TFLOP/s (DeepLab-v2 R101 only)."""
-    ms = 1000 * float(np.median(times))
-    return dict(model=model, batch=batch, hw=list(hw), dtype=dtype, bn="frozen", ms_median=ms,
-                ms_min=1000 * min(times), img_per_s=batch * 1000 / ms,
-                achieved_tflops=TFLOP_PER_IMAGE * batch / (ms / 1000) if model == "deeplabv2_resnet101" else None,
-                compile_s=compile_s, peak_mem_gib=peak_memory_gib(), **extra,
-                device=jax.devices()[0].device_kind, jax=jax.__version__)
+def peak_memory_gib():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
-def bench_project(model, batch, dtype, hw, steps, warmup, num_classes=19):
-    """The same workload through the project's own step (``cbst_jax.train.make_train_step``):
-    TrainState, parameter groups, align_corners upsampling loss, the ``lr`` argument, gradient
-    norm and the non-finite guard, batch sharded over a ('data',) mesh of all local devices."""
-    from cbst_jax import sharding as shd, train
-
-    module = models.get_model(model, num_classes, dtype=dtype)
-    mesh = shd.make_mesh()
-    rng = np.random.RandomState(0)
-    labels = rng.randint(0, num_classes, (batch, *hw)).astype(np.uint8)
-    labels[:, :16] = 255
-    host = {"image": rng.randint(0, 256, (batch, *hw, 3)).astype(np.uint8), "label": labels,
-            "is_target": np.arange(batch) % 2 == 1}
-    data = shd.to_global(host, mesh)
-    variables = jax.jit(module.init)(jax.random.key(0, impl="rbg"), host["image"][:1])
-    groups = models.param_groups(module, variables["params"])
-    tx = train.make_optimizer(groups)
-    state = train.create_train_state(variables, tx, 0, mesh)
-    step = train.make_train_step(module, tx, train.TrainConfig(loss_resolution="upsample", stride=8), mesh, groups)
-    lr = np.float32(2.5e-4)
-    t0 = time.perf_counter()
-    compiled = step.jitted.lower(state, data, lr).compile()
-    compile_s = time.perf_counter() - t0
-    (state, m), times = time_steps(lambda c: compiled(c[0], data, lr), (state, None), steps, warmup)
-    return dict(step="project", **summary(model, batch, dtype, hw, times, compile_s, loss=float(m["loss"]),
-                                          finite=bool(m["finite"]), steps=steps, devices=mesh.devices.size))
+def timed_rows(variants, steps, warmup, rounds):
+    """Interleaved timing: ``warmup`` steps each, then ``rounds`` x (``steps`` steps of each)."""
+    times = [[] for _ in variants]
+    for v in variants:
+        v.carry, _ = time_steps(v.advance, v.carry, 0, warmup)
+    for _ in range(rounds):
+        for v, ts in zip(variants, times):
+            v.carry, t = time_steps(v.advance, v.carry, steps)
+            ts += t
+    rows = []
+    for v, ts in zip(variants, times):
+        ms = 1000 * float(np.median(ts))
+        batch = v.row["batch"]
+        rows.append(dict(v.accounting, ms_median=ms, ms_min=1000 * min(ts), steps=len(ts), img_per_s=batch * 1000 / ms,
+                         achieved_tflops=(TFLOP_PER_IMAGE * batch / (ms / 1000)
+                                          if v.row["model"] == "deeplabv2_resnet101" else None),
+                         speed_vs_first=None, process_peak_mem_gib=peak_memory_gib(), **v.metrics()))
+        if "tflop_per_step" in rows[-1]:  # XLA's own count of the work, over the time
+            rows[-1]["xla_tflops_achieved"] = rows[-1]["tflop_per_step"] / (ms / 1000)
+    for r in rows:
+        r["speed_vs_first"] = round(rows[0]["ms_median"] / r["ms_median"], 4)
+    return rows
 
 
-def main():
+def profile(variant, steps, out_dir, top=25):
+    """A jax.profiler (perfetto) trace of ``steps`` steps; the device ops that took most time."""
+    variant.carry, _ = time_steps(variant.advance, variant.carry, 0, 1)
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        variant.carry, _ = time_steps(variant.advance, variant.carry, steps)
+    found = sorted(glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not found:
+        return dict(variant.row, profile=None, note="no perfetto trace written")
+    with gzip.open(found[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            names[(e["pid"], e.get("tid") if e["name"] == "thread_name" else None)] = e["args"].get("name", "")
+    # device ops: the GPU's streams (a "/device:..." process); on CPU, XLA's own threads
+    on_device = lambda e: ("/device:" in names.get((e["pid"], None), "")
+                           or names.get((e["pid"], e.get("tid")), "").startswith("tf_XLA"))
+    per_op = Counter()
+    for e in events:
+        if e.get("ph") == "X" and on_device(e):
+            per_op[e.get("name", "?")] += e.get("dur", 0)
+    total = sum(per_op.values())
+    return dict(variant.row, profile=found[-1], device_us_per_step=total / steps,
+                top_ops=[(name, round(us / steps, 1), round(100 * us / max(total, 1), 2))
+                         for name, us in per_op.most_common(top)])
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="deeplabv2_resnet_small at 64x128, 3 steps")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="deeplabv2_resnet_small at 64x128, 2 steps")
+    parser.add_argument("--model", default="deeplabv2_resnet101")
+    parser.add_argument("--size", default="512,1024", help="crop H,W")
     parser.add_argument("--configs", default=",".join(f"{b}:{d}" for b, d in CONFIGS),
-                        help="batch:dtype pairs, in order, e.g. 2:float32,8:bfloat16")
-    parser.add_argument("--step", choices=("project", "minimal", "both"), default="both",
-                        help="project: cbst_jax.train.make_train_step; minimal: the bare step above")
-    args = parser.parse_args()
-    model, hw, steps = "deeplabv2_resnet101", (512, 1024), args.steps
+                        help="batch:dtype pairs, in order, e.g. 8:bfloat16,2:float32")
+    parser.add_argument("--atrous", default="dilated,space_to_batch", help="atrous modes to compare")
+    parser.add_argument("--loss", default="upsample", help="loss resolutions (project step): upsample,stride")
+    parser.add_argument("--step", choices=("project", "minimal", "both"), default="project")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--aot", action="store_true", help="compile for abstract inputs; report XLA's accounting")
+    parser.add_argument("--save-hlo", default="", help="folder for each variant's optimised HLO (text, gzip)")
+    parser.add_argument("--profile", default="", help="folder for a jax.profiler trace of the first variant")
+    args = parser.parse_args(argv)
     if args.smoke:
-        model, hw, steps = "deeplabv2_resnet_small", (64, 128), 3
+        args.model, args.size, args.steps, args.warmup = "deeplabv2_resnet_small", "64,128", 2, 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hw = tuple(int(v) for v in args.size.split(","))
     out_dir = os.environ.get("OUT", ".")
+    kinds = {"project": ("project",), "minimal": ("minimal",), "both": ("project", "minimal")}[args.step]
     results = []
-    kinds = {"project": (bench_project,), "minimal": (bench,), "both": (bench_project, bench)}[args.step]
-    configs = [(int(b), d) for b, d in (c.split(":") for c in args.configs.split(","))]
-    for batch, dtype in configs:
-        for fn in kinds:
+    for config in args.configs.split(","):
+        batch, dtype = config.split(":")
+        variants, rows = [], []
+        for kind in kinds:
+            for atrous in args.atrous.split(","):
+                for loss in (args.loss.split(",") if kind == "project" else ("resize",)):
+                    try:
+                        v = Variant(kind, args.model, int(batch), dtype, hw, atrous, loss, abstract=args.aot)
+                    except Exception as e:  # e.g. out of memory: report and go on
+                        rows.append(dict(step=kind, model=args.model, batch=int(batch), dtype=dtype, atrous=atrous,
+                                         loss_resolution=loss, error=repr(e)[:500]))
+                        continue
+                    if args.aot:
+                        rows.append(dict(aot_row(v, args.save_hlo), aot=True))
+                        del v
+                    else:
+                        v.accounting = aot_row(v, args.save_hlo)
+                        variants.append(v)
+        if variants:
             try:
-                result = fn(model, batch, dtype, hw, steps, args.warmup)
-            except Exception as e:  # e.g. out of memory: report and go on with the next config
-                result = dict(model=model, batch=batch, dtype=dtype, error=repr(e)[:500])
-            result.setdefault("step", "project" if fn is bench_project else "minimal")
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            with open(os.path.join(out_dir, "bench_jax.json"), "w") as f:
-                json.dump(results, f, indent=1)
+                rows += timed_rows(variants, args.steps, args.warmup, args.rounds)
+                if args.profile:
+                    rows.append(profile(variants[0], min(args.steps, 3), args.profile))
+            except Exception as e:
+                rows.append(dict(batch=int(batch), dtype=dtype, error=repr(e)[:500]))
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        results += rows
+        with open(os.path.join(out_dir, "bench_jax.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        del variants
+    return results
 
 
 if __name__ == "__main__":

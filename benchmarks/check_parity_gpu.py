@@ -5,7 +5,8 @@ DeepLab-v2 reference: torchvision resnet101 with the stride moved to each first 
 (Caffe), layer3/4 dilated 2/4 in every block, ceil-mode stem pool, ASPP-v2 `layer5`.
 FCN-8s reference: torchvision vgg16 copied into pytorch-fcn's FCN8s (pad 100, fc6 7x7).
 Both are converted with `cbst_jax.convert_weights` and compared in float32 (torch with
-TF32 off) at JAX's default matmul precision and at 'highest'. Prints one JSON line per
+TF32 off) at JAX's default matmul precision and at 'highest'; DeepLab-v2 in both atrous modes
+(dilated convolutions, and the same convolutions undilated on space-to-batch phase grids). Prints one JSON line per
 comparison and writes $OUT/parity_gpu.json.
 
   python -m benchmarks.check_parity_gpu          # ~1-2 min on an H100
@@ -104,23 +105,30 @@ def torch_input(x):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def compare(name, module, variables, reference, x, device):
+def compare(name, modules, variables, reference, x, device):
+    """``modules``: {atrous mode: JAX module} compared with one torch forward of ``reference``."""
     with torch.no_grad():
         want = reference.to(device)(torch_input(x).to(device)).cpu().numpy().transpose(0, 2, 3, 1)
     results = []
-    for precision in ("default", "highest"):
-        with jax.default_matmul_precision(precision):
-            t = time.perf_counter()
-            got = np.asarray(jax.jit(module.apply)(variables, x))
-            seconds = time.perf_counter() - t
-        err = got.astype(np.float64) - want
-        results.append(dict(model=name, precision=precision, shape=list(got.shape),
-                            rel_err_l2=float(np.linalg.norm(err) / np.linalg.norm(want)),
-                            rel_err_max=float(np.abs(err).max() / np.abs(want).max()),
-                            argmax_agreement=float((got.argmax(-1) == want.argmax(-1)).mean()),
-                            seconds_incl_compile=seconds, device=jax.devices()[0].device_kind))
-        print(json.dumps(results[-1]), flush=True)
+    for atrous, module in modules.items():
+        for precision in ("default", "highest"):
+            with jax.default_matmul_precision(precision):
+                t = time.perf_counter()
+                got = np.asarray(jax.jit(module.apply)(variables, x))
+                seconds = time.perf_counter() - t
+            err = got.astype(np.float64) - want
+            results.append(dict(model=name, atrous=atrous, precision=precision, shape=list(got.shape),
+                                rel_err_l2=float(np.linalg.norm(err) / np.linalg.norm(want)),
+                                rel_err_max=float(np.abs(err).max() / np.abs(want).max()),
+                                argmax_agreement=float((got.argmax(-1) == want.argmax(-1)).mean()),
+                                seconds_incl_compile=seconds, device=jax.devices()[0].device_kind))
+            print(json.dumps(results[-1]), flush=True)
     return results
+
+
+def write(results):
+    with open(os.path.join(os.environ.get("OUT", "."), "parity_gpu.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def main():
@@ -137,10 +145,12 @@ def main():
     ref = randomize_bn(DeepLabV2Reference(19))
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     variables, _ = convert_weights.convert("torchvision-resnet101", state, 19)
-    module = models.get_model("deeplabv2_resnet101", 19, normalization="imagenet")
+    modules = {atrous: models.get_model("deeplabv2_resnet101", 19, normalization="imagenet", atrous=atrous)
+               for atrous in ("dilated", "space_to_batch")}
     hw = (65, 97) if args.smoke else (512, 1024)
-    results += compare("deeplabv2_resnet101", module, variables, ref,
+    results += compare("deeplabv2_resnet101", modules, variables, ref,
                        rng.randint(0, 256, (1, *hw, 3)).astype(np.uint8), device)
+    write(results)
     del ref, state, variables
 
     vgg = torchvision.models.vgg16(weights=None)
@@ -157,10 +167,9 @@ def main():
             if "bias" in params[name]:
                 getattr(ref, name).bias.copy_(torch.from_numpy(params[name]["bias"]))
     hw = (64, 64) if args.smoke else (500, 500)
-    results += compare("fcn8s_vgg16", models.get_model("fcn8s_vgg16", 19), variables, ref,
+    results += compare("fcn8s_vgg16", {"-": models.get_model("fcn8s_vgg16", 19)}, variables, ref,
                        rng.randint(0, 256, (1, *hw, 3)).astype(np.uint8), device)
-    with open(os.path.join(os.environ.get("OUT", "."), "parity_gpu.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write(results)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,45 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_train_step_benchmark_project_step(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="", PYTHONPATH=ROOT,
-               OUT=str(tmp_path))
-    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_train_step", "--smoke", "--step", "project",
-                          "--configs", "2:float32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def cpu_env(tmp_path, **extra):
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="", PYTHONPATH=ROOT,
+                OUT=str(tmp_path), **extra)
+
+
+def run_json(args, tmp_path, timeout=900):
+    res = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=cpu_env(tmp_path), capture_output=True,
+                         text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
-    assert len(rows) == 1 and "error" not in rows[0], rows
-    r = rows[0]
-    assert r["step"] == "project" and r["batch"] == 2 and r["finite"]
-    assert np.isfinite(r["loss"]) and r["ms_median"] > 0
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def test_train_step_benchmark_both_atrous_modes(tmp_path):
+    rows = run_json(["benchmarks.bench_train_step", "--smoke", "--configs", "2:float32", "--atrous",
+                     "dilated,space_to_batch", "--rounds", "2", "--save-hlo", str(tmp_path / "hlo")], tmp_path)
+    assert [(r["step"], r["atrous"], r["loss_resolution"]) for r in rows] == [
+        ("project", "dilated", "upsample"), ("project", "space_to_batch", "upsample")]
+    assert all("error" not in r and r["finite"] and r["steps"] == 4 and r["ms_median"] > 0 for r in rows)
+    # same variables, same batches, the same function: the same loss after the same steps
+    assert np.isclose(rows[0]["loss"], rows[1]["loss"], rtol=1e-5)
+    assert rows[0]["speed_vs_first"] == 1.0 and rows[1]["tflop_per_step"] > rows[0]["tflop_per_step"] > 0
+    assert rows[0]["hlo"]["lowered_convolutions"] == {"f32xf32xf32": 62}
+    assert len(os.listdir(tmp_path / "hlo")) == 2
     assert json.loads((tmp_path / "bench_jax.json").read_text()) == rows
+
+
+def test_train_step_benchmark_aot_accounting(tmp_path):
+    rows = run_json(["benchmarks.bench_train_step", "--smoke", "--aot", "--configs", "2:bfloat16", "--atrous",
+                     "space_to_batch", "--loss", "stride", "--step", "both"], tmp_path)
+    assert [(r["step"], r["loss_resolution"]) for r in rows] == [("project", "stride"), ("minimal", "resize")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["aot"] and r["tflop_per_step"] > 0 and r["temp_gib"] >= 0 and "ms_median" not in r
+        assert set(r["hlo"]["lowered_convolutions"]) == {"bf16xbf16xbf16"}  # bfloat16 compute throughout
 
 
 def test_pseudo_label_benchmark_smoke(tmp_path):
@@ -42,3 +65,67 @@ def test_soft_label_crop_benchmark_smoke(capsys):
     bench_soft_labels.main(["--size", "40,72", "--crop", "32,48", "--stride", "4", "--repeats", "2"])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["out_shape"] == [32, 48, 19] and r["soft_ms_median"] > 0
+
+
+def test_count_compiles_second_run_compiles_nothing(tmp_path):
+    command = ["experiments.synthetic", "--config=quick", "--config.methods=source_only,cbst",
+               "--config.source_training.steps=4", "--config.self_training.rounds=2",
+               "--config.self_training.steps_per_round=2", "--config.synthetic.num_source=16",
+               "--config.synthetic.num_target_train=8", "--config.synthetic.num_target_val=8",
+               "--config.input.eval_batch_size=8", "--config.log_every=1000"]
+    env = cpu_env(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.count_compiles", "--cache", str(tmp_path / "cache"),
+                          "--workdir", str(tmp_path / "runs"), "--", *command], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    result = json.loads((tmp_path / "compiles.json").read_text())
+    first, second = result["runs"]
+    assert first["compiled"] > 5 and second["compiled"] == 0 and second["loaded"] == first["programs"]
+    assert result["later_runs_compiled"] == 0 and result["cache_files"] >= first["compiled"]
+    assert {"source_model source", "label cbst/r0"} <= set(first["stages"])
+    assert first["stages"]["source_model source"]["functions"] == {"jit(train_step)": 1}
+
+
+def test_full_scale_benchmark_smoke(tmp_path):
+    rows = run_json(["benchmarks.bench_full_scale", "--smoke"], tmp_path, timeout=1200)
+    r = rows[-1]
+    assert json.loads((tmp_path / "full_scale.json").read_text()) == r
+    # pseudo-labels and predictions at the evaluation canvas, one per target image
+    assert r["outputs"]["pseudo_label 64x128"] == 2
+    assert [2, 32, 64, 3] in [s[0] for s in r["network_shapes"]]  # training crops, batch 2
+    # flip: each (image, scale) is 2 forwards; the labelling runs 1 to 3 passes over the split
+    assert r["forwards_per_pseudo_labelled_image"] in (2, 4, 6)
+    assert set(r["forwards_per_evaluated_image"].values()) == {2}
+    assert 0.1 < r["peak_rss_gib"] < 12 and r["child_vm_hwm_gib"] <= r["peak_rss_gib"] + 0.01
+    assert {"source_model source", "label cbst/r0", "retrain cbst/r0"} <= set(r["stages"])
+
+
+def test_parity_check_smoke(tmp_path):
+    pytest.importorskip("torchvision")
+    rows = run_json(["benchmarks.check_parity_gpu", "--smoke"], tmp_path)
+    assert {(r["model"], r["atrous"]) for r in rows} >= {("deeplabv2_resnet101", "dilated"),
+                                                        ("deeplabv2_resnet101", "space_to_batch")}
+    assert all(r["rel_err_l2"] < 1e-4 for r in rows if r["precision"] == "highest")
+
+
+def test_gpu_session_script_commands_are_valid():
+    """The GPU call's script: shell syntax, the train-step lines' flags, the synthetic round's keys."""
+    from benchmarks import bench_train_step
+    from cbst_jax import config_lib
+    from experiments.configs import synthetic
+
+    path = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read().replace("\\\n", " ")
+    lines = [l for l in text.splitlines() if "python3 -m " in l and not l.lstrip().startswith("#")]
+    steps = [l.split("python3 -m benchmarks.bench_train_step", 1)[1] for l in lines if "bench_train_step" in l]
+    assert len(steps) >= 3
+    for args in steps:
+        args = args.replace('"$OUT/step/hlo"', "/tmp/hlo").split()
+        parsed = bench_train_step.parse_args(args)
+        assert set(parsed.atrous.split(",")) <= {"dilated", "space_to_batch"} and parsed.configs
+    synthetic_line = next(l for l in lines if "experiments.synthetic" in l)
+    overrides = [a for a in synthetic_line.split() if a.startswith("--config.")]
+    assert "--config=gpu" in synthetic_line and len(overrides) >= 8
+    assert config_lib.unknown_override(overrides, synthetic.get_config("gpu")) is None
+    assert "item anchor" in text and ".devcarry/anchor_torch_deeplabv2.py same-run" in text

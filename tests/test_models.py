@@ -1,6 +1,7 @@
 """Model zoo without torch: registry, sizes (via eval_shape), options, parameter groups,
 weight files. Numeric parity with PyTorch lives in test_convert.py."""
 import os
+import re
 import subprocess
 import sys
 
@@ -249,3 +250,125 @@ def test_importing_models_pulls_no_torch_or_tensorflow():
             "print(sorted(m for m in ('torch', 'tensorflow', 'mxnet') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- atrous="space_to_batch"
+def small_deeplab(**options):
+    # two blocks in the dilated stages, so padding garbage left by one block would reach the next
+    return models.DeepLabV2(5, layers=(1, 1, 2, 2), width=8, normalization="unit", **options)
+
+
+def small_resnet38(**options):
+    return models.ResNet38(5, widths=(8, 16, 32, 64, (64, 128), (64, 128, 256), (128, 256, 512)),
+                           blocks=(1, 1, 1, 2), head_width=32, normalization="unit", **options)
+
+
+def randomized(variables, seed):
+    """Random BN statistics and affine maps (else BN is near identity and hides mistakes)."""
+    rng = np.random.RandomState(seed)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), jnp.float32) if a.ndim == 1 else a, variables)
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def test_phase_grid_against_numpy_slicing():
+    from cbst_jax.models.layers import PhaseGrid
+
+    x = np.random.RandomState(0).randn(2, 7, 10, 3).astype(np.float32)
+    grid = PhaseGrid.of(x, 3)
+    assert grid.padded == (9, 12)
+    phases = np.asarray(grid.to_phases(x))
+    assert phases.shape == (18, 3, 4, 3)
+    for p in range(3):
+        for q in range(3):
+            for i in range(2):
+                want = np.zeros((3, 4, 3), np.float32)
+                part = x[i, p::3, q::3]
+                want[:part.shape[0], :part.shape[1]] = part
+                np.testing.assert_array_equal(phases[(p * 3 + q) * 2 + i], want)
+    np.testing.assert_array_equal(grid.from_phases(phases), x)
+    valid = np.asarray(grid.valid)[..., 0]
+    assert valid.sum() == 2 * 7 * 10 and set(np.unique(valid)) == {0.0, 1.0}
+    assert PhaseGrid.of(np.zeros((1, 8, 12, 1)), 4).valid is None  # no padding, no mask
+
+
+def test_atrous_conv_equals_brute_force_dilated_conv():
+    from cbst_jax.models.layers import atrous_conv, conv
+
+    rng = np.random.RandomState(1)
+    x = rng.randn(2, 11, 14, 3).astype(np.float32)
+    layer = conv(4, 3, "c", use_bias=True)
+    variables = layer.init(KEY, x)
+    kernel, bias = np.asarray(variables["params"]["kernel"]), np.asarray(variables["params"]["bias"])
+    for rate in (2, 3, 5, 12):
+        got = atrous_conv(lambda v: layer.apply(variables, v), x, rate)
+        xp = np.pad(x, ((0, 0), (rate, rate), (rate, rate), (0, 0)))
+        want = np.zeros((2, 11, 14, 4)) + bias
+        for a in range(3):
+            for b in range(3):
+                want += xp[:, a * rate:a * rate + 11, b * rate:b * rate + 14] @ kernel[a, b]
+        assert rel_err(got, want) < 1e-6, rate
+
+
+@pytest.mark.parametrize("family, hw", [("deeplabv2", (60, 100)), ("resnet38", (70, 106))])
+def test_space_to_batch_equals_dilated(family, hw):
+    """Same variables, same inputs: logits, parameter gradients (frozen BN, dropout on for
+    ResNet-38) and batch statistics (train_bn) agree to float32 rounding. The sizes leave stride-8
+    maps (8x13, 9x14) that are not multiples of the rates, so the padding is exercised."""
+    make = small_deeplab if family == "deeplabv2" else small_resnet38
+    x = images(2, *hw, seed=2)
+    dilated, phases = make(), make(atrous="space_to_batch")
+    variables = randomized(dilated.init(KEY, x), 3)
+    out = dilated.apply(variables, x)
+    assert out.shape[1:3] in ((8, 13), (9, 14))
+    assert rel_err(phases.apply(variables, x), out) < 1e-5
+
+    weights = jnp.asarray(np.random.RandomState(4).randn(*out.shape), jnp.float32)
+    rngs = {"dropout": jax.random.key(5)}
+
+    def grads(module):
+        def loss(params):
+            logits = module.apply({**variables, "params": params}, x, train=True, rngs=rngs)
+            return jnp.sum(logits * weights)
+        return jax.grad(loss)(variables["params"])
+
+    g_dilated, g_phases = grads(dilated), grads(phases)
+    worst = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel_err, g_phases, g_dilated)))
+    assert worst < 1e-4
+
+    outs = [make(atrous=a, train_bn=True).apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+            for a in ("dilated", "space_to_batch")]
+    assert rel_err(outs[1][0], outs[0][0]) < 1e-5
+    stats = jax.tree_util.tree_map(rel_err, outs[1][1], outs[0][1])
+    assert max(jax.tree_util.tree_leaves(stats)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["deeplabv2_resnet101", "resnet38"])
+def test_space_to_batch_programs_hold_no_dilated_convolution(name):
+    x = jax.ShapeDtypeStruct((1, 128, 256, 3), jnp.uint8)
+    texts = {}
+    for atrous in ("dilated", "space_to_batch"):
+        module = models.get_model(name, 19, atrous=atrous, dtype="bfloat16")
+        variables = abstract_variables(module, (1, 128, 256, 3))
+        texts[atrous] = jax.jit(module.apply).lower(variables, x).as_text()
+    dilations = {a: {tuple(map(int, d)) for d in re.findall(r"rhs_dilate = \[(\d+), (\d+)\]", t)}
+                 for a, t in texts.items()}
+    assert dilations["dilated"] >= {(1, 1), (2, 2), (4, 4), (12, 12) if name == "resnet38" else (24, 24)}
+    assert dilations["space_to_batch"] == {(1, 1)}
+    convs = {a: re.findall(r"stablehlo.convolution.*: \((tensor<\S+>), (tensor<\S+>)\) -> (tensor<\S+>)", t)
+             for a, t in texts.items()}
+    assert len(convs["space_to_batch"]) == len(convs["dilated"]) == (108 if name == "deeplabv2_resnet101" else 45)
+    # bfloat16 compute: every convolution reads and writes bfloat16 (params are cast once)
+    assert all(t.endswith("xbf16>") for c in convs["space_to_batch"] + convs["dilated"] for t in c)
+
+
+def test_unknown_atrous_mode_is_refused():
+    with pytest.raises(ValueError, match="atrous must be one of"):
+        models.get_model("deeplabv2_resnet_small", 3, atrous="winograd").init(KEY, images(1, 32, 32))
+    # families without the option: "dilated" is what they do, space_to_batch is refused
+    assert isinstance(models.get_model("fcn8s_vgg16_small", 3, atrous="dilated"), models.FCN8s)
+    with pytest.raises(ValueError, match="not available for 'demo_segnet'"):
+        models.get_model("demo_segnet", 3, atrous="space_to_batch")

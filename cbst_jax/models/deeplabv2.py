@@ -5,13 +5,19 @@ the stem max-pool uses ceil mode, layer3/layer4 are dilated 2/4 with stride 1 (o
 stride 8), and the head (ASPP-v2, `layer5`) sums four biased 3x3 convs with dilations
 6/12/18/24. Submodule names follow the torch state dict (`layer3_5/conv2` <->
 `layer3.5.conv2.weight`) so porting weights is a rename.
+
+``atrous="space_to_batch"`` computes the same function with the same variables without any
+dilated convolution: layer3 runs on the 2x2 and layer4 on the 4x4 space-to-batch phase grid of
+its input (one rearrangement in, one out per stage; ``layers.PhaseGrid``), each ASPP conv on the
+phase grid of its own rate.
 """
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cbst_jax.models.layers import BatchNorm, conv, max_pool, normalize_images
+from cbst_jax.models.layers import (BatchNorm, PhaseGrid, atrous_conv, check_atrous, conv, max_pool,
+                                    normalize_images)
 
 
 class Bottleneck(nn.Module):
@@ -24,18 +30,21 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
-        bs = self.use_batch_stats
+    def __call__(self, x, grid: PhaseGrid | None = None):
+        """``grid``: the phase grid ``x`` is held on (``dilation`` is then per phase), or None."""
+        valid = grid.valid if grid is not None else None
+        bn = lambda name, y: BatchNorm(dtype=self.dtype, name=name)(y, self.use_batch_stats, valid)
         y = conv(self.planes, 1, "conv1", stride=self.stride, dtype=self.dtype)(x)
-        y = nn.relu(bn("bn1")(y, bs))
+        y = nn.relu(bn("bn1", y))
+        if grid is not None:
+            y = grid.zero_padding(y)
         y = conv(self.planes, 3, "conv2", dilation=self.dilation, dtype=self.dtype)(y)
-        y = nn.relu(bn("bn2")(y, bs))
+        y = nn.relu(bn("bn2", y))
         y = conv(self.planes * 4, 1, "conv3", dtype=self.dtype)(y)
-        y = bn("bn3")(y, bs)
+        y = bn("bn3", y)
         if self.downsample:
             x = conv(self.planes * 4, 1, "downsample_0", stride=self.stride, dtype=self.dtype)(x)
-            x = bn("downsample_1")(x, bs)
+            x = bn("downsample_1", x)
         return nn.relu(x + y)
 
 
@@ -43,13 +52,18 @@ class ASPPv2(nn.Module):
     """DeepLab-v2 classifier: sum of parallel dilated 3x3 convs (`layer5.conv2d_list.*`)."""
     num_classes: int
     rates: Sequence[int] = (6, 12, 18, 24)
+    atrous: str = "dilated"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         init = nn.initializers.normal(0.01)  # as Res_Deeplab's Classifier_Module
-        outs = [conv(self.num_classes, 3, f"conv2d_list_{i}", dilation=r, use_bias=True,
-                     dtype=self.dtype, kernel_init=init)(x) for i, r in enumerate(self.rates)]
+        outs = []
+        for i, r in enumerate(self.rates):
+            on_phases = self.atrous == "space_to_batch" and r > 1
+            layer = conv(self.num_classes, 3, f"conv2d_list_{i}", dilation=1 if on_phases else r,
+                         use_bias=True, dtype=self.dtype, kernel_init=init)
+            outs.append(atrous_conv(layer, x, r) if on_phases else layer(x))
         return sum(outs[1:], outs[0])
 
 
@@ -64,6 +78,8 @@ class DeepLabV2(nn.Module):
       normalization: see `normalize_images` ('caffe' for the DeepLab init, 'imagenet' for
         torchvision weights).
       dtype: activation dtype (params stay float32); logits are returned in float32.
+      atrous: "dilated" (dilated convolutions) or "space_to_batch" (the same convolutions,
+        undilated, on phase grids; see the module docstring). Same variables, same function.
     """
     num_classes: int
     layers: Sequence[int] = (3, 4, 23, 3)
@@ -72,6 +88,7 @@ class DeepLabV2(nn.Module):
     train_bn: bool = False
     normalization: str = "caffe"
     dtype: Any = jnp.float32
+    atrous: str = "dilated"
 
     head_names = ("layer5",)
     output_stride = 8
@@ -79,17 +96,23 @@ class DeepLabV2(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         bs = self.train_bn and train
+        on_phases = check_atrous(self.atrous) == "space_to_batch"
         x = normalize_images(images, self.normalization, self.dtype)
         x = conv(self.width, 7, "conv1", stride=2, dtype=self.dtype)(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, bs))
         x = max_pool(x, 3, 2, padding=1, ceil_mode=True)
         stages = ((1, 1), (2, 1), (1, 2), (1, 4))  # (stride, dilation) of layer1..layer4
         for s, (n_blocks, (stride, dilation)) in enumerate(zip(self.layers, stages)):
+            grid = PhaseGrid.of(x, dilation) if on_phases and dilation > 1 else None  # stride is 1 there
+            if grid is not None:
+                x = grid.to_phases(x)
             for i in range(n_blocks):
-                x = Bottleneck(self.width * 2**s, stride=stride if i == 0 else 1, dilation=dilation,
-                               downsample=i == 0, use_batch_stats=bs, dtype=self.dtype,
-                               name=f"layer{s + 1}_{i}")(x)
-        x = ASPPv2(self.num_classes, self.rates, dtype=self.dtype, name="layer5")(x)
+                x = Bottleneck(self.width * 2**s, stride=stride if i == 0 else 1,
+                               dilation=1 if grid is not None else dilation, downsample=i == 0,
+                               use_batch_stats=bs, dtype=self.dtype, name=f"layer{s + 1}_{i}")(x, grid)
+            if grid is not None:
+                x = grid.from_phases(x)
+        x = ASPPv2(self.num_classes, self.rates, self.atrous, dtype=self.dtype, name="layer5")(x)
         return x.astype(jnp.float32)
 
 

@@ -1,8 +1,11 @@
 """Building blocks shared by the model families: input normalisation, BatchNorm with
-running statistics, torch-compatible padding and ceil-mode max-pooling."""
+running statistics, torch-compatible padding and ceil-mode max-pooling, and the phase grids
+that run dilated convolutions as undilated ones (``PhaseGrid``)."""
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -11,6 +14,15 @@ IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 # Mean pixel of the Caffe DeepLab-v2 init, in BGR order (AdaptSegNet/ADVENT IMG_MEAN).
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 NORMALIZATIONS = ("imagenet", "caffe", "unit")
+# How dilated convolutions are computed: as dilated convolutions, or as undilated ones on the
+# space-to-batch phase sub-grids of their rate (``PhaseGrid``); same function, same variables.
+ATROUS_MODES = ("dilated", "space_to_batch")
+
+
+def check_atrous(atrous: str) -> str:
+    if atrous not in ATROUS_MODES:
+        raise ValueError(f"atrous must be one of {ATROUS_MODES}, got {atrous!r}")
+    return atrous
 
 
 def normalize_images(images, normalization: str, dtype=jnp.float32):
@@ -45,7 +57,9 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, use_batch_stats: bool = False):
+    def __call__(self, x, use_batch_stats: bool = False, valid=None):
+        """``valid``: optional 0/1 array broadcastable to ``x`` (a ``PhaseGrid.valid`` mask):
+        batch statistics are taken over the positions it marks only (padding left out)."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -54,12 +68,19 @@ class BatchNorm(nn.Module):
         if use_batch_stats:
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
-            mean = xf.mean(axes)
-            var = jnp.maximum((xf * xf).mean(axes) - mean * mean, 0.0)
-            if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+            if valid is None:
                 n = x.size // c
+                mean = xf.mean(axes)
+                mean_sq = (xf * xf).mean(axes)
+            else:
+                weight = jnp.broadcast_to(valid, x.shape[:-1] + (1,)).astype(jnp.float32)
+                n = weight.sum()
+                mean = (xf * weight).sum(axes) / n
+                mean_sq = (xf * xf * weight).sum(axes) / n
+            var = jnp.maximum(mean_sq - mean * mean, 0.0)
+            if self.is_mutable_collection("batch_stats") and not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * n / max(n - 1, 1)
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * n / jnp.maximum(n - 1, 1)
         else:
             mean, var = ra_mean.value, ra_var.value
         mul = scale * lax.rsqrt(var + self.epsilon)
@@ -69,7 +90,9 @@ class BatchNorm(nn.Module):
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, dilation: int = 1,
          padding: int | None = None, use_bias: bool = False, dtype=jnp.float32, **kw):
-    """nn.Conv with torch-style symmetric padding (default: 'same' for odd kernels)."""
+    """nn.Conv with torch-style symmetric padding (default: 'same' for odd kernels). A 1x1
+    kernel has no taps to spread, so its dilation is dropped (no dilated 1x1 conv in the HLO)."""
+    dilation = 1 if kernel == 1 else dilation
     pad = dilation * (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
@@ -134,3 +157,86 @@ class ConvTranspose(nn.Module):
         y = y.reshape(n, hq, wq, s, s, c_out).transpose(0, 1, 3, 2, 4, 5).reshape(n, hq * s, wq * s, c_out)
         out_h, out_w = (h - 1) * s - 2 * p + k, (w - 1) * s - 2 * p + k
         return y[:, p:p + out_h, p:p + out_w]
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseGrid:
+    """The ``rate`` x ``rate`` space-to-batch phase grid of an NHWC map of ``batch`` x
+    ``height`` x ``width`` (TF's ``space_to_batch`` / ``atrous_conv2d``).
+
+    ``to_phases`` zero-pads H and W up to multiples of ``rate`` and moves the phase
+    ``(p, q)`` (rows ``rate*m + p``, columns ``rate*n + q``) onto the batch axis (index
+    ``(p*rate + q)*batch + i``). A 'same'-padded k x k convolution with dilation ``rate*d``
+    (padding ``rate*d*(k-1)/2``) of the map is then exactly an undilated-by-``rate`` one
+    (dilation ``d``, padding ``d*(k-1)/2``) of every phase: its taps ``i + rate*d*a`` stay in
+    phase ``i mod rate`` at ``i//rate + d*a``, and a tap beyond the map lands in the padding
+    (or the conv's own zero padding), which must read zero. Pointwise layers (1x1 convs, BN,
+    ReLU, residual sums) commute with the rearrangement. So a whole dilated stage runs on the
+    phases between one ``to_phases`` and one ``from_phases`` (which crops the padding), provided
+    every k > 1 conv inside reads zeros at the padded positions: multiply its input by ``valid``
+    (``None`` when H and W are multiples of ``rate``: no padding), and take batch statistics over
+    ``valid`` only (``BatchNorm(..., valid=)``).
+    """
+    rate: int
+    batch: int
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, x, rate: int) -> "PhaseGrid":
+        n, h, w, _ = x.shape
+        return cls(rate, n, h, w)
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        r = self.rate
+        return -(-self.height // r) * r, -(-self.width // r) * r
+
+    def to_phases(self, x):
+        r, (hp, wp) = self.rate, self.padded
+        n, h, w, c = x.shape
+        x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+        x = x.reshape(n, hp // r, r, wp // r, r, c).transpose(2, 4, 0, 1, 3, 5)
+        return x.reshape(r * r * n, hp // r, wp // r, c)
+
+    def from_phases(self, x):
+        r, n, (hp, wp) = self.rate, self.batch, self.padded
+        c = x.shape[-1]
+        x = x.reshape(r, r, n, hp // r, wp // r, c).transpose(2, 3, 0, 4, 1, 5)
+        return x.reshape(n, hp, wp, c)[:, :self.height, :self.width]
+
+    @property
+    def valid(self):
+        """(rate*rate*batch, H/rate, W/rate, 1) float32 mask, 1 on the map, 0 on the padding;
+        ``None`` without padding. A constant of the shapes (folded by XLA)."""
+        if self.padded == (self.height, self.width):
+            return None
+        return self.to_phases(jnp.ones((self.batch, self.height, self.width, 1), jnp.float32))
+
+    def zero_padding(self, x):
+        """``x`` (on the phases) with the padded positions set to zero."""
+        valid = self.valid
+        return x if valid is None else x * valid.astype(x.dtype)
+
+
+class GridDropout(nn.Module):
+    """``nn.Dropout`` of a map held on a ``PhaseGrid``: the keep mask is drawn in the map's own
+    layout and moved to the phases, so it equals the mask ``nn.Dropout`` draws for the map
+    itself with the same key (give this module the name that ``nn.Dropout`` had)."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, grid: PhaseGrid, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        shape = (grid.batch, grid.height, grid.width, x.shape[-1])
+        keep = grid.to_phases(jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob, shape=shape))
+        return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+def atrous_conv(module: nn.Module, x, rate: int):
+    """``module`` (an undilated, 'same'-padded conv) applied as the rate-``rate`` dilated conv
+    of ``x`` through its phase grid (one conv: no masking needed, the padding is zero)."""
+    grid = PhaseGrid.of(x, rate)
+    return grid.from_phases(module(grid.to_phases(x)))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from cbst_jax.models.deeplabv2 import deeplabv2_resnet101, deeplabv2_resnet_small
 from cbst_jax.models.demo_net import demo_segnet
 from cbst_jax.models.fcn import fcn8s_vgg16, fcn8s_vgg16_small
+from cbst_jax.models.layers import check_atrous
 from cbst_jax.models.resnet38 import resnet38, resnet38_small
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -19,6 +20,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "demo_segnet": demo_segnet,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# the families with the ``atrous`` option (dilated convolutions as space-to-batch phase grids)
+ATROUS_FAMILIES = ("deeplabv2_resnet101", "deeplabv2_resnet_small", "resnet38", "resnet38_small")
 
 
 def get_model(name: str, num_classes: int, **options) -> nn.Module:
@@ -27,4 +30,8 @@ def get_model(name: str, num_classes: int, **options) -> nn.Module:
         raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     if isinstance(options.get("dtype"), str):
         options["dtype"] = DTYPES[options["dtype"]]
+    if name not in ATROUS_FAMILIES and "atrous" in options:  # their convolutions have no such option
+        if check_atrous(options.pop("atrous")) != "dilated":
+            raise ValueError(f"atrous='space_to_batch' is not available for {name!r}; "
+                             f"it is for {sorted(ATROUS_FAMILIES)}")
     return MODELS[name](num_classes, **options)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cbst_jax.models.layers import BatchNorm, conv, normalize_images
+from cbst_jax.models.layers import BatchNorm, GridDropout, PhaseGrid, check_atrous, conv, normalize_images
 
 MXNET_BN_EPS = 1.001e-5
 
@@ -29,7 +29,9 @@ class ResNet38(nn.Module):
       head_width: channels of `conv6a`.
       head_dilation: dilation of both head convs (12).
       dropout: rates before the last conv of levels 6 and 7.
-      train_bn, normalization, dtype: as for DeepLabV2 (weights expect 'imagenet').
+      train_bn, normalization, dtype, atrous: as for DeepLabV2 (weights expect 'imagenet');
+        ``atrous="space_to_batch"`` runs level 5 (from after 5a's first conv) on the 2x2, levels
+        6-7 on the 4x4 and the head on the 12x12 space-to-batch phase grid, undilated.
     """
     num_classes: int
     widths: Sequence[Any] = (64, 128, 256, 512, (512, 1024), (512, 1024, 2048), (1024, 2048, 4096))
@@ -40,6 +42,7 @@ class ResNet38(nn.Module):
     train_bn: bool = False
     normalization: str = "imagenet"
     dtype: Any = jnp.float32
+    atrous: str = "dilated"
 
     head_names = ("conv6a", "linear")
     output_stride = 8
@@ -48,23 +51,42 @@ class ResNet38(nn.Module):
     def __call__(self, images, train: bool = False):
         bs = self.train_bn and train
         dt = self.dtype
+        on_phases = check_atrous(self.atrous) == "space_to_batch"
+        dropouts = iter(range(2))
 
-        def bn_relu(x, name):
-            return nn.relu(BatchNorm(epsilon=MXNET_BN_EPS, dtype=dt, name=name)(x, bs))
+        def bn_relu(x, name, grid=None):
+            valid = grid.valid if grid is not None else None
+            return nn.relu(BatchNorm(epsilon=MXNET_BN_EPS, dtype=dt, name=name)(x, bs, valid))
+
+        def conv_on(grid, features, kernel, name, x, dilation=1, **kw):
+            """The conv of the map ``x`` is held on: on a phase grid its dilation is per phase
+            and the padding must read zero."""
+            if grid is not None and kernel > 1:
+                x, dilation = grid.zero_padding(x), dilation // grid.rate
+            return conv(features, kernel, name, dilation=dilation, dtype=dt, **kw)(x)
+
+        def dropout(y, rate, grid):
+            name = f"Dropout_{next(dropouts)}"  # nn.Dropout's own names: the same keys either way
+            if grid is None:
+                return nn.Dropout(rate, deterministic=not train, name=name)(y)
+            return GridDropout(rate, name=name)(y, grid, not train)
 
         def block(x, name, filters, kernels, stride=1, dilation=1, first_dilation=None,
-                  project=False, dropout=0.0):
-            """`res_block` of resnet_v2.py: BN-ReLU-conv stages, optional projection."""
-            pre = bn_relu(x, f"bn{name}_branch2a")
-            y = conv(filters[0], kernels[0], f"res{name}_branch2a", stride=stride,
-                     dilation=dilation if first_dilation is None else first_dilation, dtype=dt)(pre)
-            for i in range(1, len(filters)):
-                y = bn_relu(y, f"bn{name}_branch2b{i}")
-                if dropout and i == len(filters) - 1:
-                    y = nn.Dropout(dropout, deterministic=not train)(y)
-                y = conv(filters[i], kernels[i], f"res{name}_branch2b{i}", dilation=dilation, dtype=dt)(y)
+                  project=False, dropout_rate=0.0, grid=None, enter=None):
+            """`res_block` of resnet_v2.py: BN-ReLU-conv stages, optional projection. ``x`` is
+            held on ``grid``; ``enter``: a grid the block moves onto after its first conv."""
+            pre = bn_relu(x, f"bn{name}_branch2a", grid)
+            y = conv_on(grid, filters[0], kernels[0], f"res{name}_branch2a", pre, stride=stride,
+                        dilation=dilation if first_dilation is None else first_dilation)
             if project:
-                x = conv(filters[-1], 1, f"res{name}_branch1", stride=stride, dtype=dt)(pre)
+                x = conv_on(grid, filters[-1], 1, f"res{name}_branch1", pre, stride=stride)
+            if enter is not None:
+                x, y, grid = enter.to_phases(x), enter.to_phases(y), enter
+            for i in range(1, len(filters)):
+                y = bn_relu(y, f"bn{name}_branch2b{i}", grid)
+                if dropout_rate and i == len(filters) - 1:
+                    y = dropout(y, dropout_rate, grid)
+                y = conv_on(grid, filters[i], kernels[i], f"res{name}_branch2b{i}", y, dilation=dilation)
             return x + y
 
         w = self.widths
@@ -75,16 +97,31 @@ class ResNet38(nn.Module):
             x = block(x, f"{level}a", filters, (3, 3), stride=2, project=True)
             for i in range(1, n_blocks):
                 x = block(x, f"{level}b{i}", filters, (3, 3))
-        x = block(x, "5a", w[4], (3, 3), dilation=2, first_dilation=1, project=True)
+        # level 5 (dilation 2) on the 2x2 phase grid from after 5a's undilated first conv;
+        # levels 6-7 (dilation 4) on the 4x4 grid; the head (dilation 12) on the 12x12 grid
+        grid5 = PhaseGrid.of(x, 2) if on_phases else None
+        x = block(x, "5a", w[4], (3, 3), dilation=2, first_dilation=1, project=True, enter=grid5)
         for i in range(1, self.blocks[3]):
-            x = block(x, f"5b{i}", w[4], (3, 3), dilation=2)
-        x = block(x, "6a", w[5], (1, 3, 1), dilation=4, project=True, dropout=self.dropout[0])
-        x = block(x, "7a", w[6], (1, 3, 1), dilation=4, project=True, dropout=self.dropout[1])
-        x = bn_relu(x, "bn7")
+            x = block(x, f"5b{i}", w[4], (3, 3), dilation=2, grid=grid5)
+        if grid5 is not None:
+            x = grid5.from_phases(x)
+        grid67 = PhaseGrid.of(x, 4) if on_phases else None
+        if grid67 is not None:
+            x = grid67.to_phases(x)
+        x = block(x, "6a", w[5], (1, 3, 1), dilation=4, project=True, dropout_rate=self.dropout[0], grid=grid67)
+        x = block(x, "7a", w[6], (1, 3, 1), dilation=4, project=True, dropout_rate=self.dropout[1], grid=grid67)
+        x = bn_relu(x, "bn7", grid67)
+        if grid67 is not None:
+            x = grid67.from_phases(x)
         d = self.head_dilation
-        x = nn.relu(conv(self.head_width, 3, "conv6a", dilation=d, use_bias=True, dtype=dt)(x))
-        x = conv(self.num_classes, 3, "linear", dilation=d, use_bias=True, dtype=dt,
-                 kernel_init=nn.initializers.normal(0.01))(x)
+        head = PhaseGrid.of(x, d) if on_phases and d > 1 else None
+        if head is not None:
+            x = head.to_phases(x)
+        x = nn.relu(conv_on(head, self.head_width, 3, "conv6a", x, dilation=d, use_bias=True))
+        x = conv_on(head, self.num_classes, 3, "linear", x, dilation=d, use_bias=True,
+                    kernel_init=nn.initializers.normal(0.01))
+        if head is not None:
+            x = head.from_phases(x)
         return x.astype(jnp.float32)
 
 

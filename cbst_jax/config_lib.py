@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "deeplabv2_resnet101"
     c.model.dtype = "float32"                   # activations: float32 | bfloat16
     c.model.train_bn = False                    # False: frozen BN, as both references
+    c.model.atrous = "dilated"                  # dilated | space_to_batch (DeepLab-v2, ResNet-38: the dilated
+                                                # stages as undilated convs on phase grids; same numbers)
     c.model.normalization = "auto"              # input normalisation: auto (the weights file's, else the
                                                 # architecture's default) | imagenet | caffe | unit
     c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model
@@ -292,6 +294,8 @@ def validate(config, *, need_roots: bool = True) -> None:
     _check_number(config, "optim.head_lr_mult", lambda v: v > 0, "a multiplier > 0")
     _check_number(config, "optim.bias_lr_mult", lambda v: v > 0, "a multiplier > 0")
     _check_number(config, "optim.bias_weight_decay_mult", lambda v: v >= 0, "a multiplier >= 0")
+    if config.model.atrous not in ("dilated", "space_to_batch"):
+        _fail("model.atrous", config.model.atrous, "dilated or space_to_batch")
     if config.model.dtype not in ("float32", "bfloat16"):
         _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
     for key in ("predict", "evaluate"):

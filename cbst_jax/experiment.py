@@ -93,7 +93,7 @@ def build_model(config):
     normalization = models.resolve_normalization(config.model.normalization, metadata, config.model.name,
                                                  path=init or "model.init")
     return models.get_model(config.model.name, config.num_classes, dtype=config.model.dtype,
-                            train_bn=config.model.train_bn, normalization=normalization)
+                            train_bn=config.model.train_bn, normalization=normalization, atrous=config.model.atrous)
 
 
 def weights_metadata(config, model, **provenance) -> dict:

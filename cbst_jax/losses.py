@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbst_jax.labels import IGNORE_INDEX as IGNORE_LABEL  # the one ignore value, under this module's name
+from cbst_jax.labels import IGNORE_INDEX
 REGULARIZERS = ("none", "mrent", "mrkld", "mrl2")
 RESOLUTIONS = ("stride", "upsample")
 
 
-def cross_entropy(logits, labels, *, ignore_label: int = IGNORE_LABEL, where=None):
+def cross_entropy(logits, labels, *, ignore_label: int = IGNORE_INDEX, where=None):
     """Hard-label CE: ``(Σ_valid −log p_y, #valid)``; valid means ``label != ignore_label``
     (and ``where``, when given)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -75,7 +75,7 @@ def regularizer_sum(logits, kind: str, where):
     return jnp.sum(jnp.where(where, r, 0.0)), jnp.sum(where, dtype=jnp.int32)
 
 
-def subsample_labels(labels, stride: int, out_hw, *, fill=IGNORE_LABEL):
+def subsample_labels(labels, stride: int, out_hw, *, fill=IGNORE_INDEX):
     """Nearest-neighbour labels at the cell centres of a stride-``stride`` grid (CBST's
     ``label[4::8, 4::8]``), cropped or padded with ``fill`` to ``out_hw``. Works on (B,H,W) hard
     labels and on (B,H,W,C) soft labels (pad those with ``fill=0``)."""
@@ -119,7 +119,7 @@ def resize_bilinear_align_corners(x, out_hw):
 
 
 def align_logits_and_labels(logits, labels, soft_labels=None, *, resolution: str, stride: int = 8,
-                            ignore_label: int = IGNORE_LABEL):
+                            ignore_label: int = IGNORE_INDEX):
     """Brings (B,h,w,C) logits and (B,H,W) labels (and optional (B,H,W,C) soft labels) to one
     grid: the logits' grid (``"stride"``, CBST) or the labels' grid (``"upsample"``, CRST)."""
     if resolution == "stride":
@@ -135,7 +135,7 @@ def align_logits_and_labels(logits, labels, soft_labels=None, *, resolution: str
 
 def segmentation_loss(logits, labels, is_target, soft_labels=None, *, resolution: str = "upsample",
                       stride: int = 8, regularizer: str = "none", reg_weight: float = 0.0,
-                      ignore_label: int = IGNORE_LABEL):
+                      ignore_label: int = IGNORE_INDEX):
     """The retraining loss of CBST / CRST on a mixed source+target batch.
 
     ``loss = Σ_valid CE / #valid + reg_weight · Σ_{valid target} r(p) / #valid_target``
@@ -174,7 +174,7 @@ def segmentation_loss(logits, labels, is_target, soft_labels=None, *, resolution
 
 
 __all__ = [
-    "IGNORE_LABEL", "REGULARIZERS", "RESOLUTIONS", "cross_entropy", "soft_cross_entropy",
+    "REGULARIZERS", "RESOLUTIONS", "cross_entropy", "soft_cross_entropy",
     "model_regularizer", "regularizer_sum", "subsample_labels", "resize_bilinear_align_corners",
     "align_logits_and_labels", "segmentation_loss",
 ]

@@ -24,6 +24,7 @@ import optax
 from flax import struct
 
 from cbst_jax import losses, soft_labels
+from cbst_jax.labels import IGNORE_INDEX
 from cbst_jax.sharding import batch_sharded, replicated
 
 GROUPS = ("backbone", "head", "frozen")
@@ -64,7 +65,7 @@ class TrainConfig:
     regularizer: str = "none"
     reg_weight: float = 0.0
     train_bn: bool = False
-    ignore_label: int = losses.IGNORE_LABEL
+    ignore_label: int = IGNORE_INDEX
 
 
 # ---------------------------------------------------------------------------- schedules

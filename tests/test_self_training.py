@@ -70,7 +70,10 @@ def test_end_to_end_outputs(reference_run):
     for name in ("results.md", "figures/miou_per_round.png", "figures/predictions.png",
                  "figures/pseudo_label_stats.png", "figures/pseudo_labels_cbst_sp_r1.png", "spatial_prior.npz"):
         assert os.path.exists(os.path.join(seed_dir, name)), name
-    assert os.listdir(os.path.join(seed_dir, "checkpoints", "rounds"))
+    ledger = json.load(open(os.path.join(seed_dir, "ledger.json")))
+    assert set(ledger["stages"]) == {"source", "cbst_sp/r0", "cbst_sp/r1"}
+    for stage in ("source", "cbst_sp_r0", "cbst_sp_r1"):
+        assert os.path.exists(os.path.join(seed_dir, "models", f"{stage}.npz")), stage
     assert os.path.exists(os.path.join(seed_dir, "pseudo_labels", "cbst_sp", "round_1", "manifest.json"))
     assert "cbst_sp r1" in res.stdout and "mIoU" in res.stdout
 

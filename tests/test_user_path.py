@@ -133,7 +133,7 @@ def test_weights_to_adapted_model(tmp_path, capsys):
                           "--out", str(tmp_path / "eval")]) == 0
     assert "| method | road |" in capsys.readouterr().out
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
-    cm = np.zeros((19, 19), np.int64)
+    cm = np.zeros((19, 20), np.int64)  # column 19: predictions outside the classes (none from argmax)
     for gt_file in sorted((tmp_path / "cityscapes" / "gtFine" / "val").rglob("*_labelIds.png")):
         stem = gt_file.name[: -len("_gtFine_labelIds.png")]
         gt = CITYSCAPES_ID_TO_TRAINID[np.asarray(Image.open(gt_file))]

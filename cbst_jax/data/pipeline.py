@@ -430,6 +430,11 @@ class MixedIterator(_Closing):
     def target_scale_range(self) -> tuple:
         return self._batches.target_scale_range
 
+    @property
+    def mine_domains(self) -> tuple:
+        """The domains whose crops are centred on rare classes."""
+        return self._batches.mine_domains
+
     def __iter__(self):
         return self
 

@@ -30,15 +30,13 @@ import os
 import resource
 import runpy
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-from benchmarks.count_compiles import Recorder, enable_cache, loop_stage
+from benchmarks.count_compiles import Recorder, enable_cache, loop_stage, run_child
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_METHODS = ("source_model", "label", "retrain", "evaluate_and_record")
 SIZES = {  # images per split, training steps, batch, dtype, crop, eval canvas, image sizes
     "cpu": dict(gta5=4, cs_train=2, cs_val=1, source_steps=2, round_steps=2, batch=1, eval_batch=1,
@@ -196,6 +194,7 @@ def launcher_args(root, workdir, size, extra=()):
     return ["experiments.gta5_cityscapes", f"--workdir={workdir}",
             f"--config.source.root={os.path.join(root, 'gta5')}",
             f"--config.target.root={os.path.join(root, 'cityscapes')}",
+            "--config.source.list_file=", "--config.target.list_file=",  # the fixtures' own file names
             f"--config.model.name={size['model']}", f"--config.model.dtype={size['dtype']}",
             "--config.model.normalization=imagenet",  # random init: inputs near unit scale keep it finite
             "--config.methods=source_only,cbst", f"--config.input.crop={tup(size['crop'])}",
@@ -261,21 +260,10 @@ def main(argv=None):
     fixtures_s = time.time() - t0
     workdir, record = os.path.join(scratch, "work"), os.path.join(scratch, "record.json")
     command = launcher_args(os.path.join(scratch, "data"), workdir, size, [a for a in extra if a != "--"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    cmd = [sys.executable, "-m", "benchmarks.bench_full_scale", "--child", record, "--cache", args.cache, "--",
-           *command]
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    data = run_child("benchmarks.bench_full_scale", record, args.cache, command, timeout=args.timeout)
     wall = time.time() - t0
     peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
-    if not os.path.exists(record):
-        print(res.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"error: the run wrote no record (exit {res.returncode})")
-    with open(record) as f:
-        data = json.load(f)
-    if data["status"] != 0:
-        print(res.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"error: {' '.join(command[:1])} exited with status {data['status']}")
     rows = data["forward_rows"]
     label_rows = sum(n for s, n in rows.items() if s.startswith("label "))
     eval_rows = {s: n for s, n in rows.items() if s.startswith("evaluate_and_record ")}

@@ -105,6 +105,25 @@ def child(record_path: str, cache_dir: str, command) -> int:
     return status
 
 
+def run_child(module: str, record: str, cache: str, command, *, timeout: float, env_extra=None) -> dict:
+    """Runs ``python -m module --child record --cache cache -- command...`` from the repository
+    root and returns the record it wrote; a run that wrote none, or exited non-zero, ends this
+    process with a one-line error after the child's last stderr lines."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+               **(env_extra or {}))
+    cmd = [sys.executable, "-m", module, "--child", record, "--cache", cache, "--", *command]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if not os.path.exists(record):
+        print(res.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"error: {command[0]} wrote no record (exit {res.returncode})")
+    with open(record) as f:
+        data = json.load(f)
+    if data["status"] != 0:
+        print(res.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"error: {' '.join(command)} exited with status {data['status']}")
+    return data
+
+
 def summarize(records):
     """Per stage: compilation requests, programs compiled and programs loaded from the cache."""
     stages = collections.OrderedDict()
@@ -146,22 +165,12 @@ def main(argv=None):
     scratch = tempfile.mkdtemp(prefix="count_compiles_")
     cache = args.cache or os.path.join(scratch, "jax_cache")
     parent = args.workdir or scratch
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     runs = []
     for run in range(1, args.runs + 1):
-        record = os.path.join(scratch, f"run{run}.json")
-        workdir = os.path.join(parent, f"run{run}")
-        cmd = [sys.executable, "-m", "benchmarks.count_compiles", "--child", record, "--cache", cache, "--",
-               *command, f"--workdir={workdir}"]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-        if not os.path.exists(record):
-            print(res.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"error: run {run} wrote no record (exit {res.returncode})")
-        with open(record) as f:
-            data = json.load(f)
-        if data["status"] != 0:
-            print(res.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"error: run {run} of {' '.join(command)} exited with status {data['status']}")
+        # the launcher's --compilation_cache defaults to $CBST_JAX_COMPILATION_CACHE: point it here too
+        data = run_child("benchmarks.count_compiles", os.path.join(scratch, f"run{run}.json"), cache,
+                         [*command, f"--workdir={os.path.join(parent, f'run{run}')}"], timeout=args.timeout,
+                         env_extra={"CBST_JAX_COMPILATION_CACHE": cache})
         summary = summarize(data["records"])
         print_table(run, summary, data["wall_s"])
         runs.append(dict(run=run, wall_s=data["wall_s"], programs=len(data["records"]),

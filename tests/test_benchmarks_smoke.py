@@ -93,8 +93,8 @@ def test_full_scale_benchmark_smoke(tmp_path):
     # pseudo-labels and predictions at the evaluation canvas, one per target image
     assert r["outputs"]["pseudo_label 64x128"] == 2
     assert [2, 32, 64, 3] in [s[0] for s in r["network_shapes"]]  # training crops, batch 2
-    # flip: each (image, scale) is 2 forwards; the labelling runs 1 to 3 passes over the split
-    assert r["forwards_per_pseudo_labelled_image"] in (2, 4, 6)
+    # flip: each (image, scale) is 2 forwards, and the labelling runs the network once over the split
+    assert r["forwards_per_pseudo_labelled_image"] == 2
     assert set(r["forwards_per_evaluated_image"].values()) == {2}
     assert 0.1 < r["peak_rss_gib"] < 12 and r["child_vm_hwm_gib"] <= r["peak_rss_gib"] + 0.01
     assert {"source_model source", "label cbst/r0", "retrain cbst/r0"} <= set(r["stages"])

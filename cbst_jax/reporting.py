@@ -164,6 +164,34 @@ def paired_differences_table(rows: Sequence[dict], pairs=PAIRED) -> str:
               "sd: sample standard deviation (ddof=1).")
 
 
+def pseudo_label_table(rows: Sequence[dict], class_names: Sequence[str], classes: Sequence[int]) -> str:
+    """Per (method, round), the mean over seeds of: the portion p, the selected fraction of the
+    target pixels, and for each of ``classes`` its share of the selected pixels and (in
+    brackets, where the target has hidden labels) the precision of those pixels; "–" where no
+    seed selected the class. Empty when there are no rows."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["round"]), []).append(r)
+    body = []
+    for (method, rnd), rs in groups.items():
+        share = np.mean([[r["share"][c] for c in classes] for r in rs], axis=0)
+        cells = [_stage_name(method, rnd), f"{np.mean([r['portion'] for r in rs]):.2f}",
+                 f"{100 * np.mean([r['selected_fraction'] for r in rs]):.1f}"]
+        for j, c in enumerate(classes):
+            prec = [_nan(r["precision"][c]) for r in rs if "precision" in r]
+            prec = [v for v in prec if not np.isnan(v)]
+            cells.append(f"{100 * share[j]:.2f}" + (f" ({100 * np.mean(prec):.0f})" if prec else
+                                                     " (–)" if any("precision" in r for r in rs) else ""))
+        body.append(cells)
+    if not body:
+        return ""
+    seeds = sorted({r["seed"] for r in rows})
+    return (_markdown(["method", "p", "selected %"] + [class_names[c] for c in classes], body)
+            + f"\n\nShare of the selected pseudo-label pixels per class in %, and (in brackets) their precision in "
+              f"% against the hidden target labels, mean over seeds {seeds} (precision: over the seeds that "
+              f"selected the class; – none did).")
+
+
 def city_table(by_city: dict[str, Sequence[dict]], class_names: Sequence[str], last_round: int | None) -> str:
     """The seed's cross-city table: per city one row per method (source-only, and each
     self-training method at round ``last_round``), IoU per class and their mean, each the mean

@@ -144,8 +144,10 @@ def write_aggregate(config, workdir, seeds, rows, pl_rows, wall_s) -> None:
     reporting.plot_pseudo_label_stats(pl_rows, names, os.path.join(workdir, "figures", "pseudo_label_stats.png"),
                                       methods=adapted)
     paired = reporting.paired_differences_table(rows) if len(seeds) > 1 else ""
+    labels = reporting.pseudo_label_table(pl_rows, names, table_classes)
     text = (f"# Results over seeds {list(seeds)}\n\n{table}\n"
             + (f"\n## Paired differences\n\n{paired}\n" if paired else "")
+            + (f"\n## Pseudo-labels\n\n{labels}\n" if labels else "")
             + f"\nwall time {wall_s / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
     atomic_write_bytes(os.path.join(workdir, "results.md"), text.encode())
     atomic_write_json(os.path.join(workdir, "summary.json"),

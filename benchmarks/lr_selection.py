@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 
-import jax
 import ml_collections
 import numpy as np
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import io
-import json
 import os
 import sys
 import time
@@ -326,7 +325,6 @@ def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=D
         progress: bool = True, log=None) -> dict:
     """Segments ``inputs`` with every weights file; returns the summary (also written to
     ``out_dir/infer_summary.json``). ``log(line)`` receives the per-file failure lines."""
-    import jax
     from tqdm import tqdm
 
     from cbst_jax import sharding as shd

@@ -130,7 +130,6 @@ def test_compose_and_round_trip():
     rng = np.random.default_rng(6)
     h, w, k, stride = 24, 40, 6, 8
     rho = rng.dirichlet(np.ones(k - 1))
-    hard = np.full((h, w), 2)
     m = rng.uniform(0.4, 1.0, (h, w))
     soft = np.zeros((h, w, k))
     soft[..., 2] = m

@@ -195,6 +195,8 @@ def launcher_args(root, workdir, size, extra=()):
             f"--config.source.root={os.path.join(root, 'gta5')}",
             f"--config.target.root={os.path.join(root, 'cityscapes')}",
             "--config.source.list_file=", "--config.target.list_file=",  # the fixtures' own file names
+            # the source phase at the benchmark's batch and crop, not the recipe's (CRST: 4 x 500x500)
+            "--config.source_training.batch_size=0", "--config.source_training.crop=()",
             f"--config.model.name={size['model']}", f"--config.model.dtype={size['dtype']}",
             "--config.model.normalization=imagenet",  # random init: inputs near unit scale keep it finite
             "--config.methods=source_only,cbst", f"--config.input.crop={tup(size['crop'])}",

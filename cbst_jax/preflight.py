@@ -27,6 +27,7 @@ def preflight(config) -> None:
     from cbst_jax import experiment, models
 
     config_lib.validate(config)
+    _check_batches(config)
     experiment.build_model(config)  # the network and the normalisation its weights need
     if config.model.init:
         models.load_variables(config.model.init)
@@ -36,6 +37,20 @@ def preflight(config) -> None:
             target = copy.deepcopy(config)
             target.target.city = city
         _check_splits(target)
+
+
+def _check_batches(config) -> None:
+    """Training batches are split evenly over the devices (evaluation batches are padded)."""
+    import jax
+
+    devices = jax.device_count()
+    keys = ["input.batch_size"] + (["source_training.batch_size"] if config.source_training.batch_size else [])
+    for key in keys:
+        section, name = key.split(".")
+        value = config[section][name]
+        if value % devices:
+            raise config_lib.ConfigError(f"config.{key}={value}: expected a multiple of the {devices} devices "
+                                         f"(each device takes an equal share of a training batch)")
 
 
 def _check_splits(config) -> None:

@@ -159,6 +159,22 @@ def test_missing_roots_say_where_to_download():
         config_lib.validate(c)
 
 
+def test_training_batch_must_split_over_the_devices(tmp_path):
+    """A batch the devices cannot share evenly is a one-line error before the workdir exists."""
+    work = tmp_path / "w"
+    res = cli("experiments.synthetic", "--config=quick", "--config.input.batch_size=6", f"--workdir={work}",
+              devices=4)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0] == ("error: config.input.batch_size=6: expected a multiple of the 4 devices "
+                                          "(each device takes an equal share of a training batch)")
+    assert not work.exists()
+    res = cli("experiments.synthetic", "--config=quick", "--config.source_training.batch_size=2",
+              f"--workdir={work}", devices=4)
+    assert res.returncode == 2 and "config.source_training.batch_size=2: expected a multiple of the 4" in res.stderr
+    assert not work.exists()
+
+
 def test_cli_rejects_unknown_keys_and_bad_values():
     res = cli("experiments.synthetic", "--config.input.nope=1")
     assert res.returncode == 2 and res.stderr.strip().startswith("error: unknown config key config.input.nope")

@@ -20,6 +20,7 @@ TINY = [
     "--config.synthetic.num_target_val=16",
     "--config.source_training.steps=16", "--config.self_training.rounds=2",
     "--config.self_training.steps_per_round=8", "--config.input.batch_size=8",
+    "--config.source_training.batch_size=8",
     "--config.input.eval_batch_size=16", "--config.checkpoint_every=4", "--config.log_every=4",
     "--config.input.workers=1", "--config.evaluate.mst_methods=",
 ]

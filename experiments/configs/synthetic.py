@@ -65,6 +65,7 @@ def get_config(variant: str = ""):
 
 
 def _quick(c):
+    c.input.batch_size = c.source_training.batch_size = 8   # the tests run it on 8 devices
     c.source_training.steps = 60
     c.self_training.rounds = 2
     c.self_training.steps_per_round = 12

@@ -137,15 +137,19 @@ def run_command(config, workdir: str, seeds_text: str | None, fresh: bool, debug
     """Checks every input (``cbst_jax.preflight``), only then creates, resumes or replaces the
     workdir, and runs every seed. A user's mistake or a broken input is one line and exit
     status 2, an unexpected failure one line and exit status 1; ``debug`` shows tracebacks."""
-    from cbst_jax.preflight import preflight
+    from cbst_jax.preflight import check_batches, preflight
 
     user_errors = _user_errors()
     try:
         config = copy.deepcopy(config)
         seeds = config_lib.parse_seeds(seeds_text) if seeds_text else [config.seed]
         preflight(config)
+        if not config.distributed:
+            check_batches(config)
         _initialize_distributed(config)
         workdir, aside = prepare_workdir(os.path.abspath(workdir), fresh)
+        if config.distributed:  # the global device count exists only once every process has joined
+            check_batches(config)
         return run_seeds(config, workdir, seeds, on_started=lambda: _remove_aside(aside))
     except user_errors as e:
         if debug:

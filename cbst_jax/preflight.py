@@ -27,7 +27,6 @@ def preflight(config) -> None:
     from cbst_jax import experiment, models
 
     config_lib.validate(config)
-    _check_batches(config)
     experiment.build_model(config)  # the network and the normalisation its weights need
     if config.model.init:
         models.load_variables(config.model.init)
@@ -39,8 +38,10 @@ def preflight(config) -> None:
         _check_splits(target)
 
 
-def _check_batches(config) -> None:
-    """Training batches are split evenly over the devices (evaluation batches are padded)."""
+def check_batches(config) -> None:
+    """Training batches are split evenly over the devices (evaluation batches are padded). Needs
+    the device count: on one host before the workdir is touched, on several once every process has
+    joined (``jax.distributed.initialize`` and the workdir's set-up come first there)."""
     import jax
 
     devices = jax.device_count()

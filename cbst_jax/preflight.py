@@ -45,10 +45,8 @@ def check_batches(config) -> None:
     import jax
 
     devices = jax.device_count()
-    keys = ["input.batch_size"] + (["source_training.batch_size"] if config.source_training.batch_size else [])
-    for key in keys:
-        section, name = key.split(".")
-        value = config[section][name]
+    for key, value in (("input.batch_size", config.input.batch_size),
+                       ("source_training.batch_size", config.source_training.batch_size)):  # 0: input's
         if value % devices:
             raise config_lib.ConfigError(f"config.{key}={value}: expected a multiple of the {devices} devices "
                                          f"(each device takes an equal share of a training batch)")

@@ -1,9 +1,14 @@
 """Everything a run's inputs can be checked for before its workdir is touched: the configuration,
 the network name, the weights file (readable, with metadata that fits the network and the
-configured normalisation), the dataset roots and layouts (each split opens, the evaluation
-split has labels) and the crop against the images. A failure is the usual one-line error; only
-after all of it passes does ``cbst_jax.main`` create, resume or replace a workdir."""
+configured normalisation), the data workers, the dataset roots and layouts (each split opens,
+the evaluation split has labels and is not the split adapted on, every image and label file
+ends as its format ends), each phase's split against its batch (the source phase, every
+round), the crop and the evaluation canvas against the images, and the labelling batch against
+the threshold histograms. A failure is the usual one-line error naming the key and the count;
+only after all of it passes does ``cbst_jax.main`` create, resume or replace a workdir."""
 from __future__ import annotations
+
+import importlib.util
 
 from cbst_jax import config_lib
 from cbst_jax.data.experiment_data import open_side
@@ -30,6 +35,9 @@ def preflight(config) -> None:
     experiment.build_model(config)  # the network and the normalisation its weights need
     if config.model.init:
         models.load_variables(config.model.init)
+    if config.input.worker_kind == "processes" and importlib.util.find_spec("grain") is None:
+        raise config_lib.ConfigError("config.input.worker_kind='processes': needs grain (pip install grain); "
+                                     "expected 'threads' or 'auto' without it")
     for city in config_lib.nthu_cities(config) or [None]:
         target = config
         if city is not None:
@@ -39,10 +47,13 @@ def preflight(config) -> None:
 
 
 def check_batches(config) -> None:
-    """Training batches are split evenly over the devices (evaluation batches are padded). Needs
-    the device count: on one host before the workdir is touched, on several once every process has
-    joined (``jax.distributed.initialize`` and the workdir's set-up come first there)."""
+    """Training batches are split evenly over the devices (evaluation batches are padded), and a
+    labelling batch fits the threshold histograms. Needs the device count: on one host before
+    the workdir is touched, on several once every process has joined (``jax.distributed.initialize``
+    and the workdir's set-up come first there)."""
     import jax
+
+    from cbst_jax.selection import MAX_BATCH_PIXELS
 
     devices = jax.device_count()
     for key, value in (("input.batch_size", config.input.batch_size),
@@ -50,6 +61,84 @@ def check_batches(config) -> None:
         if value % devices:
             raise config_lib.ConfigError(f"config.{key}={value}: expected a multiple of the {devices} devices "
                                          f"(each device takes an equal share of a training batch)")
+    if not _self_trains(config):
+        return
+    asked = config.input.eval_batch_size
+    batch = max(devices, -(-asked // devices) * devices)  # as Experiment.eval_batch_size
+    h, w = config.input.eval_size
+    if batch * h * w > MAX_BATCH_PIXELS:
+        most = MAX_BATCH_PIXELS // (h * w) // devices * devices
+        raise config_lib.ConfigError(
+            f"config.input.eval_batch_size={asked}: a labelling batch of {batch} images (a multiple of the "
+            f"{devices} devices) on the {h}x{w} canvas (input.eval_size) holds {batch * h * w} pixels, more than the "
+            f"2**30 the threshold histograms count per batch; expected at most {most} images"
+            + ("" if most else " (none fits: a smaller input.eval_size)"))
+
+
+def check_phase_sizes(config, num_source: int, num_target: int, note: str = "") -> None:
+    """Every training phase can fill one batch: the source phase (when it runs) from the source
+    split, every round from its source subset and the target train split (``num_target``
+    images); else ConfigError naming the key and the counts (``note``: appended to it)."""
+    from cbst_jax.trainer import phase_sampler, source_batch_size
+
+    if config.source_training.steps > 0 and not config.model.init_is_source_model:
+        try:
+            phase_sampler(config, num_source, num_target, None)
+        except ValueError:
+            key = "source_training.batch_size" if config.source_training.batch_size else "input.batch_size"
+            b = source_batch_size(config)
+            raise config_lib.ConfigError(
+                f"config.{key}={b}: the source split of {config.source.name} holds {num_source} images, fewer than "
+                f"one batch of the source phase; expected at least {b} images, or a smaller batch{note}") from None
+    if not _self_trains(config):
+        return
+    for r in range(config.self_training.rounds):
+        try:
+            phase_sampler(config, num_source, num_target, r)
+        except ValueError:
+            raise config_lib.ConfigError(_round_shortfall(config, num_source, num_target, r) + note) from None
+
+
+def check_adaptation_split(config, data) -> None:
+    """:func:`check_phase_sizes` on the splits a run adapts on (``ExperimentData``: the target
+    train split without the evaluation images, ``cbst_jax.data.overlap``), known only once
+    every image is hashed, inside the run."""
+    excluded = data.overlap.get("excluded_train_images", 0)
+    note = (f" (after leaving out the {excluded} target train images that are also evaluation images; "
+            f"target.allow_eval_overlap=True keeps them)" if excluded else "")
+    check_phase_sizes(config, len(data.source), len(data.target_train), note)
+
+
+def _self_trains(config) -> bool:
+    from cbst_jax.methods import parse
+
+    return config.self_training.rounds > 0 and any(m.self_trains for m in parse(config.methods))
+
+
+def _target_name(config) -> str:
+    return config.target.name + (f" ({config.target.city})" if config.target.get("city") else "")
+
+
+def _round_shortfall(config, num_source: int, num_target: int, r: int) -> str:
+    """Why round ``r``'s sampler cannot fill one batch, in one line with the counts."""
+    from cbst_jax.data.pipeline import source_subset
+    from cbst_jax.trainer import source_rows_per_batch
+
+    b, inp = config.input.batch_size, config.input
+    s0, ds, smax = inp.source_portion
+    subset = len(source_subset(num_source, r, s0=s0, ds=ds, s_max=smax))
+    per_batch = source_rows_per_batch(config)
+    head = f"config.input.batch_size={b}: "
+    if per_batch is None:
+        return (head + f"round {r} draws its batches from {subset} source images (input.source_portion of "
+                f"{num_source}) and the {num_target} target train images of {_target_name(config)}, "
+                f"{subset + num_target} in all, fewer than one batch; expected at least {b}")
+    paired = f"(input.sampler='paired', input.source_share={inp.source_share})"
+    if b - per_batch > num_target:
+        return (head + f"a round's batch takes {b - per_batch} target train images {paired}, but the target train "
+                f"split of {_target_name(config)} holds {num_target}; expected at least {b - per_batch}")
+    return (head + f"a round's batch takes {per_batch} source images {paired}, but round {r} uses {subset} "
+            f"(input.source_portion of {num_source}); expected at least {per_batch}")
 
 
 def _check_splits(config) -> None:
@@ -62,6 +151,17 @@ def _check_splits(config) -> None:
                                f"is empty")
     if not getattr(target_eval, "has_labels", True):
         raise DatasetError(f"target evaluation split {config.target.eval_split!r} has no labels")
+    if config.target.train_split == config.target.eval_split and not config.target.allow_eval_overlap:
+        raise config_lib.ConfigError(
+            f"config.target.train_split={config.target.train_split!r} is also config.target.eval_split: every one "
+            f"of its {len(target_train)} images is an evaluation image and would be left out of adaptation, leaving "
+            f"none; expected another split, or target.allow_eval_overlap=True (adapt on the evaluation images, "
+            f"the published protocol)")
+    check_phase_sizes(config, len(source), len(target_train))
+    for split in (source, target_train, target_eval):
+        problem = split.damaged_file() if hasattr(split, "damaged_file") else None
+        if problem:
+            raise DatasetError(problem)
     checks = [("input.crop", tuple(config.input.crop), "source", source),
               ("input.crop", tuple(config.input.crop), "target", target_train)]
     if config.source_training.steps > 0 and not config.model.init_is_source_model and config.source_training.crop:
@@ -73,3 +173,13 @@ def _check_splits(config) -> None:
             largest = max(sizes[name], key=lambda s: s[0] * s[1])
             raise config_lib.ConfigError(f"config.{key}={crop}: larger than every {name} image looked at "
                                          f"(e.g. {largest[0]}x{largest[1]}); expected a crop that fits the images")
+    canvas = tuple(config.input.eval_size)
+    on_canvas = [("target evaluation", image_sizes(target_eval))]
+    if _self_trains(config):
+        on_canvas.append(("target train", sizes["target"]))
+    for name, looked_at in on_canvas:
+        for h, w in looked_at:
+            if h > canvas[0] or w > canvas[1]:
+                raise config_lib.ConfigError(
+                    f"config.input.eval_size={canvas}: smaller than a {name} image ({h}x{w}); evaluation and "
+                    f"pseudo-labelling batches hold whole images on that canvas, expected at least {h}x{w}")

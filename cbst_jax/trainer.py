@@ -131,23 +131,13 @@ def mixed_iterator(exp, round_idx: int | None, target_labels=None, mine_classes=
     on the domains of ``input.mine_domains``."""
     cfg = exp.config
     data = exp.data
-    s0, ds, smax = cfg.input.source_portion
     crop, scale_range = tuple(cfg.input.crop), tuple(cfg.input.scale_range)
     source_range = tuple(cfg.input.source_scale_range) or scale_range
     target_range = tuple(cfg.input.target_scale_range) or scale_range
     if round_idx is None:
-        st = cfg.source_training
-        crop = tuple(st.crop) or crop
-        source_range = tuple(st.scale_range) or source_range
-        sampler = pipeline.MixedSampler(tuple(range(len(data.source))), 0, st.batch_size or cfg.input.batch_size,
-                                        "pooled",
-                                        seed=int(np.random.SeedSequence([cfg.seed, 999]).generate_state(1)[0]))
-    else:
-        per_batch = int(round(cfg.input.source_share * cfg.input.batch_size)) if cfg.input.sampler == "paired" else None
-        sampler = pipeline.round_sampler(
-            len(data.source), len(data.target_train), round_idx, batch_size=cfg.input.batch_size,
-            mode=cfg.input.sampler, source_per_batch=per_batch, s0=s0, ds=ds, s_max=smax,
-            subset_schedule="cumulative" if cfg.input.source_subset == "nested" else "fresh", seed=cfg.seed)
+        crop = tuple(cfg.source_training.crop) or crop
+        source_range = tuple(cfg.source_training.scale_range) or source_range
+    sampler = phase_sampler(cfg, len(data.source), len(data.target_train), round_idx)
     mine_domains = (pipeline.TARGET,) if cfg.input.mine_domains == "target" else (pipeline.SOURCE, pipeline.TARGET)
     return pipeline.MixedIterator(data.source, data.target_train, sampler, crop_size=crop,
                                   target_labels=target_labels, scale_range=source_range,
@@ -157,6 +147,33 @@ def mixed_iterator(exp, round_idx: int | None, target_labels=None, mine_classes=
                                   processes=worker_processes(cfg),
                                   target_soft_labels=target_soft_labels,
                                   soft_stride=cfg.self_training.soft_label_stride, num_classes=cfg.num_classes)
+
+
+def phase_sampler(config, num_source: int, num_target: int, round_idx: int | None) -> pipeline.MixedSampler:
+    """Which records make up each batch of the source phase (``round_idx`` None: the whole
+    source set at ``source_training``'s batch size, else ``input``'s) or of a round (its source
+    subset and the target train split); ValueError when the split cannot fill one batch
+    (``cbst_jax.preflight`` checks every phase with it before a run starts)."""
+    if round_idx is None:
+        return pipeline.MixedSampler(tuple(range(num_source)), 0, source_batch_size(config), "pooled",
+                                     seed=int(np.random.SeedSequence([config.seed, 999]).generate_state(1)[0]))
+    inp = config.input
+    s0, ds, smax = inp.source_portion
+    return pipeline.round_sampler(
+        num_source, num_target, round_idx, batch_size=inp.batch_size, mode=inp.sampler,
+        source_per_batch=source_rows_per_batch(config), s0=s0, ds=ds, s_max=smax,
+        subset_schedule="cumulative" if inp.source_subset == "nested" else "fresh", seed=config.seed)
+
+
+def source_batch_size(config) -> int:
+    """The source phase's global batch (``source_training.batch_size``, 0: ``input.batch_size``)."""
+    return config.source_training.batch_size or config.input.batch_size
+
+
+def source_rows_per_batch(config) -> int | None:
+    """Source rows of a round's batch with the paired sampler (None: pooled, no fixed share)."""
+    inp = config.input
+    return int(round(inp.source_share * inp.batch_size)) if inp.sampler == "paired" else None
 
 
 def worker_processes(config) -> bool | None:

@@ -67,6 +67,35 @@ def _decoded(path, im):
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of a whole PNG
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"  # SOI, EOI
+_TAIL = 4096  # bytes looked at for the end marker (some writers append data after it): one read
+
+
+def truncation(path) -> str | None:
+    """Whether a PNG or JPEG file is whole, from its first and last bytes only (PNG: the IEND
+    chunk, JPEG: the EOI marker, within its last 4 KiB): None when it is (or is another
+    format), else one line naming the file. A file cut short (a copy or download stopped part
+    way) fails this; damage inside a file shows when it is decoded."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+    except FileNotFoundError:
+        return f"{path}: file not found"
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or exc})"
+    if size == 0:
+        return f"{path}: empty file"
+    if head == PNG_SIGNATURE and PNG_END not in tail:
+        return f"{path}: truncated PNG (no IEND chunk at its end: {size} bytes, cut short?)"
+    if head.startswith(JPEG_START) and JPEG_END not in tail:
+        return f"{path}: truncated JPEG (no end-of-image marker at its end: {size} bytes, cut short?)"
+    return None
+
+
 def _is_rgb8_png(data: bytes) -> bool:
     """Whether ``data`` is a non-interlaced 8-bit truecolour PNG (IHDR bit depth, colour type, interlace)."""
     return (data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 28
@@ -358,6 +387,16 @@ class FolderSource:
     def label_for(self, item: Item, shape: Sequence[int]) -> np.ndarray:
         """The remapped label of ``item``, resized to ``shape`` if its size differs (counted)."""
         return to_train_ids(self._label_ids(item, shape), self.label_table)
+
+    def damaged_file(self) -> str | None:
+        """The first image or label file (labels only when ``has_labels``) that is missing, empty
+        or cut short (:func:`truncation`), in one line; None when every one is whole."""
+        for item in self._items:
+            for path in (item.image, item.label if self.has_labels else None):
+                problem = truncation(path) if path else None
+                if problem:
+                    return problem
+        return None
 
     def _item(self, index: int) -> Item:
         n = len(self._items)

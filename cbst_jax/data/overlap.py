@@ -138,10 +138,14 @@ def overlap_report(train_source, eval_source, pairs, *, allow_overlap: bool, kep
 def without_eval_overlap(train_source, eval_source, *, allow_overlap: bool = False, **hash_options):
     """(adaptation source, report dict). By default the train records whose image is also an
     evaluation image are left out (a view, :class:`SubsetSource`), so no evaluation image is
-    pseudo-labelled; ``allow_overlap=True`` keeps them (the published protocol) and the report
-    says how many evaluation images are also adapted on."""
+    pseudo-labelled (DatasetError when that leaves none); ``allow_overlap=True`` keeps them (the
+    published protocol) and the report says how many evaluation images are also adapted on."""
     pairs = split_overlap(train_source, eval_source, **hash_options)
     adapt = train_source if allow_overlap or not pairs else exclude(train_source, [i for i, _ in pairs])
+    if len(adapt) == 0:
+        raise DatasetError(f"every one of the {len(train_source)} target train images is also an evaluation image "
+                           f"(by content), so none is left to adapt on; expected a target train split apart from "
+                           f"the evaluation split, or target.allow_eval_overlap=True (the published protocol)")
     return adapt, overlap_report(train_source, eval_source, pairs, allow_overlap=allow_overlap, kept=len(adapt))
 
 

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from cbst_jax.data import augment as aug
+from cbst_jax.data.io import DatasetError
 from cbst_jax.labels import IGNORE_INDEX
 from cbst_jax.methods import portion_at
 
@@ -498,7 +499,9 @@ class EvalIterator(_Closing):
             rec = self.source[int(r)]
             h, w = rec["image"].shape[:2]
             if h > H or w > W:
-                raise ValueError(f"record {r} is {h}x{w}, larger than the {H}x{W} canvas")
+                name = f" ({self.source.names[int(r)]})" if hasattr(self.source, "names") else ""
+                raise DatasetError(f"record {r}{name} is {h}x{w}, larger than the {H}x{W} canvas of evaluation and "
+                                   f"pseudo-labelling batches (config.input.eval_size)")
             out["image"][j, :h, :w] = rec["image"]
             if self.label_key is not None:
                 out["label"][j, :h, :w] = rec[self.label_key]

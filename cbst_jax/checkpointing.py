@@ -4,7 +4,7 @@ position, recent losses), and the digest that lets a reader verify one before tr
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
 killed while saving leaves the previous checkpoints intact; a half-written folder is ignored
-and removed on the next start. A save that fails (a full disk) removes its temporary folder
+and removed (here, synchronously) when the folder is next opened. A save that fails (a full disk) removes its temporary folder
 and raises :class:`CheckpointError` saying how much space the state needs. A restore that
 fails (damaged files) raises :class:`CheckpointError` with one line instead of orbax's and
 TensorStore's tracebacks. Orbax needs absolute paths: the directory is made absolute here and
@@ -57,10 +57,19 @@ class RunCheckpoints:
 
     def __init__(self, directory: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
+        if os.path.isdir(self.directory):  # before the manager: no write of this run is under way
+            self._remove_partial()
+        # orbax's own clean-up of temporary folders runs in a thread that close() does not join:
+        # a run that stops right after opening its checkpoints would leave it running into the
+        # interpreter's shutdown (a traceback after the run's one-line error).
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=False)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def close(self) -> None:
+        """Waits for the manager's outstanding work and closes it."""
+        self._mngr.close()
 
     def indices(self) -> list[int]:
         """The checkpoints on disk, newest first."""

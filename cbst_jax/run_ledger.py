@@ -6,13 +6,15 @@ method's rounds). For each stage the ledger knows whether it is *trained*, *labe
 
 * ``ledger.json``: the index (written atomically, by process 0 only): per stage the trained
   network's weights file with its sha256, steps and final loss, the recorded rows (pseudo-label
-  statistics, evaluation); per training checkpoint its stage, step and digest; the history of
-  restarts with changed settings (``resume_from_stage``);
+  statistics, evaluation) and the sha256 of the files the stage owns besides its weights (kept
+  predictions, the round's pseudo-label figure: ``outputs``); per training checkpoint its stage,
+  step and digest; the history of restarts with changed settings (``resume_from_stage``);
 * ``models/<stage>.npz``: each trained stage's network as a weights file with its metadata
   (architecture, classes, normalisation: ``cbst_jax.models.save_variables``), for the next
   round, evaluation, export and inference;
 * ``checkpoints/``: training progress inside the current stage (the last two checkpoints:
-  train state, data-iterator position, recent losses; ``cbst_jax.checkpointing``);
+  train state, data-iterator position, recent losses; ``cbst_jax.checkpointing``), each with
+  the digest of the pseudo-labels it trained on (a round's checkpoint is resumed only on those);
 * ``pseudo_labels/<method>/round_<r>/``: each round's pseudo-label store, complete once its
   manifest (with every file's sha256) is written;
 * ``config.json``: the configuration that wrote the workdir; another configuration is refused
@@ -24,7 +26,9 @@ ledger never reads them back. Everything read back is verified first: a weights 
 checkpoint whose digest does not match is skipped with a one-line notice (the stage is trained
 again, or training resumes from an older checkpoint: every batch and label is a pure function
 of the seed, stage and step, so the results are the same), pseudo-label files are checked
-against their manifest. Every file is written by process 0 only, and every question about
+against their manifest, a round's checkpoint is used only with the pseudo-labels it trained on,
+and a stage's other files (``outputs``) against their recorded sha256 (a missing or damaged one
+is made again). Every file is written by process 0 only, and every question about
 files is answered by process 0 for all processes (``sharding.agree``). Paths stored on disk
 are relative to the workdir, so a workdir can be moved or copied and resumed from its new place.
 """
@@ -93,7 +97,17 @@ class RunLedger:
         self._checkpoints = checkpointing.RunCheckpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
         self._verified: dict = {}
         if rewind_to:
-            self._rewind(rewind_to, config)
+            try:
+                self._rewind(rewind_to, config)
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Closes the log and the checkpoint manager (waiting for its threads); every exit path
+        of a run calls it, so no background work outlives the run."""
+        self.log.close()
+        self._checkpoints.close()
 
     # ------------------------------------------------------------------ questions
     def trained(self, stage: Stage) -> bool:
@@ -118,7 +132,7 @@ class RunLedger:
         """The recorded rows of one kind ("eval", "pseudo_labels"), in the run's stage order."""
         docs = self._doc["stages"]
         return [row for s in self.order for slot, row in docs.get(s.key, {}).items()
-                if slot != "trained" and row.get("kind") == kind]
+                if slot not in ("trained", "outputs") and row.get("kind") == kind]
 
     def stage_weights(self, stage: Stage) -> str:
         return stage_weights_path(self.workdir, stage)
@@ -138,10 +152,19 @@ class RunLedger:
     def pseudo_labels(self, stage: Stage) -> PseudoLabelStore:
         return PseudoLabelStore(os.path.join(self.workdir, "pseudo_labels", stage.method, f"round_{stage.round}"))
 
+    def labels_digest(self, stage: Stage) -> str | None:
+        """sha256 over the file digests of a round's pseudo-label manifest (None for the source
+        stage): what a round's training checkpoints trained on."""
+        if stage.round is None:
+            return None
+        files = self.pseudo_labels(stage).manifest().files
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
     def progress(self, stage: Stage, like) -> Progress | None:
-        """The newest training checkpoint of ``stage`` that verifies and restores (``like``: a
-        state of the stage's structure, for shapes, dtypes and shardings); older ones are the
-        fallback, each skipped one is named with the reason."""
+        """The newest training checkpoint of ``stage`` that verifies, trained on the round's
+        current pseudo-labels, and restores (``like``: a state of the stage's structure, for
+        shapes, dtypes and shardings); older ones are the fallback, each skipped one is named
+        with the reason."""
         for index in self._candidates(stage):
             try:
                 state, meta = self._checkpoints.restore(like, index)
@@ -169,10 +192,12 @@ class RunLedger:
     def save_progress(self, stage: Stage, state, step: int, iterator: dict, recent_losses: list) -> None:
         index = max([int(i) for i in self._doc["checkpoints"]] + self._checkpoints.indices() + [0]) + 1
         meta = {"stage": stage.key, "step": int(step), "iterator": iterator, "recent_losses": list(recent_losses)}
+        labels = self.labels_digest(stage) if jax.process_index() == 0 else None
         digest = self._checkpoints.save(index, state, meta)
         kept = set(self._checkpoints.indices())
         self._doc["checkpoints"] = {k: v for k, v in self._doc["checkpoints"].items() if int(k) in kept}
-        self._doc["checkpoints"][str(index)] = {"stage": stage.key, "step": int(step), "sha256": digest}
+        self._doc["checkpoints"][str(index)] = {"stage": stage.key, "step": int(step), "sha256": digest,
+                                                "labels": labels}
         self._write()
 
     def stage_trained(self, stage: Stage, variables, metadata: dict, steps: int | None = None,
@@ -203,16 +228,42 @@ class RunLedger:
         self._doc["checkpoints"] = {}
         self._write()
 
-    def record(self, stage: Stage, row: dict, slot: str | None = None) -> None:
+    def record(self, stage: Stage, row: dict, slot: str | None = None, outputs=()) -> None:
         """Logs ``row`` (``metrics.jsonl``, then the ledger, in ``slot``, default its kind): a
         kill in between repeats the row in the log on resume, and readers of the log keep the
-        last row of each key."""
+        last row of each key. ``outputs``: files of the stage written before the row (kept
+        predictions, figures), recorded with their sha256 in the same ledger write, so a row
+        never counts without them."""
         self.log.write(row)
         failpoint("ledger.row_logged")
+        self._note_outputs(stage, outputs)
         self._stage_doc(stage)[slot or row["kind"]] = reporting.jsonable(row)
         self._write()
 
+    def record_outputs(self, stage: Stage, outputs) -> None:
+        """Records files of a stage made again (``outputs``: their paths) with their sha256."""
+        self._note_outputs(stage, outputs)
+        self._write()
+
+    def output_problem(self, stage: Stage, path: str) -> str | None:
+        """None if ``path``, a file the stage owns, exists and matches the sha256 recorded when
+        it was written (a workdir of an earlier version that recorded none: exists); else what
+        is wrong, in one line. Process 0's answer for all processes."""
+        problem = None
+        if jax.process_index() == 0:
+            recorded = self._stage_doc(stage).get("outputs", {}).get(os.path.relpath(path, self.workdir))
+            if not os.path.isfile(path):
+                problem = f"{path} is missing"
+            elif recorded is not None and file_sha256(path) != recorded:
+                problem = f"{path} does not match the sha256 recorded when it was written (damaged)"
+        return problem if not shd.agree(problem is None) else None
+
     # ------------------------------------------------------------------ internals
+    def _note_outputs(self, stage: Stage, outputs) -> None:
+        if jax.process_index() == 0 and outputs:
+            self._stage_doc(stage).setdefault("outputs", {}).update(
+                {os.path.relpath(p, self.workdir): file_sha256(p) for p in outputs})
+
     def _stage_doc(self, stage: Stage) -> dict:
         return self._doc["stages"].setdefault(stage.key, {})
 
@@ -234,16 +285,20 @@ class RunLedger:
         return True
 
     def _candidates(self, stage: Stage) -> list[int]:
-        """Recorded checkpoints of ``stage``, newest first, whose files match their digest
-        (process 0's answer for all processes)."""
+        """Recorded checkpoints of ``stage``, newest first, whose files match their digest and
+        which trained on the round's current pseudo-labels (process 0's answer for all processes)."""
         good = []
         if jax.process_index() == 0:
             on_disk = set(self._checkpoints.indices())
+            labels = self.labels_digest(stage)
             for key in sorted(self._doc["checkpoints"], key=int, reverse=True):
                 entry, index = self._doc["checkpoints"][key], int(key)
                 if entry["stage"] != stage.key:
                     continue
-                if index not in on_disk:
+                if entry.get("labels") != labels:
+                    notice(f"checkpoint {self._checkpoints.path(index)} was trained on other pseudo-labels than "
+                           f"the round's store; trying an older one")
+                elif index not in on_disk:
                     notice(f"checkpoint {self._checkpoints.path(index)} is missing; trying an older one")
                 elif self._checkpoints.digest(index) != entry["sha256"]:
                     notice(f"checkpoint {self._checkpoints.path(index)} does not match the digest recorded when "
@@ -280,6 +335,7 @@ class RunLedger:
         if not self.trained(stage):
             raise RunError(f"config.resume_from_stage={stage_key!r}: that stage is not trained in {self.workdir}")
         later = self.order[keys.index(stage_key) + 1:]
+        self._checkpoints.close()
         if jax.process_index() == 0:
             aside = os.path.join(self.workdir, "rewound", time.strftime("%Y%m%d-%H%M%S"))
             os.makedirs(aside, exist_ok=True)

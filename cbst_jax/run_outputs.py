@@ -43,31 +43,39 @@ def pseudo_label_row(seed, manifest) -> dict:
 
 
 # ---------------------------------------------------------------------------- per stage
-def _predictions_path(exp, stage: Stage) -> str:
+def predictions_path(exp, stage: Stage) -> str:
+    """Where a stage's kept predictions go (``predictions/source_only.npz``, ``predictions/cbst_r1.npz``)."""
     name = stage.method if stage.round is None else f"{stage.method}_r{stage.round}"
     return os.path.join(exp.workdir, "predictions", f"{name}.npz")
 
 
-def save_predictions(exp, stage: Stage, preds) -> None:
-    if jax.process_index() != 0 or not preds:
-        return
-    path = _predictions_path(exp, stage)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: np.savez_compressed(f, *preds))
+def save_predictions(exp, stage: Stage, preds) -> str:
+    """Writes the kept predictions (process 0); returns the path."""
+    path = predictions_path(exp, stage)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: np.savez_compressed(f, *preds))
+    return path
 
 
 def load_predictions(exp, stage: Stage):
-    path = _predictions_path(exp, stage)
+    path = predictions_path(exp, stage)
     if not os.path.exists(path):
         return None
     with np.load(path) as f:
         return [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))]
 
 
-def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> None:
-    """Per round: target-train images, their hidden ground truth (embedded pair only) and pseudo-labels."""
+def pseudo_label_figure_path(exp, stage: Stage) -> str:
+    return os.path.join(exp.workdir, "figures", f"pseudo_labels_{stage.method}_r{stage.round}.png")
+
+
+def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> str:
+    """Per round: target-train images, their hidden ground truth (embedded pair only) and
+    pseudo-labels (process 0); returns the path."""
+    path = pseudo_label_figure_path(exp, stage)
     if jax.process_index() != 0:
-        return
+        return path
     target, hidden = exp.data.target_train, exp.data.hidden_label_key
     idx = range(min(n, len(target)))
     recs = [target[i] for i in idx]
@@ -75,9 +83,9 @@ def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> None:
     if hidden:
         cols["ground truth"] = [rec[hidden] for rec in recs]
     cols[f"{stage.label} pseudo-labels"] = [store.read(i) for i in idx]
-    os.makedirs(os.path.join(exp.workdir, "figures"), exist_ok=True)
-    reporting.prediction_grid(cols, os.path.join(exp.workdir, "figures",
-                                                 f"pseudo_labels_{stage.method}_r{stage.round}.png"), exp.num_classes)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    reporting.prediction_grid(cols, path, exp.num_classes)
+    return path
 
 
 # ---------------------------------------------------------------------------- per seed

@@ -9,11 +9,17 @@
             evaluate on the target evaluation split (cbst_jax.evaluate)
             record the round (cbst_jax.run_ledger, cbst_jax.run_outputs)
 
+A round's pseudo-labels always come from the model that finished the stage before it (the
+source model or round r-1: at hand, or read from its verified weights file), made before any
+optimiser state of the round exists; a round's training checkpoints are resumed only with the
+pseudo-labels they trained on.
+
 Resume: the run ledger knows which stages are trained, labelled and evaluated (each trained
-stage's network is a verified weights file), and holds the training progress inside a stage.
-Killed anywhere, the same command skips what is done and resumes the rest; since every batch,
-augmentation and pseudo-label is a pure function of (seed, stage, step), it reaches the same
-final metrics bit for bit (on CPU). Evaluation never feeds back
+stage's network is a verified weights file, its other files verified against their recorded
+sha256), and holds the training progress inside a stage. Killed anywhere, the same command
+skips what is done, remakes what a finished stage lost, and resumes the rest; since every
+batch, augmentation and pseudo-label is a pure function of (seed, stage, step), it reaches the
+same final metrics bit for bit (on CPU). Evaluation never feeds back
 into training: every round is reported, and no round is picked by looking at the evaluation
 split unless ``config.select_by_eval`` asks for it (the report then says so).
 """
@@ -24,11 +30,11 @@ import time
 
 import jax
 
-from cbst_jax import checkpointing, experiment, run_outputs
+from cbst_jax import checkpointing, experiment, preflight, run_outputs
 from cbst_jax.evaluate import evaluate
 from cbst_jax.methods import SOURCE, Stage, parse as parse_methods, portion_at, stages
 from cbst_jax.pseudo_labelling import label_target
-from cbst_jax.run_ledger import RunLedger
+from cbst_jax.run_ledger import RunLedger, notice
 from cbst_jax.trainer import Trainer, mixed_iterator, round_lr, round_steps, variables_of
 
 
@@ -38,7 +44,15 @@ def run(config, workdir: str, on_started=None) -> tuple[list[dict], list[dict]]:
     the source model exists."""
     config = copy.deepcopy(config)
     ledger = RunLedger(workdir, config, stages(parse_methods(config.methods), config.self_training.rounds))
-    exp = experiment.build(config, workdir)
+    try:
+        return _run(config, ledger, on_started)
+    finally:
+        ledger.close()
+
+
+def _run(config, ledger: RunLedger, on_started):
+    exp = experiment.build(config, ledger.workdir)
+    preflight.check_adaptation_split(config, exp.data)  # the counts after leaving out evaluation images
     rng = jax.random.key(config.seed)
     variables = experiment.init_variables(config, exp.model, rng, tuple(config.input.crop))
     trainer = Trainer(exp, ledger, variables)
@@ -53,22 +67,29 @@ def run(config, workdir: str, on_started=None) -> tuple[list[dict], list[dict]]:
         model = source                                               # each method from the source model
         for r in range(config.self_training.rounds):
             stage = Stage(method.name, r)
-            if ledger.trained(stage):                                # finished before a restart
-                model = loop.evaluate_if_needed(stage)
-                continue
-            state, progress = loop.start(stage, model)               # previous model, fresh optimiser
             portion = portion_at(config.self_training.portion, r)    # p_r
-            store = loop.label(stage, method, state, portion)        # pseudo-labels at p_r
+            if ledger.trained(stage):                                # finished before a restart
+                model = loop.complete(stage, method)
+                continue
+            if model is None:
+                model = ledger.trained_variables(previous_stage(stage))
+            store = loop.label(stage, method, model, portion)        # pseudo-labels at p_r, by the previous model
+            state, progress = loop.start(stage, model)               # then its optimiser state (or a checkpoint's)
             state, steps = loop.retrain(stage, method, state, store, progress)
             model = variables_of(state)
             ledger.stage_trained(stage, model, loop.metadata, steps, trainer.last_loss)
-            loop.evaluate_and_record(stage, model, portion=portion, steps=steps, train_loss=trainer.last_loss)
+            loop.evaluate_and_record(stage, method, model, store, portion=portion, steps=steps,
+                                     train_loss=trainer.last_loss)
 
     rows, pl_rows = ledger.rows("eval"), ledger.rows("pseudo_labels")
     if jax.process_index() == 0:
         run_outputs.write_seed_report(exp, rows, pl_rows)
-    ledger.log.close()
     return rows, pl_rows
+
+
+def previous_stage(stage: Stage) -> Stage:
+    """The stage whose model a round starts from and labels with: the source model for round 0."""
+    return SOURCE if stage.round == 0 else Stage(stage.method, stage.round - 1)
 
 
 class _Loop:
@@ -85,7 +106,7 @@ class _Loop:
 
     def source_model(self):
         """Round 0: trained on the source here (resuming its progress), or the imported
-        weights; returns its variables."""
+        weights; evaluated (what it lacks); returns its variables."""
         cfg, ledger = self.exp.config, self.ledger
         if not ledger.trained(SOURCE):
             state = self.initial
@@ -104,41 +125,45 @@ class _Loop:
             ledger.stage_trained(SOURCE, variables_of(state), self.metadata, cfg.source_training.steps,
                                  self.trainer.last_loss)
         source = ledger.trained_variables(SOURCE)
-        if not ledger.recorded(SOURCE, "eval"):
-            self.evaluate_and_record(SOURCE, source)
+        self.evaluate_and_record(SOURCE, None, source)
         return source
 
-    def evaluate_if_needed(self, stage: Stage):
-        """A stage trained before a restart, evaluated now if the stop came before its rows;
-        returns its variables when read, else None (read later if needed)."""
-        if all(self.ledger.recorded(stage, slot) for slot in self.eval_slots(stage)):
+    def complete(self, stage: Stage, method):
+        """A stage trained before a restart: its rows and files, made now where the stop came
+        before them or where they were lost; returns its variables when read, else None (read
+        later if needed)."""
+        if not self.lacks(stage):
             return None
         model = self.ledger.trained_variables(stage)
-        self.evaluate_and_record(stage, model, portion=portion_at(self.exp.config.self_training.portion, stage.round),
+        self.evaluate_and_record(stage, method, model,
+                                 portion=portion_at(self.exp.config.self_training.portion, stage.round),
                                  **self.ledger.training_summary(stage))
         return model
 
-    def start(self, stage: Stage, previous):
-        """The state a round starts from and its training progress (if resumed inside it):
-        the previous round's model (read from its weights file if not at hand) with a fresh
-        optimiser."""
-        progress = self.ledger.progress(stage, self.like_round)
-        if progress is not None:
-            return progress.state, progress
-        if previous is None:
-            previous = self.ledger.trained_variables(Stage(stage.method, stage.round - 1))
-        return self.trainer.round_state(previous, stage, self.rng), None
-    def label(self, stage: Stage, method, state, portion: float):
-        """The round's pseudo-labels (made now, or complete from before a restart), recorded."""
+    def label(self, stage: Stage, method, previous, portion: float):
+        """The round's pseudo-labels (complete from before a restart, or made now with
+        ``previous``, the variables of the model that finished the stage before; None: read from
+        its weights file), recorded."""
         ledger = self.ledger
         store = ledger.pseudo_labels(stage)
         if ledger.labelled(stage):
             manifest = store.manifest()
         else:
-            manifest = label_target(self.exp, variables_of(state), method, stage, portion, store)
+            if previous is None:
+                previous = ledger.trained_variables(previous_stage(stage))
+            manifest = label_target(self.exp, previous, method, stage, portion, store)
         if not ledger.recorded(stage, "pseudo_labels"):
             ledger.record(stage, run_outputs.pseudo_label_row(self.exp.config.seed, manifest))
         return store
+
+    def start(self, stage: Stage, previous):
+        """The state a round trains from and its training progress: the round's newest
+        checkpoint trained on its current pseudo-labels, else ``previous`` (the model of the stage
+        before) with a fresh optimiser."""
+        progress = self.ledger.progress(stage, self.like_round)
+        if progress is not None:
+            return progress.state, progress
+        return self.trainer.round_state(previous, stage, self.rng), None
 
     def retrain(self, stage: Stage, method, state, store, progress):
         """Training on the round's source subset + pseudo-labelled target, from ``progress``;
@@ -162,19 +187,49 @@ class _Loop:
         """The evaluation rows a stage gets: "eval", and "eval+mst" for ``evaluate.mst_methods``."""
         return ["eval"] + (["eval+mst"] if stage.method in self.exp.mst_methods else [])
 
-    def evaluate_and_record(self, stage: Stage, variables, **extra):
-        """The evaluation rows a stage still lacks, kept predictions and (rounds) the
-        pseudo-label figure."""
-        if not self.ledger.recorded(stage, "eval"):
-            cm, preds = evaluate(self.exp, variables, desc=f"{stage.key} eval")
-            self.ledger.record(stage, run_outputs.eval_row(self.exp, stage, cm,
-                                                           dict(extra, wall_s=time.time() - self.t_start)))
-            run_outputs.save_predictions(self.exp, stage, preds)
-            if stage.round is not None:
-                run_outputs.pseudo_label_figure(self.exp, stage, self.ledger.pseudo_labels(stage))
-        if "eval+mst" in self.eval_slots(stage) and not self.ledger.recorded(stage, "eval+mst"):
-            cm, _ = evaluate(self.exp, variables, keep=0, desc=f"{stage.key} eval MST",
-                             predictor=self.exp.mst_predictor)
-            row = run_outputs.eval_row(self.exp, Stage(f"{stage.method}+mst", stage.round), cm,
+    def owned(self, stage: Stage) -> dict:
+        """The files a stage owns besides its weights, by kind: its kept predictions and, for a
+        round, its pseudo-label figure."""
+        files = {"predictions": run_outputs.predictions_path(self.exp, stage)}
+        if stage.round is not None:
+            files["figure"] = run_outputs.pseudo_label_figure_path(self.exp, stage)
+        return files
+
+    def lacks(self, stage: Stage) -> bool:
+        """Whether a trained stage lacks a row, or a file it owns is missing or damaged."""
+        return (not all(self.ledger.recorded(stage, slot) for slot in self.eval_slots(stage))
+                or any(self.ledger.output_problem(stage, path) for path in self.owned(stage).values()))
+
+    def evaluate_and_record(self, stage: Stage, method, variables, store=None, **extra):
+        """What a trained stage still lacks: its evaluation rows and the files it owns (kept
+        predictions; for a round, the pseudo-label figure from its verified store, ``store``
+        when at hand, else labelled again from the stage before if damaged). Files are written
+        before the row that makes the stage count as done; a finished stage's missing or
+        damaged file is made again, with a one-line note."""
+        ledger, exp = self.ledger, self.exp
+        recorded = ledger.recorded(stage, "eval")
+        redo = set(self.owned(stage)) if not recorded else set()
+        for kind, path in self.owned(stage).items() if recorded else ():
+            problem = ledger.output_problem(stage, path)
+            if problem:
+                notice(f"{problem}: made again for stage {stage.key}")
+                redo.add(kind)
+        written, cm = [], None
+        if "predictions" in redo:
+            cm, preds = evaluate(exp, variables, desc=f"{stage.key} eval")
+            written.append(run_outputs.save_predictions(exp, stage, preds))
+        if "figure" in redo:
+            if store is None:
+                portion = portion_at(exp.config.self_training.portion, stage.round)
+                store = self.label(stage, method, None, portion)
+            written.append(run_outputs.pseudo_label_figure(exp, stage, store))
+        if not recorded:
+            row = run_outputs.eval_row(exp, stage, cm, dict(extra, wall_s=time.time() - self.t_start))
+            ledger.record(stage, row, outputs=written)
+        elif written:
+            ledger.record_outputs(stage, written)
+        if "eval+mst" in self.eval_slots(stage) and not ledger.recorded(stage, "eval+mst"):
+            cm, _ = evaluate(exp, variables, keep=0, desc=f"{stage.key} eval MST", predictor=exp.mst_predictor)
+            row = run_outputs.eval_row(exp, Stage(f"{stage.method}+mst", stage.round), cm,
                                        dict(extra, wall_s=time.time() - self.t_start))
-            self.ledger.record(stage, row, slot="eval+mst")
+            ledger.record(stage, row, slot="eval+mst")

@@ -10,9 +10,11 @@ so ``python -m experiments.gta5_cityscapes --config.target.root=...`` works, and
 (``cbst_jax.self_training.run``); with several seeds the tables report mean ± std.
 
 Every input is checked before the workdir is touched (``cbst_jax.preflight``); a workdir is
-resumed or replaced (``--fresh``) only if it carries our run marker. A user's mistake ends with a
-one-line ``error: ...`` naming the key, file or value and what was expected, and exit status 2
-(``--debug`` shows the traceback instead).
+resumed or replaced (``--fresh``) only if it carries our run marker, and only by one run at a
+time (an exclusive lock, released by the kernel when the process ends however it ends). A
+user's mistake ends with a one-line ``error: ...`` naming the key, file or value and what was
+expected, and exit status 2 (``--debug`` shows the traceback instead). Ctrl-C (SIGINT) and
+SIGTERM stop the run with one line, exit status 130 / 143, the workdir resumable.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import copy
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -27,6 +30,23 @@ from cbst_jax import config_lib
 
 EXIT_USAGE = 2
 RUN_MARKER = "cbst_jax_run.json"  # marks a workdir as ours: only such a folder is resumed or replaced
+LOCK_FILE = "cbst_jax_run.lock"  # held (flock) by the run working in the folder: pid and host inside
+MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived: the run unwinds (closing what it holds) and exits 128 + signum.
+    A BaseException, as KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the unwinding
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def load_config(spec: str):
@@ -64,6 +84,8 @@ def launch(default_config: str | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _stop)
     argv = list(sys.argv)
     try:
         spec = _config_spec(argv, default_config)
@@ -98,7 +120,10 @@ def launch(default_config: str | None = None) -> None:
         workdir = flags.FLAGS.workdir or os.path.join("runs", name)
         return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh, flags.FLAGS.debug)
 
-    app.run(main, flags_parser=parse)
+    try:
+        app.run(main, flags_parser=parse)
+    except (Stopped, KeyboardInterrupt) as e:  # before run_command: while parsing or importing
+        sys.exit(_stopped(e))
 
 
 def default_compilation_cache() -> str:
@@ -123,6 +148,28 @@ def _fail(message) -> None:
     sys.exit(EXIT_USAGE)
 
 
+def _stopped(e: BaseException) -> int:
+    """The line and exit status of a run stopped by a signal (128 + its number)."""
+    signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+    name = signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+    print(f"stopped by {name}: everything finished so far is kept; rerun the same command to resume",
+          file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The ``--seeds`` list: distinct integers in [0, 2**63)."""
+    seeds = config_lib.parse_seeds(text)
+    for s in seeds:
+        if not 0 <= s <= MAX_SEED:
+            raise config_lib.ConfigError(f"--seeds={text}: {s} is not a seed; expected integers in [0, 2**63), "
+                                         f"e.g. 0,1,2")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise config_lib.ConfigError(f"--seeds={text}: seed {twice[0]} is listed twice; expected distinct seeds")
+    return seeds
+
+
 def _user_errors() -> tuple:
     from cbst_jax.checkpointing import CheckpointError
     from cbst_jax.data import DatasetError
@@ -140,17 +187,22 @@ def run_command(config, workdir: str, seeds_text: str | None, fresh: bool, debug
     from cbst_jax.preflight import check_batches, preflight
 
     user_errors = _user_errors()
+    lock = None
     try:
         config = copy.deepcopy(config)
-        seeds = config_lib.parse_seeds(seeds_text) if seeds_text else [config.seed]
+        seeds = parse_seeds(seeds_text) if seeds_text else [config.seed]
         preflight(config)
         if not config.distributed:
             check_batches(config)
         _initialize_distributed(config)
-        workdir, aside = prepare_workdir(os.path.abspath(workdir), fresh)
+        workdir, lock, replaced = prepare_workdir(os.path.abspath(workdir), fresh)
         if config.distributed:  # the global device count exists only once every process has joined
             check_batches(config)
-        return run_seeds(config, workdir, seeds, on_started=lambda: _remove_aside(aside))
+        return run_seeds(config, workdir, seeds, on_started=lambda: remove_replaced(workdir, replaced))
+    except (Stopped, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        return _stopped(e)
     except user_errors as e:
         if debug:
             raise
@@ -172,6 +224,9 @@ def run_command(config, workdir: str, seeds_text: str | None, fresh: bool, debug
         print(f"error: internal error ({type(e).__name__}: {first[:300]}); rerun with --debug for the traceback",
               file=sys.stderr)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _initialize_distributed(config) -> None:
@@ -188,41 +243,125 @@ def _initialize_distributed(config) -> None:
         shd.maybe_initialize_distributed(True, **kwargs)
 
 
-def prepare_workdir(workdir: str, fresh: bool) -> tuple[str, str | None]:
-    """The workdir, made ready: a new or empty folder gets our run marker; an existing run of
-    ours is resumed, or with ``fresh`` moved aside (deleted once the new run has started);
-    anything else is refused. Returns (workdir, the moved-aside folder or None)."""
+class WorkdirLock:
+    """An exclusive lock (``flock``) on ``<folder>/cbst_jax_run.lock``, which holds the locking
+    process's pid and host; the kernel releases it when the process ends, SIGKILL included.
+    Taken by process 0 only (the processes of a multi-host run share one workdir). The file is
+    written in place, never renamed: the lock belongs to its inode."""
+
+    def __init__(self, folder: str):
+        import fcntl
+        import socket
+
+        from cbst_jax.errors import RunError
+
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process that wrote no pid yet"
+            os.close(fd)
+            raise RunError(f"--workdir={folder} is in use by another run ({holder}); wait for it to end, "
+                           f"or pass another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_marker(marker: str) -> dict:
+    import json
+
+    try:
+        with open(marker) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def prepare_workdir(workdir: str, fresh: bool) -> tuple[str, WorkdirLock | None, list[str]]:
+    """The workdir, made ready and locked: a new or empty folder gets our run marker; an existing
+    run of ours is resumed, or with ``fresh`` moved aside to ``<workdir>.replaced-<time>``
+    (recorded in the new marker, deleted once the new run has its source model: see
+    :func:`remove_replaced`); anything else is refused, and so is a folder another run holds.
+    Temporary files a killed run left are removed once the lock is held. Returns (workdir, its
+    lock (process 0) or None, the moved-aside folders still to delete)."""
     import jax
 
     from cbst_jax import sharding as shd
-    from cbst_jax.atomic_files import atomic_write_json
+    from cbst_jax.atomic_files import atomic_write_json, remove_stale_temporaries
     from cbst_jax.errors import RunError
+    from cbst_jax.run_ledger import notice
 
     marker = os.path.join(workdir, RUN_MARKER)
     exists = os.path.isdir(workdir)
     ours = os.path.isfile(marker)
     if os.path.exists(workdir) and not exists:
         raise RunError(f"--workdir={workdir}: a file, expected a folder")
-    if exists and not ours and os.listdir(workdir):
+    if exists and not ours and set(os.listdir(workdir)) - {LOCK_FILE}:
         raise RunError(f"--workdir={workdir}: the folder is not empty and holds no cbst_jax run (no {RUN_MARKER}); "
                        f"pass a new or empty folder" + (" (--fresh removes only a cbst_jax run)" if fresh else ""))
-    aside = None
+    lock, replaced = None, []
     if jax.process_index() == 0:
+        if ours:
+            lock = WorkdirLock(workdir)  # a run of ours is resumed or replaced only when no other holds it
+            replaced = list(_read_marker(marker).get("replaces", []))
         if fresh and ours:
-            aside = f"{workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside = base = f"{workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while os.path.exists(aside):  # two --fresh within one second
+                n += 1
+                aside = f"{base}-{n}"
             os.rename(workdir, aside)
+            replaced.append(os.path.basename(aside))
+            lock.release()
+            lock = None
         os.makedirs(workdir, exist_ok=True)
+        if lock is None:
+            lock = WorkdirLock(workdir)
         if not os.path.isfile(marker):
             from cbst_jax import __version__
 
-            atomic_write_json(marker, {"created_by": f"cbst_jax {__version__}", "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+            atomic_write_json(marker, {"created_by": f"cbst_jax {__version__}",
+                                       "created": time.strftime("%Y-%m-%d %H:%M:%S"), "replaces": replaced})
+        stale = remove_stale_temporaries(workdir)
+        if stale:
+            notice(f"removed {len(stale)} temporary file(s) a stopped run left (e.g. "
+                   f"{os.path.relpath(stale[0], workdir)})")
     shd.barrier("workdir")
-    return workdir, aside
+    return workdir, lock, [os.path.join(os.path.dirname(workdir), name) for name in replaced]
 
 
-def _remove_aside(aside: str | None) -> None:
-    if aside is not None and os.path.isdir(aside):
-        shutil.rmtree(aside)
+def remove_replaced(workdir: str, replaced: list[str]) -> None:
+    """Deletes the runs ``--fresh`` moved aside for this one (``replaced``), now that it has its
+    source model, and clears them from its marker; process 0 only. A folder that no longer
+    carries our marker is left alone, one another run holds is kept for a later start."""
+    import jax
+
+    from cbst_jax.atomic_files import atomic_write_json
+    from cbst_jax.errors import RunError
+    from cbst_jax.run_ledger import notice
+
+    if jax.process_index() != 0 or not replaced:
+        return
+    kept = []
+    for path in replaced:
+        if not os.path.isfile(os.path.join(path, RUN_MARKER)):
+            continue
+        try:
+            aside_lock = WorkdirLock(path)
+        except RunError as e:
+            notice(f"{e}; it is deleted at a later start")
+            kept.append(os.path.basename(path))
+            continue
+        shutil.rmtree(path)
+        aside_lock.release()
+    marker = os.path.join(workdir, RUN_MARKER)
+    atomic_write_json(marker, dict(_read_marker(marker), replaces=kept))
 
 
 def run_seeds(config, workdir: str, seeds, on_started=None) -> int:

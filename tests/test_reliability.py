@@ -10,14 +10,24 @@
   detected, named, skipped or redone, in a workdir moved to another place;
 * --fresh and a workdir that is not ours; one-line errors and exit 2 for bad inputs, with the
   workdir's files hashed before and after; a non-finite loss, then a restart from the last
-  finished stage with a lower learning rate; a full disk.
+  finished stage with a lower learning rate; a full disk;
+* (issue 22) one run's life: a --fresh over a finished run stopped by SIGTERM while a second run
+  on its workdir is refused, resumed and stopped by Ctrl-C once the moved-aside run is gone,
+  killed inside a round after its checkpoint, a pseudo-label of that round deleted (labelled
+  again by the model before, the checkpoint resumed on identical labels), killed between a
+  prediction file's write and its rename, outputs of finished stages lost; every row, label,
+  weights, prediction and figure identical to the unbroken run; refusals on a finished run
+  (another run holds it, a stage it does not have) leave it unchanged.
 """
+import glob
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,14 +46,50 @@ SMALL = [
 ]
 
 
-def run(workdir, *extra, failpoint=None, small=True, cwd=ROOT, timeout=900):
+def command(workdir, *extra, failpoint=None, small=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
                XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
     env.pop("CBST_JAX_FAILPOINT", None)
     if failpoint:
         env["CBST_JAX_FAILPOINT"] = failpoint
-    cmd = [sys.executable, "-m", "experiments.synthetic", f"--workdir={workdir}", *(SMALL if small else ()), *extra]
+    return [sys.executable, "-m", "experiments.synthetic", f"--workdir={workdir}", *(SMALL if small else ()),
+            *extra], env
+
+
+def run(workdir, *extra, failpoint=None, small=True, cwd=ROOT, timeout=900):
+    cmd, env = command(workdir, *extra, failpoint=failpoint, small=small)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start(workdir, err_path, *extra):
+    """The run in the background, its stderr into ``err_path`` (a pipe would fill and block it)."""
+    cmd, env = command(workdir, *extra)
+    with open(err_path, "w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_for(condition, proc, what, timeout=600):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def stopped_by(proc, err_path, name, status):
+    """The run stopped by signal ``name``: exit ``status``, one line saying so, no traceback."""
+    assert proc.wait(timeout=600) == status, (proc.returncode, open(err_path).read()[-3000:])
+    text = open(err_path).read()
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip() and "it/s]" not in line
+             and "s/it]" not in line and "?it/s" not in line]
+    assert "Traceback" not in text and lines[-1].startswith(f"stopped by {name}") and \
+        lines[-1].endswith("rerun the same command to resume"), text[-3000:]
+    return lines[-1]
+
+
+def ledger(seed_dir):
+    with open(os.path.join(seed_dir, "ledger.json")) as f:
+        return json.load(f)
 
 
 def rows(seed_dir, kind):
@@ -67,20 +113,45 @@ def label_files(seed_dir):
     return out
 
 
-def tree_hashes(path):
+def npz_arrays(seed_dir, folder):
+    """{file: {key: array}} of the .npz files in ``seed_dir/folder`` (weights, predictions: a zip
+    stores its write time, so these compare by content)."""
+    out = {}
+    for f in sorted(os.listdir(os.path.join(seed_dir, folder))):
+        with np.load(os.path.join(seed_dir, folder, f)) as z:
+            out[f] = {k: z[k] for k in z.files}
+    return out
+
+
+def figure_files(seed_dir):
+    d = os.path.join(seed_dir, "figures")
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+def tree_hashes(path, exclude=()):
     out = {}
     for d, _, files in os.walk(path):
         for f in files:
             p = os.path.join(d, f)
+            if f in exclude:
+                continue
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
     return out
 
 
 def assert_same_results(seed_dir, reference):
+    """Every row, pseudo-label file, weights file, kept prediction and figure of the seed as the
+    unbroken reference's (rows without their wall time; .npz files by their arrays)."""
     assert rows(seed_dir, "eval") == rows(reference, "eval")
     assert rows(seed_dir, "pseudo_labels") == rows(reference, "pseudo_labels")
     assert label_files(seed_dir) == label_files(reference)
+    for folder in ("models", "predictions"):
+        got, want = npz_arrays(seed_dir, folder), npz_arrays(reference, folder)
+        assert set(got) == set(want), folder
+        for f in want:
+            assert set(got[f]) == set(want[f]) and all(np.array_equal(got[f][k], want[f][k]) for k in want[f]), f
+    assert figure_files(seed_dir) == figure_files(reference)
 
 
 def one_line_error(res):
@@ -214,6 +285,11 @@ def test_fresh_and_foreign_folders_lose_nothing(reference, tmp_path):
     (("--config=nope",), "unknown variant 'nope'"),
     (("--config.input.nope=1",), "unknown config key config.input.nope"),
     (("--config.model.init=README.md",), "README.md"),
+    (("--seeds=-1",), "--seeds=-1: -1 is not a seed"),  # issue 22 item 5 (created seed_-1/ before)
+    (("--config.target.train_split=val",), "config.target.train_split='val' is also config.target.eval_split"),
+    (("--config.synthetic.num_target_train=1",),  # issue 18 item 3: a round's batch of 4 takes 2 target images
+     "config.input.batch_size=4: a round's batch takes 2 target train images (input.sampler='paired', "
+     "input.source_share=0.5), but the target train split of synthetic/target holds 1; expected at least 2"),
 ])
 def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, args, expected):
     workdir = tmp_path / "untouched"
@@ -279,3 +355,130 @@ def test_weights_that_are_not_ours_are_one_line(tmp_path):
         line = one_line_error(run(workdir, f"--config.model.init={path}", small=False))
         assert str(path) in line, line
         assert not workdir.exists()
+
+
+def test_a_runs_life_signals_fresh_lock_and_kills_after_a_round_checkpoint(reference, tmp_path):
+    """Issue 22 items 1, 2, 3, 6, 7, 8 on one workdir, ending identical to the unbroken run."""
+    workdir = tmp_path / "w"
+    shutil.copytree(os.path.dirname(reference), workdir)  # a finished run, replaced with --fresh below
+    seed_dir = str(workdir / "seed_0")
+    marker = lambda: json.loads((workdir / "cbst_jax_run.json").read_text())  # noqa: E731
+
+    # --fresh, stopped by SIGTERM once its source training has a checkpoint; just before, a
+    # second run on the workdir is refused with one line naming the first (item 7)
+    def has_checkpoint():
+        try:  # the folder is moved aside and made again meanwhile
+            return bool(ledger(seed_dir)["checkpoints"])
+        except (OSError, ValueError):
+            return False
+
+    first = start(workdir, tmp_path / "first.err", "--fresh")
+    wait_for(has_checkpoint, first, "a source checkpoint")
+    first.send_signal(signal.SIGSTOP)  # held there (and its lock with it) while the second run tries
+    line = one_line_error(run(workdir))
+    assert f"--workdir={workdir} is in use by another run (pid {first.pid} on host " in line, line
+    first.send_signal(signal.SIGTERM)  # delivered as it goes on
+    first.send_signal(signal.SIGCONT)
+    stopped_by(first, tmp_path / "first.err", "SIGTERM", 143)  # item 6
+    asides = glob.glob(f"{workdir}.replaced-*")
+    assert len(asides) == 1 and marker()["replaces"] == [os.path.basename(asides[0])]  # item 8: recorded
+
+    # resumed without --fresh: the moved-aside run is deleted once the source model exists; Ctrl-C then
+    second = start(workdir, tmp_path / "second.err")
+    wait_for(lambda: not os.path.exists(asides[0]), second, "the moved-aside run's deletion")
+    second.send_signal(signal.SIGINT)
+    stopped_by(second, tmp_path / "second.err", "SIGINT (Ctrl-C)", 130)
+    assert marker()["replaces"] == []
+
+    # killed inside round 0 after its step-4 checkpoint (item 1 as reported: train.step:22 from the start)
+    doc = ledger(seed_dir)
+    assert "trained" in doc["stages"]["source"] and "trained" not in doc["stages"].get("cbst/r0", {})
+    done = max([c["step"] for c in doc["checkpoints"].values() if c["stage"] == "cbst/r0"], default=0)
+    assert run(workdir, failpoint=f"train.step:{6 - done}").returncode == -9
+    (checkpoint,) = [c for c in ledger(seed_dir)["checkpoints"].values() if c["stage"] == "cbst/r0"]
+    assert checkpoint["step"] == 4 and checkpoint["labels"]
+    holder = int((workdir / "cbst_jax_run.lock").read_text().split()[1])
+    with pytest.raises(ProcessLookupError):  # the killed run's lock died with it: the next run goes on
+        os.kill(holder, 0)
+
+    # one of round 0's labels deleted: labelled again by the source model, bit for bit what the
+    # checkpoint trained on (else it would be skipped with a note); killed between the write of
+    # predictions/cbst_r1.npz and its rename (item 2 as reported, at atomic_write.before_rename:59)
+    labels = os.path.join(seed_dir, "pseudo_labels", "cbst", "round_0")
+    os.remove(os.path.join(labels, "0000003.png"))
+    res = run(workdir, failpoint="atomic_write.before_rename@predictions/cbst_r1.npz")
+    assert res.returncode == -9, res.stderr[-3000:]
+    assert "0000003.png is missing: the pseudo-labels of stage cbst/r0 are made again" in res.stderr
+    assert "other pseudo-labels" not in res.stderr
+    predictions = os.path.join(seed_dir, "predictions")
+    assert len(glob.glob(os.path.join(predictions, "cbst_r1.npz.tmp*"))) == 1
+    assert not os.path.exists(os.path.join(predictions, "cbst_r1.npz"))
+
+    # files of finished stages lost or damaged: each made again with a note (item 2); the
+    # temporary file removed (item 3); the figure of round 0 needs its labels, one deleted again
+    os.remove(os.path.join(seed_dir, "figures", "pseudo_labels_cbst_r0.png"))
+    os.remove(os.path.join(labels, "0000007.png"))
+    with open(os.path.join(predictions, "source_only.npz"), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    res = run(workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for note in ("note: removed 1 temporary file(s) a stopped run left (e.g. seed_0/predictions/cbst_r1.npz.tmp",
+                 "source_only.npz does not match the sha256 recorded when it was written (damaged): made again "
+                 "for stage source",
+                 "pseudo_labels_cbst_r0.png is missing: made again for stage cbst/r0",
+                 "0000007.png is missing: the pseudo-labels of stage cbst/r0 are made again"):
+        assert note in res.stderr, (note, res.stderr[-3000:])
+    assert not [p for d, _, fs in os.walk(workdir) for p in fs if ".tmp" in p]
+    assert_same_results(seed_dir, reference)
+
+
+def test_refusals_on_a_finished_run_change_nothing(reference, tmp_path):
+    """A workdir another run holds (here: this test's process), and a restart from a stage the
+    run does not have (issue 22 item 4: one line, without orbax's traceback after it)."""
+    from cbst_jax.main import LOCK_FILE, WorkdirLock
+
+    finished = tmp_path / "finished"
+    shutil.copytree(os.path.dirname(reference), finished)
+    lock = WorkdirLock(str(finished))
+    before = tree_hashes(finished)
+    line = one_line_error(run(finished))
+    assert line == (f"error: --workdir={finished} is in use by another run (pid {os.getpid()} on host "
+                    f"{os.uname().nodename}); wait for it to end, or pass another --workdir")
+    lock.release()
+    assert tree_hashes(finished) == before
+    res = run(finished, "--config.resume_from_stage=cbst/r7")
+    assert one_line_error(res) == ("error: config.resume_from_stage='cbst/r7': expected one of this run's stages "
+                                   "(source, cbst/r0, cbst/r1)")
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-3000:]
+    # the refused run held the lock, so the lock file names it now; every other file is unchanged
+    assert tree_hashes(finished, exclude=(LOCK_FILE,)) == {k: v for k, v in before.items() if k != LOCK_FILE}
+
+
+def test_workdir_lock_and_stale_temporaries(tmp_path):
+    """The lock is exclusive across processes and gone with a SIGKILLed holder; only files named
+    as atomic_write names its temporaries are removed."""
+    from cbst_jax.atomic_files import atomic_write_bytes, remove_stale_temporaries
+    from cbst_jax.errors import RunError
+    from cbst_jax.main import WorkdirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from cbst_jax.main import WorkdirLock; WorkdirLock(sys.argv[2]); print(1, flush=True); "
+                               "time.sleep(600)", ROOT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "1"
+    with pytest.raises(RunError, match=f"is in use by another run \\(pid {holder.pid} on host "):
+        WorkdirLock(str(tmp_path))
+    holder.kill()
+    holder.wait()
+    WorkdirLock(str(tmp_path)).release()
+
+    names = ["a.npz.tmp123", "results.md.tmp7", "keep.tmp", "tmp42", "keep.tmp12x", "results.md"]
+    (tmp_path / "sub").mkdir()
+    for name in names:
+        (tmp_path / "sub" / name).write_text("x")
+    atomic_write_bytes(str(tmp_path / "sub" / "new.json"), b"{}")
+    removed = remove_stale_temporaries(str(tmp_path))
+    assert removed == [str(tmp_path / "sub" / n) for n in ("a.npz.tmp123", "results.md.tmp7")]
+    assert sorted(os.listdir(tmp_path / "sub")) == ["keep.tmp", "keep.tmp12x", "new.json", "results.md", "tmp42"]

@@ -354,8 +354,8 @@ def remove_replaced(workdir: str, replaced: list[str]) -> None:
             continue
         try:
             aside_lock = WorkdirLock(path)
-        except RunError as e:
-            notice(f"{e}; it is deleted at a later start")
+        except RunError:
+            notice(f"{path}, the run --fresh replaced, is in use by another run; it is deleted at a later start")
             kept.append(os.path.basename(path))
             continue
         shutil.rmtree(path)

@@ -256,7 +256,9 @@ class RunLedger:
                 problem = f"{path} is missing"
             elif recorded is not None and file_sha256(path) != recorded:
                 problem = f"{path} does not match the sha256 recorded when it was written (damaged)"
-        return problem if not shd.agree(problem is None) else None
+        if shd.agree(problem is None):
+            return None
+        return problem or f"{path} is missing or damaged (process 0's answer)"
 
     # ------------------------------------------------------------------ internals
     def _note_outputs(self, stage: Stage, outputs) -> None:

@@ -209,11 +209,16 @@ class _ThreadPrefetcher:
             self._pool = None
 
 
-def _one_thread_per_worker(worker_index: int, worker_count: int) -> None:
-    """Worker processes each stand for one core: OpenCV's own thread pool would oversubscribe them."""
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Worker processes each stand for one core: OpenCV's own thread pool would oversubscribe them.
+    A terminal's Ctrl-C reaches every process of the group: the workers ignore it, the training
+    process stops the run (one line, ``cbst_jax.main``) and closes them."""
+    import signal
+
     import cv2
 
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _ProcessPrefetcher:
@@ -241,7 +246,7 @@ class _ProcessPrefetcher:
         ds = grain.MapDataset.range(start, sys.maxsize).map(self._make)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # workers build, no threads
         options = grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=self._depth)
-        return ds.mp_prefetch(options, worker_init_fn=_one_thread_per_worker)
+        return ds.mp_prefetch(options, worker_init_fn=_init_worker)
 
     def reset(self):
         if self._iterator is not None:

@@ -53,8 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
                                                 # stages as undilated convs on phase grids; same numbers)
     c.model.normalization = "auto"              # input normalisation: auto (the weights file's, else the
                                                 # architecture's default) | imagenet | caffe | unit
-    c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model
+    c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model;
+                                                # "none": random init, on purpose
     c.model.init_is_source_model = False        # True: round 0 = these weights, no source training
+    c.model.init_class_map = ""                 # "nthu13": a 19-class model.init's classifier restricted to
+                                                # the 13 NTHU classes (labels.NTHU13_TRAINIDS)
 
     c.source = ml_collections.ConfigDict(dict(name="gta5", root="", split="train", list_file="",
                                               # SYNTHIA only: lanemarking (id 22) as road (CRST) or
@@ -135,6 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500                    # training steps between checkpoints
     return c
+
+
+NO_INIT = "none"             # model.init for a random init chosen on purpose
+CLASS_MAPS = ("", "nthu13")  # model.init_class_map values
+
 
 
 def apply_variant(config, variant: str, variants: dict):
@@ -332,10 +340,14 @@ def validate(config, *, need_roots: bool = True) -> None:
         _check_count(config, "synthetic.width", 8, "an image width >= 8")
         for key in ("num_source", "num_target_train", "num_target_val"):
             _check_count(config, f"synthetic.{key}", 1, "a positive image count")
-    if config.model.init and not os.path.exists(config.model.init):
-        _fail("model.init", config.model.init, "an existing converted-weights file (.npz)")
-    if config.model.init_is_source_model and not config.model.init:
+    init = init_file(config)
+    if init and not os.path.exists(init):
+        _fail("model.init", init, f"an existing converted-weights file (.npz), or {NO_INIT!r} for a random init")
+    if config.model.init_is_source_model and not init:
         _fail("model.init_is_source_model", True, "model.init set to the source model's weights")
+    _check_choice(config, "model.init_class_map", CLASS_MAPS)
+    if config.model.init_class_map == "nthu13" and (config.num_classes != 13 or not init):
+        _fail("model.init_class_map", "nthu13", "'' unless num_classes=13 and model.init is a 19-class weights file")
     if config.self_training.prior and not os.path.exists(config.self_training.prior):
         _fail("self_training.prior", config.self_training.prior, "an existing prior .npz (or empty to build one)")
     if need_roots:
@@ -349,6 +361,30 @@ def validate(config, *, need_roots: bool = True) -> None:
                                   f"or run `python -m experiments.synthetic`, which needs no download")
             if not os.path.isdir(d.root) and not str(d.root).startswith("tfds:"):
                 _fail(f"{side}.root", d.root, f"an existing folder holding {d.name} (see docs/datasets.md)")
+
+
+def init_file(config) -> str:
+    """The weights file ``model.init`` names, or "" for a random init ("" or "none")."""
+    init = str(config.model.init)
+    return "" if init in ("", NO_INIT) else init
+
+
+def source_model_origin(config) -> str:
+    """One line saying where the run's source model (round 0) comes from, for the log and the report."""
+    init = init_file(config)
+    mapped = " (its classifier's rows of the 13 NTHU classes)" if config.model.init_class_map == "nthu13" else ""
+    if config.model.init_is_source_model:
+        return f"source model: imported from {init}{mapped} (model.init_is_source_model=True)"
+    if init:
+        start = f"from {init}{mapped}"
+    elif config.model.init == NO_INIT:
+        start = f"from RANDOM INIT (model.init={NO_INIT})"
+    else:
+        start = f"from random init ({config.model.name} is trained from scratch)"
+    steps = config.source_training.steps
+    if steps == 0:
+        return f"source model: {config.model.name} {start}, not trained (source_training.steps=0)"
+    return f"source model: {config.model.name} trained here for {steps} steps on {config.source.name}, {start}"
 
 
 def nthu_cities(config) -> list[str] | None:

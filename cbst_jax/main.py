@@ -250,6 +250,8 @@ def run_seeds(config, workdir: str, seeds, on_started=None) -> int:
             run_outputs.write_aggregate(cfg, target_workdir, seeds, rows, pl_rows, time.time() - t0)
         return rows
 
+    if jax.process_index() == 0:
+        print(config_lib.source_model_origin(config), flush=True)
     cities = config_lib.nthu_cities(config)
     if cities is None:
         run_target(config, workdir)
@@ -266,4 +268,3 @@ def run_seeds(config, workdir: str, seeds, on_started=None) -> int:
 
 if __name__ == "__main__":
     launch()
-

@@ -217,3 +217,121 @@ def test_command_errors_are_one_line_with_exit_2(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
     assert not os.path.exists("o.npz")
+
+
+# ---------------------------------------------------------------- issue 23: a new user's mistakes
+
+def save_weights(path, name, num_classes, seed=0):
+    """A random ``name`` network of ``num_classes`` classes as a weights file; returns (module, variables)."""
+    import jax
+
+    from cbst_jax import models
+
+    module = models.get_model(name, num_classes, normalization="unit")
+    variables = jax.device_get(jax.jit(lambda k: module.init(k, np.zeros((1, *SIZE, 3), np.float32),
+                                                             train=False))(jax.random.key(seed)))
+    models.save_variables(path, variables, models.make_metadata(name, num_classes, "unit"))
+    return module, variables
+
+
+def roots(tmp_path):
+    """Empty dataset folders: preflight refuses the model before it opens any split."""
+    for d in ("src", "tgt"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    return [f"--config.source.root={tmp_path / 'src'}", f"--config.target.root={tmp_path / 'tgt'}"]
+
+
+def test_a_source_model_of_another_class_count_is_refused(tmp_path):
+    """experiments.gta5_cityscapes with a 16-class source model, experiments.cityscapes_nthu with a
+    19-class one: one line naming both counts, exit 2, no workdir."""
+    save_weights(tmp_path / "src16.npz", "deeplabv2_resnet_small", 16)
+    work = tmp_path / "work"
+    res = cli("experiments.gta5_cityscapes", f"--workdir={work}", *roots(tmp_path),
+              "--config.model.name=deeplabv2_resnet_small", f"--config.model.init={tmp_path / 'src16.npz'}",
+              "--config.model.init_is_source_model=True")
+    assert one_error_line(res) == (f"error: config.model.init={tmp_path / 'src16.npz'}: a source model of 16 classes, "
+                                   f"but this experiment has num_classes=19; pass a source model of 19 classes")
+    assert not work.exists()
+    save_weights(tmp_path / "src19.npz", "demo_segnet", 19)
+    res = cli("experiments.cityscapes_nthu", f"--workdir={work}", *roots(tmp_path), "--config.model.name=demo_segnet",
+              f"--config.model.init={tmp_path / 'src19.npz'}", "--config.model.init_is_source_model=True")
+    assert one_error_line(res) == (
+        f"error: config.model.init={tmp_path / 'src19.npz'}: a source model of 19 classes, but this experiment has "
+        f"num_classes=13; pass a source model of 13 classes, or --config.model.init_class_map=nthu13 to keep its "
+        f"classifier's rows of the 13 NTHU classes")
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("variant, network, kinds", [
+    ("", "deeplabv2_resnet101", "torchvision-resnet101 or deeplab-init"),
+    ("cbst_resnet38", "resnet38", "mxnet-resnet38")])
+def test_a_full_size_network_without_model_init_is_refused(tmp_path, variant, network, kinds):
+    """No model.init would train the source model from random weights: refused unless
+    model.init=none says so (then the run's log and report say RANDOM INIT)."""
+    from cbst_jax import config_lib, preflight
+    from experiments.configs import gta5_cityscapes
+
+    work = tmp_path / "work"
+    res = cli("experiments.gta5_cityscapes", f"--workdir={work}", *roots(tmp_path),
+              *([f"--config={variant}"] if variant else []))
+    steps = gta5_cityscapes.get_config(variant).source_training.steps
+    assert one_error_line(res) == (
+        f"error: config.model.init is empty: {network} would start from random weights ({steps} source-training "
+        f"steps); pass --config.model.init=<weights.npz> (an ImageNet init converted with python -m "
+        f"cbst_jax.convert_weights {kinds} ..., or a source model with --config.model.init_is_source_model=True), "
+        f"or --config.model.init=none to train from random weights on purpose")
+    assert not work.exists()
+    c = gta5_cityscapes.get_config(variant)
+    c.model.init = "none"
+    preflight.check_model_init(c)  # accepted
+    assert config_lib.source_model_origin(c) == (f"source model: {network} trained here for {steps} steps on gta5, "
+                                                 f"from RANDOM INIT (model.init=none)")
+
+
+def nthu_iou(predict, nthu_root, num_classes=13, classes=range(13)):
+    """Per-class IoU over Rome's test images, counted here: ``predict(image) -> (H, W)`` labels in
+    the protocol of ``num_classes`` (13: NTHU indices; 19: trainIds, scored on the NTHU trainIds)."""
+    from cbst_jax.labels import CITYSCAPES_ID_TO_NTHU13, CITYSCAPES_ID_TO_TRAINID
+
+    table = CITYSCAPES_ID_TO_NTHU13 if num_classes == 13 else CITYSCAPES_ID_TO_TRAINID
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    for label_file in sorted((nthu_root / "Rome" / "Labels" / "Test").glob("*_eval.png")):
+        image = np.asarray(Image.open(nthu_root / "Rome" / "Images" / "Test" /
+                                      label_file.name.replace("_eval.png", ".jpg")).convert("RGB"))
+        gt = table[np.asarray(Image.open(label_file))]
+        pred = predict(image)
+        keep = gt != 255
+        np.add.at(cm, (gt[keep].astype(int), pred[keep].astype(int)), 1)
+    inter = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - inter
+    return np.array([inter[c] / union[c] if union[c] else np.nan for c in classes])  # nan: absent, never predicted
+
+
+def test_a_19_class_source_model_on_nthu_with_the_class_map(tmp_path):
+    """experiments.cityscapes_nthu from a 19-class Cityscapes source model with
+    model.init_class_map=nthu13: the source row is the 19-class model's argmax over the 13 NTHU
+    classes, scored here with numpy; the log and results.md say where the source model came from."""
+    import jax
+
+    from fixtures_layouts import make_nthu
+    from cbst_jax.labels import NTHU13_TRAINIDS
+
+    make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=2, n_test=3, size=SIZE)
+    make_cityscapes(tmp_path / "cityscapes", n_train=2, n_val=1, size=SIZE)
+    module, variables = save_weights(tmp_path / "cs19.npz", "demo_segnet", 19, seed=5)
+    work = tmp_path / "work"
+    res = cli("experiments.cityscapes_nthu", f"--workdir={work}", f"--config.source.root={tmp_path / 'cityscapes'}",
+              f"--config.target.root={tmp_path / 'nthu'}", "--config.target.city=Rome",
+              "--config.model.name=demo_segnet", f"--config.model.init={tmp_path / 'cs19.npz'}",
+              "--config.model.init_is_source_model=True", "--config.model.init_class_map=nthu13",
+              "--config.methods=source_only", "--config.self_training.rounds=0", "--config.evaluate.flip=False",
+              f"--config.input.crop={SIZE}", f"--config.input.eval_size={SIZE}", "--config.input.batch_size=2",
+              "--config.input.eval_batch_size=2", "--config.input.workers=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    origin = (f"source model: imported from {tmp_path / 'cs19.npz'} (its classifier's rows of the 13 NTHU classes) "
+              f"(model.init_is_source_model=True)")
+    assert origin in res.stdout.splitlines() and origin in (work / "seed_0" / "results.md").read_text()
+    row = json.loads((work / "seed_0" / "ledger.json").read_text())["stages"]["source"]["eval"]
+    apply = jax.jit(lambda x: module.apply(variables, x, train=False))
+    restricted = lambda image: np.argmax(np.asarray(apply(image[None]))[0][..., list(NTHU13_TRAINIDS)], -1)
+    np.testing.assert_allclose(row["iou"], nthu_iou(restricted, tmp_path / "nthu"), rtol=1e-6)

@@ -500,3 +500,17 @@ def test_model_init_keys_are_validated(tmp_path, bad, message):
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(c, need_roots=False)
     assert message in str(e.value)
+
+
+def test_the_recipes_report_the_seeds_rows():
+    """CBST's recipe on GTA5 -> Cityscapes adds the seed's CBST-SP + MST row; the seed's SYNTHIA,
+    NTHU and BDD tables have no CBST-SP + MST row (and SYNTHIA's ResNet-38 block no CBST-SP)."""
+    cbst = gta5_cityscapes.get_config("cbst_resnet38")
+    assert cbst.evaluate.mst_methods == "cbst_sp" and "cbst_sp" in cbst.methods.split(",")
+    assert gta5_cityscapes.get_config().evaluate.mst_methods == ""
+    syn = synthia_cityscapes.get_config("cbst_resnet38")
+    assert syn.methods == "source_only,st,cbst" and syn.evaluate.mst_methods == ""
+    assert synthia_cityscapes.get_config().evaluate.mst_methods == ""
+    for module in (cityscapes_nthu, gta5_bdd):
+        for variant in RECIPES:
+            assert module.get_config(variant).evaluate.mst_methods == "", (module.__name__, variant)

@@ -123,6 +123,8 @@ def cbst_resnet38(c):
     c.predict.flip = True                      # flip-averaged softmax (ref §1a)
     c.evaluate.scales = (1.0,)                 # evaluate.py --test-scales 2048, single scale (ref §5)
     c.evaluate.flip = True                     # evaluate.py --test-flipping (ref §5)
+    c.evaluate.mst_methods = "cbst_sp"         # paper table: the CBST-SP+MST row (47.0); the paper's MST
+                                               # scales are unpublished (ref §5): CRST's 0.9/1.0/1.2 + flip
 
 
 VARIANTS = {"crst_deeplabv2": lambda c: None, "cbst_resnet38": cbst_resnet38}

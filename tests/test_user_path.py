@@ -288,6 +288,16 @@ def test_a_full_size_network_without_model_init_is_refused(tmp_path, variant, ne
                                                  f"from RANDOM INIT (model.init=none)")
 
 
+def test_a_real_data_run_needs_a_workdir(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "experiments.gta5_bdd", *roots(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one_error_line(res) == ("error: --workdir is required for a run on real datasets (it holds the run's "
+                                   "checkpoints, pseudo-labels and results), e.g. --workdir=runs/gta5_bdd; only "
+                                   "the embedded synthetic pair defaults to runs/<experiment>")
+    assert sorted(os.listdir(tmp_path)) == ["src", "tgt"]
+
+
 def nthu_iou(predict, nthu_root, num_classes=13, classes=range(13)):
     """Per-class IoU over Rome's test images, counted here: ``predict(image) -> (H, W)`` labels in
     the protocol of ``num_classes`` (13: NTHU indices; 19: trainIds, scored on the NTHU trainIds)."""

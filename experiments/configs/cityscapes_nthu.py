@@ -14,6 +14,8 @@ import math
 
 from experiments.configs import gta5_cityscapes
 
+VARIANTS = gta5_cityscapes.VARIANTS
+
 
 def get_config(variant: str = ""):
     c = gta5_cityscapes.get_config(variant or "cbst_resnet38")

@@ -9,6 +9,8 @@ BDD100K train (7,000 images; no list is published), evaluation BDD100K val (1,00
 """
 from experiments.configs import gta5_cityscapes
 
+VARIANTS = gta5_cityscapes.VARIANTS
+
 
 def get_config(variant: str = ""):
     c = gta5_cityscapes.get_config(variant or "cbst_resnet38")

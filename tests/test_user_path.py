@@ -345,3 +345,50 @@ def test_a_19_class_source_model_on_nthu_with_the_class_map(tmp_path):
     apply = jax.jit(lambda x: module.apply(variables, x, train=False))
     restricted = lambda image: np.argmax(np.asarray(apply(image[None]))[0][..., list(NTHU13_TRAINIDS)], -1)
     np.testing.assert_allclose(row["iou"], nthu_iou(restricted, tmp_path / "nthu"), rtol=1e-6)
+
+
+def test_evaluate_a_19_class_file_on_nthu_scores_the_13_classes(tmp_path, capsys):
+    """cbst_jax.evaluate --weights (19 classes) --dataset nthu: 13 columns and their mean, counted
+    here with numpy from the file's own 19-class argmax; without --city: one line naming the flag."""
+    import jax
+
+    from fixtures_layouts import make_nthu
+    from cbst_jax import evaluate
+    from cbst_jax.labels import NTHU13_CLASSES, NTHU13_TRAINIDS
+
+    make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=1, n_test=3, size=SIZE)
+    module, variables = save_weights(tmp_path / "w19.npz", "demo_segnet", 19, seed=7)
+    args = ["--weights", str(tmp_path / "w19.npz"), "--dataset", "nthu", "--root", str(tmp_path / "nthu")]
+    assert evaluate.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --dataset nthu needs --city: one of Rome, Rio, Tokyo, Taipei"]
+    assert evaluate.main(args + ["--city", "Rome", "--eval-size", f"{SIZE[0]},{SIZE[1]}", "--scales", "1.0",
+                                 "--no-flip", "--out", str(tmp_path / "eval")]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["method", *NTHU13_CLASSES, "mIoU"]
+    apply = jax.jit(lambda x: module.apply(variables, x, train=False))
+    iou = nthu_iou(lambda image: np.argmax(np.asarray(apply(image[None]))[0], -1), tmp_path / "nthu", 19,
+                   NTHU13_TRAINIDS)
+    row = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["row"]
+    assert row["miou"] == pytest.approx(np.nanmean(iou), abs=1e-9)
+    cells = next(line for line in table.splitlines() if line.startswith("| w19 |")).strip("|").split("|")[1:]
+    assert [c.strip() for c in cells] == [f"{100 * v:.1f}" if v == v else "n/a" for v in (*iou, np.nanmean(iou))]
+
+
+def test_evaluating_cityscapes_without_gtfine_says_which_archive(tmp_path, capsys):
+    from cbst_jax import evaluate
+
+    make_cityscapes(tmp_path / "cs", n_train=1, n_val=1, size=SIZE)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cs" / "gtFine" / "val")
+    save_weights(tmp_path / "w.npz", "demo_segnet", 19)
+    assert evaluate.main(["--weights", str(tmp_path / "w.npz"), "--dataset", "cityscapes", "--root",
+                          str(tmp_path / "cs")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cityscapes: {tmp_path / 'cs' / 'gtFine' / 'val'} is not "
+                                                   f"a directory; expected layout: ")
+    assert lines[0].endswith(f"; the val split is read with its labels here (e.g. to evaluate on it): extract "
+                             f"gtFine_trainvaltest.zip into {tmp_path / 'cs'}")
+    assert "labelled=False" not in lines[0]

@@ -97,10 +97,19 @@ def build_model(config):
 
 
 def weights_metadata(config, model, **provenance) -> dict:
-    """The metadata a weights file of this run's network carries (``cbst_jax.models.save_variables``)."""
+    """The metadata a weights file of this run's network carries (``cbst_jax.models.save_variables``),
+    with the run's evaluation settings as ``inference`` (``cbst_jax.infer``'s defaults)."""
     from cbst_jax import models
 
-    return models.make_metadata(config.model.name, config.num_classes, model.normalization, **provenance)
+    return models.make_metadata(config.model.name, config.num_classes, model.normalization,
+                                inference=inference_settings(config), **provenance)
+
+
+def inference_settings(config) -> dict:
+    """The canvas, scales and flip a run evaluates with (a run from before ``evaluate.*``: ``predict.*``)."""
+    settings = config.get("evaluate") or config.predict
+    return {"canvas": [int(v) for v in config.input.eval_size], "scales": [float(s) for s in settings["scales"]],
+            "flip": bool(settings["flip"])}
 
 
 def init_variables(config, model, rng, crop):

@@ -108,6 +108,8 @@ def test_weights_to_adapted_model(tmp_path, capsys):
         "deeplabv2_resnet_small", 19, "imagenet")
     assert exported["class_names"][0] == "road" and exported["palette"][0] == [128, 64, 128]
     assert exported["stage"] == "cbst/r0" and exported["eval"]["miou"] == ledger["cbst/r0"]["eval"]["miou"]
+    # the run's evaluation settings, infer's defaults for the file (CRST: MST 0.9/1.0/1.2 with flip)
+    assert exported["inference"] == {"canvas": list(SIZE), "scales": [0.9, 1.0, 1.2], "flip": True}
     trained = models.load_variables(seed / "models" / "cbst_r0.npz")
     np.testing.assert_array_equal(models.load_variables(out)["params"]["layer5"]["conv2d_list_0"]["kernel"],
                                   trained["params"]["layer5"]["conv2d_list_0"]["kernel"])
@@ -120,7 +122,8 @@ def test_weights_to_adapted_model(tmp_path, capsys):
     val = tmp_path / "cityscapes" / "leftImg8bit" / "val"
     shown = tmp_path / "shown"
     assert infer.main(["--weights", str(out), "--out", str(shown), "--canvas", f"{SIZE[0]},{SIZE[1]}",
-                       "--gt", str(tmp_path / "cityscapes" / "gtFine" / "val"), str(val)]) == 0
+                       "--scales", "1.0", "--no-flip", "--gt", str(tmp_path / "cityscapes" / "gtFine" / "val"),
+                       str(val)]) == 0
     summary = json.loads((shown / "infer_summary.json").read_text())
     assert summary["segmented"] == 4 and summary["weights"][0]["normalization"] == "imagenet"
     assert (shown / "comparison.png").exists()

@@ -356,3 +356,4 @@ def run_seeds(config, workdir: str, seeds, on_started=None) -> int:
 
 if __name__ == "__main__":
     launch()
+

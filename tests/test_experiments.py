@@ -514,3 +514,23 @@ def test_the_recipes_report_the_seeds_rows():
     for module in (cityscapes_nthu, gta5_bdd):
         for variant in RECIPES:
             assert module.get_config(variant).evaluate.mst_methods == "", (module.__name__, variant)
+
+
+def test_readme_quotes_the_multi_device_batch_refusal(tmp_path):
+    """The recipes' batch of 2 on 4 devices: the launcher's one-line refusal is the one README's
+    paragraph on batch and learning-rate scaling quotes; without --workdir the embedded pair's
+    run says where it would write (runs/synthetic of the current folder)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "experiments.synthetic", "--config=quick",
+                          "--config.input.batch_size=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["error: config.input.batch_size=2: expected a multiple of the 4 devices (each device takes an "
+                     "equal share of a training batch)"]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"`{lines[0]}`" in " ".join(readme.split())
+    assert res.stdout.splitlines()[0] == (f"workdir: {tmp_path / 'runs' / 'synthetic'} (the embedded pair's "
+                                          f"default; --workdir=DIR to choose)")
+    assert not (tmp_path / "runs").exists()

@@ -247,10 +247,10 @@ def roots(tmp_path):
 def test_a_source_model_of_another_class_count_is_refused(tmp_path):
     """experiments.gta5_cityscapes with a 16-class source model, experiments.cityscapes_nthu with a
     19-class one: one line naming both counts, exit 2, no workdir."""
-    save_weights(tmp_path / "src16.npz", "deeplabv2_resnet_small", 16)
+    save_weights(tmp_path / "src16.npz", "demo_segnet", 16)
     work = tmp_path / "work"
     res = cli("experiments.gta5_cityscapes", f"--workdir={work}", *roots(tmp_path),
-              "--config.model.name=deeplabv2_resnet_small", f"--config.model.init={tmp_path / 'src16.npz'}",
+              "--config.model.name=demo_segnet", f"--config.model.init={tmp_path / 'src16.npz'}",
               "--config.model.init_is_source_model=True")
     assert one_error_line(res) == (f"error: config.model.init={tmp_path / 'src16.npz'}: a source model of 16 classes, "
                                    f"but this experiment has num_classes=19; pass a source model of 19 classes")

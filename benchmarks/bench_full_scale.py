@@ -199,6 +199,7 @@ def launcher_args(root, workdir, size, extra=()):
             "--config.source_training.batch_size=0", "--config.source_training.crop=()",
             f"--config.model.name={size['model']}", f"--config.model.dtype={size['dtype']}",
             "--config.model.normalization=imagenet",  # random init: inputs near unit scale keep it finite
+            "--config.model.init=none",  # a random-init source model on purpose (no weights here)
             "--config.methods=source_only,cbst", f"--config.input.crop={tup(size['crop'])}",
             f"--config.input.eval_size={tup(size['eval_size'])}", f"--config.input.batch_size={size['batch']}",
             f"--config.input.eval_batch_size={size['eval_batch']}", f"--config.input.workers={size['workers']}",

@@ -53,8 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
                                                 # stages as undilated convs on phase grids; same numbers)
     c.model.normalization = "auto"              # input normalisation: auto (the weights file's, else the
                                                 # architecture's default) | imagenet | caffe | unit
-    c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model
+    c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model;
+                                                # "none": random init, on purpose
     c.model.init_is_source_model = False        # True: round 0 = these weights, no source training
+    c.model.init_class_map = ""                 # "nthu13": a 19-class model.init's classifier restricted to
+                                                # the 13 NTHU classes (labels.NTHU13_TRAINIDS)
 
     c.source = ml_collections.ConfigDict(dict(name="gta5", root="", split="train", list_file="",
                                               # SYNTHIA only: lanemarking (id 22) as road (CRST) or
@@ -135,6 +138,113 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500                    # training steps between checkpoints
     return c
+
+
+NO_INIT = "none"             # model.init for a random init chosen on purpose
+CLASS_MAPS = ("", "nthu13")  # model.init_class_map values
+
+# One line per key of base_config, read by the launcher's --help (tests check that it covers them all).
+KEY_HELP = {
+    "seed": "random seed of the run (initialisation, batches, augmentation); --seeds=0,1,2 runs several",
+    "num_classes": "classes of the protocol: 19 (Cityscapes), 16 (SYNTHIA) or 13 (NTHU)",
+    "methods": "comma-separated methods, each from the same source model: " + ", ".join(methods_lib.NAMES),
+    "variant": "the config file's variant (set by --config=<variant>; not to be set by hand)",
+    "distributed": "call jax.distributed.initialize() (multi-host runs: every host runs the same command)",
+    "coordinator_address": "multi-host without cluster auto-detection: host:port of process 0",
+    "num_processes": "multi-host without cluster auto-detection: the number of processes",
+    "process_id": "multi-host without cluster auto-detection: this process's id",
+    "select_by_eval": "also report the best round picked on the evaluation split (flagged as such)",
+    "resume_from_stage": "go on after this finished stage (e.g. cbst/r0) with changed optimiser settings",
+    "model.name": "the network: deeplabv2_resnet101, resnet38, fcn8s_vgg16, demo_segnet (or a *_small test size)",
+    "model.dtype": "activation dtype: float32 or bfloat16",
+    "model.train_bn": "train batch-norm statistics (False: frozen, as both references)",
+    "model.atrous": "dilated convolutions as dilated or space_to_batch (same numbers)",
+    "model.normalization": "input normalisation: auto (the weights file's), imagenet, caffe or unit",
+    "model.init": "converted weights (.npz) to start from: an ImageNet init or a source model; 'none': random "
+                  "init on purpose (required for the full-size networks)",
+    "model.init_is_source_model": "True: model.init is the source model (round 0), no source training here",
+    "model.init_class_map": "'nthu13': keep the 13 NTHU classes' rows of a 19-class model.init's classifier",
+    "source.name": "source dataset: gta5, synthia, cityscapes or synthetic/source",
+    "source.root": "folder of the source dataset in its official layout (or tfds:<data_dir>)",
+    "source.split": "source split trained on",
+    "source.list_file": "keep only the listed source images (a file, or builtin:<name>)",
+    "source.lanemarking_as_road": "SYNTHIA only: lanemarking as road (CRST) instead of ignored (CBST)",
+    "target.name": "target dataset: cityscapes, bdd100k, nthu or synthetic/target",
+    "target.root": "folder of the target dataset in its official layout (or tfds:<data_dir>)",
+    "target.train_split": "unlabelled target split that is pseudo-labelled and adapted on",
+    "target.eval_split": "labelled target split the tables are computed on",
+    "target.list_file": "keep only the listed images of the adapted split (a file, or builtin:<name>)",
+    "target.city": "NTHU: Rome, Rio, Tokyo or Taipei; 'all' or '': each city in turn",
+    "target.allow_eval_overlap": "also adapt on train images that are evaluation images (published NTHU protocol)",
+    "eval_classes": "table classes: '' (all), 'miou13' (also mIoU* over 13 of 16), 'synthetic' (drawn classes)",
+    "synthetic.height": "embedded pair: image height",
+    "synthetic.width": "embedded pair: image width",
+    "synthetic.num_source": "embedded pair: source images",
+    "synthetic.num_target_train": "embedded pair: unlabelled target images adapted on",
+    "synthetic.num_target_val": "embedded pair: labelled target evaluation images",
+    "synthetic.data_seed": "embedded pair: seed of the drawn scenes",
+    "synthetic.camera_shift": "embedded pair: the target camera sits higher",
+    "input.crop": "(height, width) of training crops",
+    "input.scale_range": "random rescaling range of training images",
+    "input.source_scale_range": "source images' rescaling range; (): input.scale_range",
+    "input.target_scale_range": "target images' rescaling range; (): input.scale_range",
+    "input.flip": "random horizontal flips in training",
+    "input.mine_prob": "probability of a crop centred on a rare class",
+    "input.mine_domains": "domains with rare-class crops: both (CBST) or target (CRST)",
+    "input.batch_size": "global training batch (source + target), a multiple of the device count",
+    "input.sampler": "pooled (one shuffled pool, CBST/CRST) or paired (a fixed source share per batch)",
+    "input.source_share": "paired sampler: source images per batch / batch",
+    "input.source_portion": "(first, step per round, max) share of the source set used per round",
+    "input.source_subset": "source subsets per round: nested (CBST) or fresh (CRST)",
+    "input.eval_size": "(height, width) canvas of evaluation and pseudo-labelling batches",
+    "input.eval_batch_size": "global evaluation batch (padded to a multiple of the devices)",
+    "input.workers": "data workers; -1: every core but one",
+    "input.worker_kind": "auto (processes when grain is installed), processes or threads",
+    "source_training.steps": "steps of source-only training (0: none; skipped with init_is_source_model)",
+    "source_training.lr": "learning rate of source training",
+    "source_training.schedule": "learning-rate schedule of source training: poly or constant",
+    "source_training.optimizer": "optimiser of source training: sgd or adam",
+    "source_training.batch_size": "global batch of source training; 0: input.batch_size",
+    "source_training.crop": "crop of source training; (): input.crop",
+    "source_training.scale_range": "rescaling range of source training; (): input.scale_range",
+    "self_training.rounds": "self-training rounds per method",
+    "self_training.portion": "(p0, step, p_max): the portion of pseudo-labelled pixels, min(p0 + r*step, p_max)",
+    "self_training.epochs_per_round": "training epochs per round (over the round's source subset + target)",
+    "self_training.steps_per_round": "training steps per round; > 0 overrides epochs_per_round",
+    "self_training.lr": "learning rate of round 0",
+    "self_training.lr_round_decay": "learning rate of round r: lr * decay^r (CBST: 1/sqrt(2))",
+    "self_training.schedule": "learning-rate schedule within a round: constant or poly",
+    "self_training.optimizer": "optimiser of the rounds: sgd or adam",
+    "self_training.loss_resolution": "loss on upsampled logits (CRST) or at the network's stride (CBST)",
+    "self_training.select_subsample": "thresholds from every n-th confidence of each class (reference: 4)",
+    "self_training.prior": "spatial prior .npz to use; empty: built from the source labels",
+    "self_training.prior_sigma": "Gaussian smoothing of the spatial prior, in prior pixels",
+    "self_training.prior_normalize": "spatial prior normalised per class (paper) or per pixel",
+    "self_training.prior_size": "(height, width) of the spatial prior",
+    "self_training.reg_weight": "weight of the MR* model regularisers (CRST)",
+    "self_training.label_reg_weight.lrent": "weight alpha of LRENT (CRST label regulariser)",
+    "self_training.label_reg_weight.lrl2": "weight alpha of LRL2",
+    "self_training.label_reg_weight.lrkld": "weight alpha of LRKLD",
+    "self_training.label_reg_keep.lrent": "pixels LRENT labels: objective or cbst",
+    "self_training.label_reg_keep.lrl2": "pixels LRL2 labels: objective or cbst",
+    "self_training.label_reg_keep.lrkld": "pixels LRKLD labels: objective or cbst",
+    "self_training.soft_label_stride": "LR* soft labels stored as cells of this many pixels",
+    "self_training.mine_rare": "rare-class crops from the pseudo-label statistics",
+    "predict.scales": "pseudo-labelling scales, relative to input.eval_size",
+    "predict.flip": "pseudo-labelling averages with the flipped image",
+    "evaluate.scales": "evaluation scales, relative to input.eval_size",
+    "evaluate.flip": "evaluation averages with the flipped image",
+    "evaluate.mst_methods": "methods also evaluated with multi-scale + flip testing (rows <method>+mst)",
+    "evaluate.mst_scales": "the scales of that multi-scale testing",
+    "evaluate.mst_flip": "that multi-scale testing averages with the flipped image",
+    "optim.momentum": "SGD momentum",
+    "optim.weight_decay": "weight decay",
+    "optim.head_lr_mult": "classifier learning rate relative to the backbone's",
+    "optim.bias_lr_mult": "biases' learning rate relative to their group's (CBST: 2)",
+    "optim.bias_weight_decay_mult": "biases' weight decay relative to their group's (CBST: 0)",
+    "log_every": "training steps between logged losses",
+    "checkpoint_every": "training steps between checkpoints",
+}
 
 
 def apply_variant(config, variant: str, variants: dict):
@@ -332,10 +442,14 @@ def validate(config, *, need_roots: bool = True) -> None:
         _check_count(config, "synthetic.width", 8, "an image width >= 8")
         for key in ("num_source", "num_target_train", "num_target_val"):
             _check_count(config, f"synthetic.{key}", 1, "a positive image count")
-    if config.model.init and not os.path.exists(config.model.init):
-        _fail("model.init", config.model.init, "an existing converted-weights file (.npz)")
-    if config.model.init_is_source_model and not config.model.init:
+    init = init_file(config)
+    if init and not os.path.exists(init):
+        _fail("model.init", init, f"an existing converted-weights file (.npz), or {NO_INIT!r} for a random init")
+    if config.model.init_is_source_model and not init:
         _fail("model.init_is_source_model", True, "model.init set to the source model's weights")
+    _check_choice(config, "model.init_class_map", CLASS_MAPS)
+    if config.model.init_class_map == "nthu13" and (config.num_classes != 13 or not init):
+        _fail("model.init_class_map", "nthu13", "'' unless num_classes=13 and model.init is a 19-class weights file")
     if config.self_training.prior and not os.path.exists(config.self_training.prior):
         _fail("self_training.prior", config.self_training.prior, "an existing prior .npz (or empty to build one)")
     if need_roots:
@@ -349,6 +463,30 @@ def validate(config, *, need_roots: bool = True) -> None:
                                   f"or run `python -m experiments.synthetic`, which needs no download")
             if not os.path.isdir(d.root) and not str(d.root).startswith("tfds:"):
                 _fail(f"{side}.root", d.root, f"an existing folder holding {d.name} (see docs/datasets.md)")
+
+
+def init_file(config) -> str:
+    """The weights file ``model.init`` names, or "" for a random init ("" or "none")."""
+    init = str(config.model.init)
+    return "" if init in ("", NO_INIT) else init
+
+
+def source_model_origin(config) -> str:
+    """One line saying where the run's source model (round 0) comes from, for the log and the report."""
+    init = init_file(config)
+    mapped = " (its classifier's rows of the 13 NTHU classes)" if config.model.init_class_map == "nthu13" else ""
+    if config.model.init_is_source_model:
+        return f"source model: imported from {init}{mapped} (model.init_is_source_model=True)"
+    if init:
+        start = f"from {init}{mapped}"
+    elif config.model.init == NO_INIT:
+        start = f"from RANDOM INIT (model.init={NO_INIT})"
+    else:
+        start = f"from random init ({config.model.name} is trained from scratch)"
+    steps = config.source_training.steps
+    if steps == 0:
+        return f"source model: {config.model.name} {start}, not trained (source_training.steps=0)"
+    return f"source model: {config.model.name} trained here for {steps} steps on {config.source.name}, {start}"
 
 
 def nthu_cities(config) -> list[str] | None:

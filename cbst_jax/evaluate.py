@@ -13,7 +13,9 @@ With ``--workdir`` (a seed's workdir or a run's folder, as ``cbst_jax.export``) 
 weights file (``models/<stage>.npz``) is evaluated with the run's configuration: its target
 dataset and evaluation split, canvas, class protocol and evaluation scales, any of them
 overridable (``--root`` when the dataset has moved). With ``--weights`` the dataset is named on
-the command line and the class protocol is the file's (16 classes also report mIoU*). The
+the command line and the class protocol is the file's (16 classes also report mIoU*; a 19-class
+file on NTHU is scored on the 13 NTHU classes, its predictions of the other six counting as
+errors, as ``docs/datasets.md`` says). The
 network is built from the weights file's metadata (architecture, classes, normalisation).
 Scales are relative to the canvas (``--eval-size``), as in training; the defaults are the run's
 ``evaluate.scales`` / ``evaluate.flip`` (``--weights``: 1.0 with flip). The paper-style table
@@ -57,6 +59,10 @@ def weights_config(weights: str, dataset: str, root: str, split: str | None, *, 
         raise EvaluateError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
     if not root:
         raise EvaluateError("--root is required with --weights: the folder holding the dataset")
+    if dataset == "nthu" and not city:
+        from cbst_jax.data.nthu import CITIES
+
+        raise EvaluateError(f"--dataset nthu needs --city: one of {', '.join(CITIES)}")
     c = config_lib.base_config()
     c.num_classes = meta["num_classes"]
     c.eval_classes = "miou13" if c.num_classes == 16 else ""

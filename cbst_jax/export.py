@@ -7,7 +7,8 @@ more ``seed_<s>/`` (``--seed`` picks one when there are several); for Cityscapes
 cities, a city's folder (``W/Rome``). ``--stage``: ``source`` (round 0) or ``<method>/r<round>``
 (``cbst/r2``, ``st_sp/r0``). The file written holds the stage's network and its metadata
 (architecture, classes, input normalisation, class names, palette: ``cbst_jax.models``), plus
-where it came from (stage, seed, datasets, the stage's recorded evaluation), so
+where it came from (stage, seed, datasets, the stage's recorded evaluation) and the run's
+evaluation settings (``inference``: canvas, scales, flip; ``cbst_jax.infer``'s defaults), so
 ``python -m cbst_jax.infer --weights cbst_r2.npz ...`` and ``python -m cbst_jax.evaluate --weights
 cbst_r2.npz ...`` need nothing else. A stage that is not trained (no ``models/<stage>.npz`` in the
 workdir) is refused with a one-line error listing the trained ones; every error is one line
@@ -142,6 +143,7 @@ def recorded_eval(workdir: str, stage: Stage) -> dict | None:
 def export(workdir: str, stage_text: str, out: str, seed: int | None = None) -> dict:
     """Writes the stage's weights with their metadata to ``out``; returns the metadata."""
     from cbst_jax import models
+    from cbst_jax.experiment import inference_settings
 
     path, run, stage = find_stage(workdir, stage_text, seed)
     out_dir = os.path.dirname(os.path.abspath(out))
@@ -154,7 +156,8 @@ def export(workdir: str, stage_text: str, out: str, seed: int | None = None) -> 
                   if k not in ("format", "architecture", "num_classes", "normalization", "class_names", "palette")}
     provenance.update(stage=stage.key, seed=config.get("seed"), variant=config.get("variant", ""),
                       source_dataset=config.source.name, target_dataset=config.target.name,
-                      target_city=config.target.get("city", ""), exported_from=os.path.relpath(path, run))
+                      target_city=config.target.get("city", ""), exported_from=os.path.relpath(path, run),
+                      inference=inference_settings(config))
     row = recorded_eval(run, stage)
     if row is not None:
         provenance["eval"] = {"split": config.target.eval_split, "miou": row.get("miou"),

@@ -1,7 +1,13 @@
 """Segment your own images with a weights file (converted or exported; it carries its metadata).
 
-  python -m cbst_jax.infer --weights W.npz --out DIR [--scales 1.0 ...] [--flip] [--batch-size N]
+  python -m cbst_jax.infer --weights W.npz --out DIR [--scales 1.0 ...] [--flip | --no-flip] [--batch-size N]
                            [--canvas H,W] [--gt GT_DIR] [--names A,B] FILES_OR_FOLDERS...
+
+``--canvas``, ``--scales`` and ``--flip`` default to the settings the weights file records (a
+stage exported from a run, or a run's own ``models/<stage>.npz``: the run's ``input.eval_size``,
+``evaluate.scales`` and ``evaluate.flip``, so the labels are those the run scored); a file that
+records none (a converted checkpoint, an export from before the record) uses 1024x2048, one
+scale and no flip.
 
 JPG/PNG files of any size, or folders of them (searched recursively). Per image it writes
 ``<name>_trainid.png`` (class indices, 255 never occurs), ``<name>_color.png`` (the weights'
@@ -17,14 +23,17 @@ compiled per model, whatever the image sizes. The forward pass is
 ``cbst_jax.predict.Predictor.probs`` (``--scales`` relative to the canvas, ``--flip``) on a
 ``('data',)`` mesh over all devices; labels are the argmax at the canvas resolution, cropped
 and resized back to the image by nearest neighbour. An unreadable file is reported, skipped and
-counted; the exit status is 1 if any file failed, 2 for bad arguments or weights. All files
-are written to a temporary name and renamed. ``DIR/infer_summary.json`` lists what was done.
+counted; the exit status is 1 if any file failed, 2 for bad arguments or weights (a file named
+on the command line that is not an image is a bad argument). Everything is checked before DIR
+is created; all files are written to a temporary name and renamed. ``DIR/infer_summary.json``
+lists what was done.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import io
+import json
 import os
 import sys
 import time
@@ -58,8 +67,9 @@ def collect_inputs(paths: Sequence[str]) -> list[tuple[str, str]]:
                     if f.lower().endswith(IMAGE_EXTENSIONS):
                         full = os.path.join(base, f)
                         found.append((full, os.path.splitext(os.path.relpath(full, p))[0]))
-        elif os.path.exists(p) or p.lower().endswith(IMAGE_EXTENSIONS):
-            found.append((p, os.path.splitext(os.path.basename(p))[0]))  # a missing file fails later, counted
+        elif os.path.isfile(p):
+            check_image_file(p)
+            found.append((p, os.path.splitext(os.path.basename(p))[0]))
         else:
             raise InferError(f"{p}: no such file or folder")
     for path, name in found:
@@ -69,6 +79,20 @@ def collect_inputs(paths: Sequence[str]) -> list[tuple[str, str]]:
     if not found:
         raise InferError(f"no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images in {', '.join(paths)}")
     return found
+
+
+def check_image_file(path: str) -> None:
+    """InferError unless Pillow recognises ``path`` as an image (its header only; a named file is
+    checked before anything is written, a damaged image inside a folder is skipped and counted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError) as exc:
+        what = "not an image" if isinstance(exc, UnidentifiedImageError) else f"unreadable ({exc})"
+        raise InferError(f"{path}: {what}; expected {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images or "
+                         f"folders of them") from None
 
 
 def bucket_of(h: int, w: int, canvas: tuple[int, int]) -> tuple[int, int]:
@@ -319,23 +343,46 @@ def find_ground_truth(gt_dir: str, name: str, num_classes: int):
 
 # ---------------------------------------------------------------- the run
 
-def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=DEFAULT_CANVAS,
-        scales=(1.0,), flip: bool = False, batch_size: int | None = None, names: Sequence[str] | None = None,
+def run_settings(models_: Sequence[Model], canvas=None, scales=None, flip=None) -> tuple[tuple, tuple, bool, str]:
+    """(canvas, scales, flip, where they come from): each one given, else the one the weights
+    files record (``inference``: the evaluation settings of the run they were exported from),
+    else the defaults (DEFAULT_CANVAS, one scale, no flip) for files that record none."""
+    given = {"canvas": canvas, "scales": scales, "flip": flip}
+    missing = [k for k, v in given.items() if v is None]
+    if not missing:
+        return tuple(canvas), tuple(scales), bool(flip), "as given"
+    records = [m.metadata["inference"] for m in models_ if "inference" in m.metadata]
+    if len({json.dumps(r, sort_keys=True) for r in records}) > 1:
+        raise InferError(f"the weights files record different evaluation settings "
+                         f"({'; '.join(json.dumps(r, sort_keys=True) for r in records)}); give "
+                         f"{', '.join('--' + k for k in missing)}")
+    base = records[0] if records else {"canvas": list(DEFAULT_CANVAS), "scales": [1.0], "flip": False}
+    values = {k: base[k] if v is None else v for k, v in given.items()}
+    source = ("the run's evaluation settings, recorded in the weights file" if records
+              else "the defaults: the weights file records no settings")
+    return (tuple(int(v) for v in values["canvas"]), tuple(float(v) for v in values["scales"]), bool(values["flip"]),
+            f"{', '.join(missing)}: {source}")
+
+
+def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=None, scales=None,
+        flip: bool | None = None, batch_size: int | None = None, names: Sequence[str] | None = None,
         gt_dir: str | None = None, figure_rows: int = 8, workers: int | None = None,
         progress: bool = True, log=None) -> dict:
     """Segments ``inputs`` with every weights file; returns the summary (also written to
-    ``out_dir/infer_summary.json``). ``log(line)`` receives the per-file failure lines."""
+    ``out_dir/infer_summary.json``). ``canvas``, ``scales``, ``flip``: None takes the weights
+    files' recorded evaluation settings (:func:`run_settings`). ``log(line)`` receives the
+    settings line and the per-file failure lines. Everything is checked before ``out_dir`` is
+    created."""
     from tqdm import tqdm
 
     from cbst_jax import sharding as shd
     from cbst_jax.atomic_files import atomic_write_json
 
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    canvas = (int(canvas[0]), int(canvas[1]))
-    if min(canvas) < 8:
-        raise InferError(f"--canvas {canvas[0]},{canvas[1]}: expected at least 8 pixels per side")
     if names is not None and len(names) != len(weights):
         raise InferError(f"--names gives {len(names)} names for {len(weights)} weights files")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InferError(f"--out {out_dir}: a file, expected a folder")
     files = collect_inputs(inputs)
     mesh = shd.make_mesh()
     n_dev = mesh.devices.size
@@ -344,6 +391,13 @@ def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=D
     loaded = [load_model(w, mesh, names[i] if names else None) for i, w in enumerate(weights)]
     if len({m.name for m in loaded}) != len(loaded):
         raise InferError(f"model names {[m.name for m in loaded]} repeat; give --names")
+    canvas, scales, flip, source = run_settings(loaded, canvas, scales, flip)
+    if min(canvas) < 8:
+        raise InferError(f"--canvas {canvas[0]},{canvas[1]}: expected at least 8 pixels per side")
+    if not scales or any(not s > 0 for s in scales):
+        raise InferError(f"--scales {list(scales)}: expected positive scales, e.g. 0.9 1.0 1.2")
+    log(f"canvas {canvas[0]}x{canvas[1]}, scales {', '.join(f'{s:g}' for s in scales)}, flip "
+        f"{'on' if flip else 'off'} ({source})")
     several = len(loaded) > 1
     model_dirs = {m.name: os.path.join(out_dir, m.name) if several else out_dir for m in loaded}
     os.makedirs(out_dir, exist_ok=True)
@@ -405,7 +459,8 @@ def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=D
         "weights": [{"name": m.name, "path": m.path, "architecture": m.metadata["architecture"],
                      "num_classes": m.num_classes, "normalization": m.metadata["normalization"],
                      "compiled_programs": m.traces} for m in loaded],
-        "canvas": list(canvas), "scales": list(scales), "flip": bool(flip), "batch_size": batch,
+        "canvas": list(canvas), "scales": list(scales), "flip": bool(flip), "settings": source,
+        "batch_size": batch,
         "devices": n_dev, "images": len(files), "segmented": written, "failed": failed,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -440,11 +495,15 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", nargs="+", required=True,
                         help="weights file(s) with metadata; several: one column each in comparison.png")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--scales", nargs="+", type=float, default=[1.0], help="test scales relative to the canvas")
-    parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    recorded = "the run's, recorded in the weights file by export"
+    parser.add_argument("--scales", nargs="+", type=float, default=None,
+                        help=f"test scales relative to the canvas (default: {recorded}; else 1.0)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"average with the horizontally flipped image (default: {recorded}; else off)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: one per device)")
-    parser.add_argument("--canvas", type=_canvas, default=DEFAULT_CANVAS,
-                        help=f"H,W every image is fitted into (default {DEFAULT_CANVAS[0]},{DEFAULT_CANVAS[1]})")
+    parser.add_argument("--canvas", type=_canvas, default=None,
+                        help=f"H,W every image is fitted into (default: {recorded}; else "
+                             f"{DEFAULT_CANVAS[0]},{DEFAULT_CANVAS[1]})")
     parser.add_argument("--names", default=None, help="comma-separated column titles, one per weights file")
     parser.add_argument("--gt", default=None, help="folder of ground-truth label PNGs for the comparison figure")
     parser.add_argument("--figure-rows", type=int, default=8, help="images in the comparison figure")

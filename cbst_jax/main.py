@@ -49,14 +49,36 @@ def _stop(signum, frame) -> None:
     raise Stopped(signum)
 
 
-def load_config(spec: str):
-    """``path/to/config.py[:variant]`` -> ``get_config()`` / ``get_config(variant)`` of that file."""
-    path, _, variant = spec.partition(":")
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+FLAG_HELP = {  # the launcher's own flags (defined for absl in launch(), listed by --help)
+    "workdir": "output folder (checkpoints, pseudo-labels, metrics, plots); required for real datasets, the "
+               "embedded synthetic pair defaults to runs/<experiment>",
+    "seeds": "comma-separated seeds, each in <workdir>/seed_<s>; the tables report mean ± std",
+    "fresh": "start over: an existing run of ours in --workdir is moved aside, and deleted once the new run "
+             "has started",
+    "debug": "show the traceback of an error instead of its one-line message",
+    "compilation_cache": "folder of jax's persistent compilation cache (a rerun or resume compiles nothing); "
+                         "empty: off; default $CBST_JAX_COMPILATION_CACHE or ~/.cache/cbst_jax/xla",
+}
+
+
+def config_module(spec: str):
+    """The config file of ``spec`` (``path/to/config.py[:variant]``), imported: its ``get_config``,
+    ``VARIANTS`` and docstring."""
+    path = spec.partition(":")[0]
     if not os.path.isfile(path):
-        raise config_lib.ConfigError(f"--config={spec!r}: expected a config file (e.g. experiments/configs/synthetic.py)")
+        raise config_lib.ConfigError(f"--config={spec!r}: expected a config file "
+                                     f"(e.g. experiments/configs/synthetic.py)")
     module_spec = importlib.util.spec_from_file_location("_cbst_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str):
+    """``path/to/config.py[:variant]`` -> ``get_config()`` / ``get_config(variant)`` of that file."""
+    variant = spec.partition(":")[2]
+    module = config_module(spec)
     try:
         return module.get_config(variant) if variant else module.get_config()
     except KeyError as e:
@@ -88,6 +110,9 @@ def launch(default_config: str | None = None) -> None:
         signal.signal(s, _stop)
     argv = list(sys.argv)
     try:
+        if any(a in HELP_FLAGS for a in argv[1:]):
+            print(help_text([a for a in argv if a not in HELP_FLAGS], default_config))
+            sys.exit(0)
         spec = _config_spec(argv, default_config)
         bad = config_lib.unknown_override(argv[1:], load_config(spec))
         if bad:
@@ -96,15 +121,11 @@ def launch(default_config: str | None = None) -> None:
         _fail(e)
     sys.argv = argv  # ml_collections reads the config file's name from sys.argv when defining the flag
     config_flags.DEFINE_config_file("config", spec, "the experiment's config file[:variant]", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Output folder (checkpoints, pseudo-labels, metrics, plots).")
-    flags.DEFINE_string("seeds", None, "Comma-separated seeds; results are aggregated as mean ± std.")
-    flags.DEFINE_bool("fresh", False, "Start over: an existing run of ours in --workdir is moved aside, and "
-                      "deleted once the new run has started.")
-    flags.DEFINE_bool("debug", False, "Show the traceback of an error instead of its one-line message.")
-    flags.DEFINE_string("compilation_cache", default_compilation_cache(),
-                        "Folder of jax's persistent compilation cache (every compiled program is kept, so a "
-                        "rerun or resume compiles nothing); empty: off. Default: $CBST_JAX_COMPILATION_CACHE or "
-                        "~/.cache/cbst_jax/xla.")
+    flags.DEFINE_string("workdir", None, FLAG_HELP["workdir"])
+    flags.DEFINE_string("seeds", None, FLAG_HELP["seeds"])
+    flags.DEFINE_bool("fresh", False, FLAG_HELP["fresh"])
+    flags.DEFINE_bool("debug", False, FLAG_HELP["debug"])
+    flags.DEFINE_string("compilation_cache", default_compilation_cache(), FLAG_HELP["compilation_cache"])
 
     def parse(args):
         try:
@@ -117,13 +138,80 @@ def launch(default_config: str | None = None) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         use_compilation_cache(flags.FLAGS.compilation_cache)
         name = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
-        workdir = flags.FLAGS.workdir or os.path.join("runs", name)
+        try:
+            workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS.config, name)
+        except config_lib.ConfigError as e:
+            _fail(e)
+        print(f"workdir: {os.path.abspath(workdir)}"
+              + ("" if flags.FLAGS.workdir else " (the embedded pair's default; --workdir=DIR to choose)"), flush=True)
         return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh, flags.FLAGS.debug)
 
     try:
         app.run(main, flags_parser=parse)
     except (Stopped, KeyboardInterrupt) as e:  # before run_command: while parsing or importing
         sys.exit(_stopped(e))
+
+
+def default_workdir(config, name: str) -> str:
+    """``runs/<name>`` for a run on the embedded synthetic pair; a run on real datasets (long, and
+    writing checkpoints and pseudo-labels) must name its workdir: ConfigError."""
+    if all(str(config[side].name).startswith("synthetic/") for side in ("source", "target")):
+        return os.path.join("runs", name)
+    config_lib.validate(config)  # a missing dataset root is the first thing to fix
+    raise config_lib.ConfigError(f"--workdir is required for a run on real datasets (it holds the run's checkpoints, "
+                                 f"pseudo-labels and results), e.g. --workdir=runs/{name}; only the embedded "
+                                 f"synthetic pair defaults to runs/<experiment>")
+
+
+def help_text(argv, default_config: str | None) -> str:
+    """``--help``: usage, the config file's variants, the launcher's flags and every config key with
+    its default (of the chosen variant) and its meaning (``config_lib.KEY_HELP``)."""
+    import ml_collections
+
+    spec = None
+    if default_config or any(a.startswith("--config=") for a in argv[1:]):
+        spec = _config_spec(list(argv), default_config)
+    path, _, variant = (spec or "").partition(":")
+    module = config_module(spec) if spec else None
+    if path and not os.path.relpath(path).startswith(".."):
+        path = os.path.relpath(path)
+    config = load_config(spec) if spec else config_lib.base_config()
+    launcher = (f"python -m experiments.{os.path.splitext(os.path.basename(default_config))[0]} [--config=<variant>]"
+                if default_config else "python -m cbst_jax.main --config=<file>.py[:<variant>]")
+    lines = [f"usage: {launcher} [--config.<key>=<value> ...] [--workdir=DIR] [--seeds=0,1,2] [--fresh] [--debug] "
+             f"[--compilation_cache=DIR]", ""]
+    if module is not None:
+        doc = (module.__doc__ or "").strip().split("\n\n")[0]
+        lines += [doc, ""]
+        variants = getattr(module, "VARIANTS", {})
+        default = module.get_config().variant
+        lines.append(f"--config=<variant>: a variant of {path} (default: "
+                     f"{default or 'none, the recipe as the file sets it'}; or --config=<file>.py[:<variant>]):")
+        for name, change in variants.items():
+            summary = ((change.__doc__ or "").strip().splitlines() or [""])[0]
+            lines.append(f"  {name:<16} {summary}")
+        if not variants:
+            lines.append("  (this file has none)")
+        lines.append("")
+    lines.append("flags:")
+    for name, text in FLAG_HELP.items():
+        lines.append(f"  --{name:<18} {text}")
+
+    def leaves(node, prefix=""):
+        for key in node.keys():
+            if isinstance(node[key], ml_collections.ConfigDict):
+                yield from leaves(node[key], f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", node[key]
+
+    values = dict(leaves(config))
+    shown = {k: f"{k} = {values[k]!r}" for k in config_lib.KEY_HELP if k in values}
+    width = max(map(len, shown.values()))
+    where = f"{path}{':' + variant if variant else ''}" if path else "the schema (cbst_jax.config_lib.base_config)"
+    lines += ["", f"config keys (--config.<key>=<value>), with the defaults of {where}:"]
+    lines += [f"  {shown[k]:<{width}}  {config_lib.KEY_HELP[k]}" for k in shown]
+    lines += [f"  {k} = {v!r}" for k, v in values.items() if k not in config_lib.KEY_HELP]
+    return "\n".join(lines)
 
 
 def default_compilation_cache() -> str:
@@ -389,6 +477,8 @@ def run_seeds(config, workdir: str, seeds, on_started=None) -> int:
             run_outputs.write_aggregate(cfg, target_workdir, seeds, rows, pl_rows, time.time() - t0)
         return rows
 
+    if jax.process_index() == 0:
+        print(config_lib.source_model_origin(config), flush=True)
     cities = config_lib.nthu_cities(config)
     if cities is None:
         run_target(config, workdir)

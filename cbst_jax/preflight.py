@@ -29,12 +29,11 @@ def preflight(config) -> None:
     every city of a Cityscapes -> NTHU run over all four is checked."""
     import copy
 
-    from cbst_jax import experiment, models
+    from cbst_jax import experiment
 
     config_lib.validate(config)
     experiment.build_model(config)  # the network and the normalisation its weights need
-    if config.model.init:
-        models.load_variables(config.model.init)
+    check_model_init(config)
     if config.input.worker_kind == "processes" and importlib.util.find_spec("grain") is None:
         raise config_lib.ConfigError("config.input.worker_kind='processes': needs grain (pip install grain); "
                                      "expected 'threads' or 'auto' without it")
@@ -44,6 +43,51 @@ def preflight(config) -> None:
             target = copy.deepcopy(config)
             target.target.city = city
         _check_splits(target)
+
+
+def check_model_init(config) -> None:
+    """What the network starts from: a full-size network (one with published ImageNet weights,
+    ``cbst_jax.convert_weights.KINDS``) needs ``model.init``, or ``model.init="none"`` for a random
+    init on purpose; a file declared the source model must have the experiment's classes (19 of
+    them with ``model.init_class_map="nthu13"``); and the file's variables must fit the network
+    (with the class map applied), checked on shapes before anything is created."""
+    import jax
+    import numpy as np
+
+    from cbst_jax import experiment, models
+    from cbst_jax.convert_weights import KINDS
+
+    init = config_lib.init_file(config)
+    kinds = [kind for kind, (model, _) in KINDS.items() if model == config.model.name]
+    if not init and config.model.init != config_lib.NO_INIT and kinds:
+        raise config_lib.ConfigError(
+            f"config.model.init is empty: {config.model.name} would start from random weights "
+            f"({config.source_training.steps} source-training steps); pass --config.model.init=<weights.npz> (an "
+            f"ImageNet init converted with python -m cbst_jax.convert_weights {' or '.join(kinds)} ..., or a source "
+            f"model with --config.model.init_is_source_model=True), or --config.model.init={config_lib.NO_INIT} to "
+            f"train from random weights on purpose")
+    if not init:
+        return
+    classes = models.read_metadata(init)["num_classes"]
+    mapped = config.model.init_class_map == "nthu13"
+    if mapped and classes != 19:
+        raise config_lib.ConfigError(f"config.model.init={init}: {classes or 'no trained'} classes, but "
+                                     f"model.init_class_map='nthu13' keeps 13 of a 19-class classifier")
+    if config.model.init_is_source_model and classes is None:
+        raise config_lib.ConfigError(f"config.model.init={init}: a backbone-only init (its classifier was never "
+                                     f"trained), not a source model; drop model.init_is_source_model to train the "
+                                     f"source model here from it")
+    if config.model.init_is_source_model and not mapped and classes != config.num_classes:
+        hint = (", or --config.model.init_class_map=nthu13 to keep its classifier's rows of the 13 NTHU classes"
+                if (classes, config.num_classes) == (19, 13) else "")
+        raise config_lib.ConfigError(f"config.model.init={init}: a source model of {classes} classes, but this "
+                                     f"experiment has num_classes={config.num_classes}; pass a source model of "
+                                     f"{config.num_classes} classes{hint}")
+    model = experiment.build_model(config)
+    crop = tuple(config.input.crop)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *crop, 3), np.float32), train=False))
+    experiment.merge_variables(shapes, models.load_variables(init), init,
+                               keep_classes=experiment.class_map(config.model.init_class_map))
 
 
 def check_batches(config) -> None:

@@ -210,10 +210,12 @@ def test_gta5_cityscapes_cbst_resnet38_recipe_on_fixture_folders(tmp_path):
                           f"--config.source.root={tmp_path / 'gta5'}",
                           f"--config.target.root={tmp_path / 'cityscapes'}",
                           "--config.model.name=deeplabv2_resnet_small", "--config.methods=source_only,cbst",
-                          "--config.source_training.steps=2")
+                          "--config.source_training.steps=2", "--config.model.init=none")
     seed = work / "seed_0"
     config = json.loads((seed / "config.json").read_text())
     assert config["variant"] == "cbst_resnet38" and config["self_training"]["loss_resolution"] == "stride"
+    assert ("source model: deeplabv2_resnet_small trained here for 2 steps on gta5, from RANDOM INIT "
+            "(model.init=none)") in (seed / "results.md").read_text().splitlines()
     assert (seed / "results.md").exists() and (seed / "pseudo_labels" / "cbst" / "round_0" / "manifest.json").exists()
     assert "cbst r0" in (seed / "results.md").read_text() and (seed / "models" / "cbst_r0.npz").exists()
 
@@ -403,3 +405,132 @@ def test_city_table_is_per_city_plus_mean_over_cities():
                 for rows in by_city.values()]
     mean = [ln for ln in lines if ln.startswith("| mean | cbst r1 |")][0].strip("|").split("|")
     assert mean[-1].strip() == f"{100 * np.mean(per_city):.1f}"
+
+
+# ---------------------------------------------------------------- issue 23: the user's path
+
+def _random_variables(module, seed, mix_upscore=False):
+    """Random variables of the shapes ``module`` has (BN variances positive, kernels at 1/sqrt(fan-in));
+    FCN upsampling kernels stay per-class (a class feeds only itself) unless ``mix_upscore``."""
+    import jax
+    from flax import traverse_util
+
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros((1, 32, 64, 3), np.float32),
+                                                train=False))
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for key, leaf in traverse_util.flatten_dict(shapes).items():
+        noise = rng.normal(0, 1, leaf.shape).astype(np.float32)
+        if key[-1] == "var":
+            noise = 0.5 + np.abs(noise)
+        elif key[-1] == "kernel":
+            noise /= np.sqrt(np.prod(leaf.shape[:-1]))
+        elif key[-1] == "scale":
+            noise = 1 + 0.1 * noise
+        else:
+            noise *= 0.1
+        if key[1].startswith("upscore") and not mix_upscore:
+            noise *= np.eye(leaf.shape[-1], dtype=np.float32)  # (k, k, out, in)
+        flat[key] = noise
+    return traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize("name", ["demo_segnet", "deeplabv2_resnet_small", "fcn8s_vgg16_small"])
+def test_nthu13_class_map_gives_the_19_class_logits_at_the_nthu_classes(tmp_path, name):
+    """model.init_class_map=nthu13: the 13-class network built from a 19-class file gives, at every
+    pixel, the 19-class network's logits at the 13 NTHU trainIds (labels.NTHU13_TRAINIDS). The
+    classifiers: one conv (demo net; ResNet-38's is the same kind), DeepLab-v2's sum of four ASPP
+    convs, FCN-8s' score convs mixed by per-class upsampling kernels."""
+    import jax
+
+    from cbst_jax import experiment, models
+
+    nthu_trainids = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]  # road ... bicycle, written out
+    path = tmp_path / "src19.npz"
+    module19 = models.get_model(name, 19, normalization="unit")
+    variables19 = _random_variables(module19, seed=1)
+    models.save_variables(path, variables19, models.make_metadata(name, 19, "unit"))
+    c = cityscapes_nthu.get_config()
+    c.model.name, c.model.init, c.model.init_is_source_model = name, str(path), True
+    c.model.init_class_map = "nthu13"
+    config_lib.validate(c, need_roots=False)
+    model13 = experiment.build_model(c)
+    shapes13 = jax.eval_shape(lambda: model13.init(jax.random.key(0), np.zeros((1, 32, 64, 3), np.float32),
+                                                   train=False))
+    variables13 = experiment.merge_variables(shapes13, models.load_variables(path), str(path),
+                                             keep_classes=experiment.class_map(c.model.init_class_map))
+    x = np.random.default_rng(2).integers(0, 256, (2, 32, 64, 3)).astype(np.uint8)
+    want = np.asarray(jax.jit(lambda v: module19.apply(v, x, train=False))(variables19))[..., nthu_trainids]
+    got = np.asarray(jax.jit(lambda v: model13.apply(v, x, train=False))(variables13))
+    assert got.shape == want.shape and got.shape[-1] == 13 and np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_nthu13_class_map_refuses_a_classifier_that_mixes_classes(tmp_path):
+    import jax
+
+    from cbst_jax import experiment, models
+    from cbst_jax.errors import RunError
+
+    path = tmp_path / "fcn19.npz"
+    module19 = models.get_model("fcn8s_vgg16_small", 19, normalization="unit")
+    models.save_variables(path, _random_variables(module19, 0, mix_upscore=True),
+                          models.make_metadata("fcn8s_vgg16_small", 19, "unit"))
+    module13 = models.get_model("fcn8s_vgg16_small", 13, normalization="unit")
+    shapes13 = jax.eval_shape(lambda: module13.init(jax.random.key(0), np.zeros((1, 32, 64, 3), np.float32),
+                                                    train=False))
+    with pytest.raises(RunError, match=r"fcn19.npz: cannot keep 13 of the classes of params/upscore\w*/kernel: it "
+                                       r"mixes them with the dropped ones"):
+        experiment.merge_variables(shapes13, models.load_variables(path), str(path),
+                                   keep_classes=experiment.class_map("nthu13"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(init_class_map="nthu19"), "config.model.init_class_map='nthu19': expected '' or 'nthu13'"),
+    (dict(init_class_map="nthu13", init=""), "config.model.init_class_map='nthu13': expected '' unless "
+                                             "num_classes=13 and model.init is a 19-class weights file"),
+    (dict(init="none", init_is_source_model=True), "config.model.init_is_source_model=True: expected model.init"),
+])
+def test_model_init_keys_are_validated(tmp_path, bad, message):
+    c = cityscapes_nthu.get_config()
+    (tmp_path / "w.npz").write_bytes(b"")
+    c.model.init = str(tmp_path / "w.npz")
+    for key, value in bad.items():
+        c.model[key] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c, need_roots=False)
+    assert message in str(e.value)
+
+
+def test_the_recipes_report_the_seeds_rows():
+    """CBST's recipe on GTA5 -> Cityscapes adds the seed's CBST-SP + MST row; the seed's SYNTHIA,
+    NTHU and BDD tables have no CBST-SP + MST row (and SYNTHIA's ResNet-38 block no CBST-SP)."""
+    cbst = gta5_cityscapes.get_config("cbst_resnet38")
+    assert cbst.evaluate.mst_methods == "cbst_sp" and "cbst_sp" in cbst.methods.split(",")
+    assert gta5_cityscapes.get_config().evaluate.mst_methods == ""
+    syn = synthia_cityscapes.get_config("cbst_resnet38")
+    assert syn.methods == "source_only,st,cbst" and syn.evaluate.mst_methods == ""
+    assert synthia_cityscapes.get_config().evaluate.mst_methods == ""
+    for module in (cityscapes_nthu, gta5_bdd):
+        for variant in RECIPES:
+            assert module.get_config(variant).evaluate.mst_methods == "", (module.__name__, variant)
+
+
+def test_readme_quotes_the_multi_device_batch_refusal(tmp_path):
+    """The recipes' batch of 2 on 4 devices: the launcher's one-line refusal is the one README's
+    paragraph on batch and learning-rate scaling quotes; without --workdir the embedded pair's
+    run says where it would write (runs/synthetic of the current folder)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "experiments.synthetic", "--config=quick",
+                          "--config.input.batch_size=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["error: config.input.batch_size=2: expected a multiple of the 4 devices (each device takes an "
+                     "equal share of a training batch)"]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"`{lines[0]}`" in " ".join(readme.split())
+    assert res.stdout.splitlines()[0] == (f"workdir: {tmp_path / 'runs' / 'synthetic'} (the embedded pair's "
+                                          f"default; --workdir=DIR to choose)")
+    assert not (tmp_path / "runs").exists()

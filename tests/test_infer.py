@@ -166,3 +166,82 @@ def test_bad_weights_and_inputs_are_one_line_errors(tmp_path, photos, capsys):
     assert status == 2 and "no jpg/jpeg/png images in" in capsys.readouterr().err
     status = infer.main(["--weights", str(tmp_path / "ok.npz"), "--out", str(tmp_path / "o"), str(tmp_path / "nope")])
     assert status == 2 and "nope: no such file or folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 23
+
+def test_inputs_are_checked_before_the_output_folder_exists(tmp_path, photos, capsys):
+    """A named file that is not an image, or is missing: one line, exit 2, nothing created."""
+    save_weights(tmp_path / "ok.npz")
+    out = tmp_path / "o"
+    for named, message in ((photos / "notes.txt", f"error: {photos / 'notes.txt'}: not an image; expected "
+                                                 f"jpg/jpeg/png images or folders of them"),
+                           (photos / "gone.jpg", f"error: {photos / 'gone.jpg'}: no such file or folder")):
+        status = infer.main(["--weights", str(tmp_path / "ok.npz"), "--out", str(out), str(photos / "a.jpg"),
+                             str(named)])
+        assert status == 2 and capsys.readouterr().err.strip().splitlines() == [message]
+        assert not out.exists()
+    (tmp_path / "file").write_text("")
+    assert infer.main(["--weights", str(tmp_path / "ok.npz"), "--out", str(tmp_path / "file"),
+                       str(photos / "a.jpg")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'file'}: a file, expected a folder"
+
+
+def test_defaults_follow_the_settings_the_weights_file_records(tmp_path, photos, capsys):
+    """A file recording its run's evaluation settings (canvas 32x48, flip on): infer without
+    --canvas/--flip uses them; the labels are the flip-averaged softmax's argmax, computed here."""
+    module = models.get_model("demo_segnet", 19, normalization="unit")
+    variables = jax.device_get(module.init(jax.random.key(4, impl="rbg"), np.zeros((1, 32, 32, 3), np.uint8)))
+    record = {"canvas": [32, 48], "scales": [1.0], "flip": True}
+    models.save_variables(tmp_path / "run.npz", variables,
+                          models.make_metadata("demo_segnet", 19, "unit", inference=record))
+    out = tmp_path / "out"
+    assert infer.main(["--weights", str(tmp_path / "run.npz"), "--out", str(out), str(photos / "a.jpg")]) == 0
+    assert ("canvas 32x48, scales 1, flip on (canvas, scales, flip: the run's evaluation settings, recorded in "
+            "the weights file)") in capsys.readouterr().err
+    summary = json.loads((out / "infer_summary.json").read_text())
+    assert (summary["canvas"], summary["scales"], summary["flip"]) == ([32, 48], [1.0], True)
+    image = np.asarray(Image.open(photos / "a.jpg").convert("RGB"))
+    bucket, (fh, fw) = expected_fit(*image.shape[:2], (32, 48))
+    x = np.zeros((1, *bucket, 3), np.uint8)
+    x[0, :fh, :fw] = np.asarray(Image.fromarray(image).resize((fw, fh), Image.BILINEAR))
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    logits = np.asarray(module.apply(variables, x, train=False), np.float64)[0]
+    flipped = np.asarray(module.apply(variables, x[:, :, ::-1], train=False), np.float64)[0][:, ::-1]
+    label = np.argmax(softmax(logits) + softmax(flipped), -1).astype(np.uint8)[:fh, :fw]
+    want = np.asarray(Image.fromarray(label).resize(image.shape[1::-1], Image.NEAREST))
+    got = np.asarray(Image.open(out / "a_trainid.png"))
+    assert got.shape == want.shape and (got == want).mean() > 0.995
+    no_flip = np.argmax(logits, -1).astype(np.uint8)[:fh, :fw]
+    assert not np.array_equal(label, no_flip)  # the flip changes labels here, so the check above can fail
+
+
+def test_settings_rules():
+    """Flags win; files that record nothing get the old defaults; files that disagree need flags."""
+    def model(record=None):
+        meta = {"inference": record} if record else {}
+        return infer.Model("m", "m.npz", None, None, 19, None, meta)
+
+    a = {"canvas": [32, 48], "scales": [0.9, 1.0], "flip": True}
+    b = {"canvas": [64, 64], "scales": [1.0], "flip": False}
+    assert infer.run_settings([model()])[:3] == ((1024, 2048), (1.0,), False)
+    assert infer.run_settings([model(a), model()])[:3] == ((32, 48), (0.9, 1.0), True)
+    assert infer.run_settings([model(a)], canvas=(16, 16), flip=False)[:3] == ((16, 16), (0.9, 1.0), False)
+    assert infer.run_settings([model(a), model(b)], (8, 8), (1.0,), True) == ((8, 8), (1.0,), True, "as given")
+    with pytest.raises(infer.InferError, match=r"the weights files record different evaluation settings .*; "
+                                               r"give --scales, --flip$"):
+        infer.run_settings([model(a), model(b)], canvas=(8, 8))
+
+
+@pytest.mark.parametrize("record", [{"canvas": [32], "scales": [1.0], "flip": True},
+                                    {"canvas": [32, 48], "scales": [], "flip": True},
+                                    {"canvas": [32, 48], "scales": [1.0], "flip": "yes"},
+                                    {"canvas": [32, 48], "scales": [1.0]}])
+def test_a_malformed_settings_record_is_refused(tmp_path, record):
+    with pytest.raises(models.WeightFileError, match=r"w.npz: bad weights metadata: inference .*expected"):
+        models.save_variables(tmp_path / "w.npz", {"params": {}}, models.make_metadata("demo_segnet", 19, "unit",
+                                                                                       inference=record))

@@ -108,6 +108,8 @@ def test_weights_to_adapted_model(tmp_path, capsys):
         "deeplabv2_resnet_small", 19, "imagenet")
     assert exported["class_names"][0] == "road" and exported["palette"][0] == [128, 64, 128]
     assert exported["stage"] == "cbst/r0" and exported["eval"]["miou"] == ledger["cbst/r0"]["eval"]["miou"]
+    # the run's evaluation settings, infer's defaults for the file (CRST: MST 0.9/1.0/1.2 with flip)
+    assert exported["inference"] == {"canvas": list(SIZE), "scales": [0.9, 1.0, 1.2], "flip": True}
     trained = models.load_variables(seed / "models" / "cbst_r0.npz")
     np.testing.assert_array_equal(models.load_variables(out)["params"]["layer5"]["conv2d_list_0"]["kernel"],
                                   trained["params"]["layer5"]["conv2d_list_0"]["kernel"])
@@ -120,7 +122,8 @@ def test_weights_to_adapted_model(tmp_path, capsys):
     val = tmp_path / "cityscapes" / "leftImg8bit" / "val"
     shown = tmp_path / "shown"
     assert infer.main(["--weights", str(out), "--out", str(shown), "--canvas", f"{SIZE[0]},{SIZE[1]}",
-                       "--gt", str(tmp_path / "cityscapes" / "gtFine" / "val"), str(val)]) == 0
+                       "--scales", "1.0", "--no-flip", "--gt", str(tmp_path / "cityscapes" / "gtFine" / "val"),
+                       str(val)]) == 0
     summary = json.loads((shown / "infer_summary.json").read_text())
     assert summary["segmented"] == 4 and summary["weights"][0]["normalization"] == "imagenet"
     assert (shown / "comparison.png").exists()
@@ -217,3 +220,178 @@ def test_command_errors_are_one_line_with_exit_2(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, lines)
     assert not os.path.exists("o.npz")
+
+
+# ---------------------------------------------------------------- issue 23: a new user's mistakes
+
+def save_weights(path, name, num_classes, seed=0):
+    """A random ``name`` network of ``num_classes`` classes as a weights file; returns (module, variables)."""
+    import jax
+
+    from cbst_jax import models
+
+    module = models.get_model(name, num_classes, normalization="unit")
+    variables = jax.device_get(jax.jit(lambda k: module.init(k, np.zeros((1, *SIZE, 3), np.float32),
+                                                             train=False))(jax.random.key(seed)))
+    models.save_variables(path, variables, models.make_metadata(name, num_classes, "unit"))
+    return module, variables
+
+
+def roots(tmp_path):
+    """Empty dataset folders: preflight refuses the model before it opens any split."""
+    for d in ("src", "tgt"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    return [f"--config.source.root={tmp_path / 'src'}", f"--config.target.root={tmp_path / 'tgt'}"]
+
+
+def test_a_source_model_of_another_class_count_is_refused(tmp_path):
+    """experiments.gta5_cityscapes with a 16-class source model, experiments.cityscapes_nthu with a
+    19-class one: one line naming both counts, exit 2, no workdir."""
+    save_weights(tmp_path / "src16.npz", "demo_segnet", 16)
+    work = tmp_path / "work"
+    res = cli("experiments.gta5_cityscapes", f"--workdir={work}", *roots(tmp_path),
+              "--config.model.name=demo_segnet", f"--config.model.init={tmp_path / 'src16.npz'}",
+              "--config.model.init_is_source_model=True")
+    assert one_error_line(res) == (f"error: config.model.init={tmp_path / 'src16.npz'}: a source model of 16 classes, "
+                                   f"but this experiment has num_classes=19; pass a source model of 19 classes")
+    assert not work.exists()
+    save_weights(tmp_path / "src19.npz", "demo_segnet", 19)
+    res = cli("experiments.cityscapes_nthu", f"--workdir={work}", *roots(tmp_path), "--config.model.name=demo_segnet",
+              f"--config.model.init={tmp_path / 'src19.npz'}", "--config.model.init_is_source_model=True")
+    assert one_error_line(res) == (
+        f"error: config.model.init={tmp_path / 'src19.npz'}: a source model of 19 classes, but this experiment has "
+        f"num_classes=13; pass a source model of 13 classes, or --config.model.init_class_map=nthu13 to keep its "
+        f"classifier's rows of the 13 NTHU classes")
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("variant, network, kinds", [
+    ("", "deeplabv2_resnet101", "torchvision-resnet101 or deeplab-init"),
+    ("cbst_resnet38", "resnet38", "mxnet-resnet38")])
+def test_a_full_size_network_without_model_init_is_refused(tmp_path, variant, network, kinds):
+    """No model.init would train the source model from random weights: refused unless
+    model.init=none says so (then the run's log and report say RANDOM INIT)."""
+    from cbst_jax import config_lib, preflight
+    from experiments.configs import gta5_cityscapes
+
+    work = tmp_path / "work"
+    res = cli("experiments.gta5_cityscapes", f"--workdir={work}", *roots(tmp_path),
+              *([f"--config={variant}"] if variant else []))
+    steps = gta5_cityscapes.get_config(variant).source_training.steps
+    assert one_error_line(res) == (
+        f"error: config.model.init is empty: {network} would start from random weights ({steps} source-training "
+        f"steps); pass --config.model.init=<weights.npz> (an ImageNet init converted with python -m "
+        f"cbst_jax.convert_weights {kinds} ..., or a source model with --config.model.init_is_source_model=True), "
+        f"or --config.model.init=none to train from random weights on purpose")
+    assert not work.exists()
+    c = gta5_cityscapes.get_config(variant)
+    c.model.init = "none"
+    preflight.check_model_init(c)  # accepted
+    assert config_lib.source_model_origin(c) == (f"source model: {network} trained here for {steps} steps on gta5, "
+                                                 f"from RANDOM INIT (model.init=none)")
+
+
+def test_a_real_data_run_needs_a_workdir(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "experiments.gta5_bdd", *roots(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one_error_line(res) == ("error: --workdir is required for a run on real datasets (it holds the run's "
+                                   "checkpoints, pseudo-labels and results), e.g. --workdir=runs/gta5_bdd; only "
+                                   "the embedded synthetic pair defaults to runs/<experiment>")
+    assert sorted(os.listdir(tmp_path)) == ["src", "tgt"]
+
+
+def nthu_iou(predict, nthu_root, num_classes=13, classes=range(13)):
+    """Per-class IoU over Rome's test images, counted here: ``predict(image) -> (H, W)`` labels in
+    the protocol of ``num_classes`` (13: NTHU indices; 19: trainIds, scored on the NTHU trainIds)."""
+    from cbst_jax.labels import CITYSCAPES_ID_TO_NTHU13, CITYSCAPES_ID_TO_TRAINID
+
+    table = CITYSCAPES_ID_TO_NTHU13 if num_classes == 13 else CITYSCAPES_ID_TO_TRAINID
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    for label_file in sorted((nthu_root / "Rome" / "Labels" / "Test").glob("*_eval.png")):
+        image = np.asarray(Image.open(nthu_root / "Rome" / "Images" / "Test" /
+                                      label_file.name.replace("_eval.png", ".jpg")).convert("RGB"))
+        gt = table[np.asarray(Image.open(label_file))]
+        pred = predict(image)
+        keep = gt != 255
+        np.add.at(cm, (gt[keep].astype(int), pred[keep].astype(int)), 1)
+    inter = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - inter
+    return np.array([inter[c] / union[c] if union[c] else np.nan for c in classes])  # nan: absent, never predicted
+
+
+def test_a_19_class_source_model_on_nthu_with_the_class_map(tmp_path):
+    """experiments.cityscapes_nthu from a 19-class Cityscapes source model with
+    model.init_class_map=nthu13: the source row is the 19-class model's argmax over the 13 NTHU
+    classes, scored here with numpy; the log and results.md say where the source model came from."""
+    import jax
+
+    from fixtures_layouts import make_nthu
+    from cbst_jax.labels import NTHU13_TRAINIDS
+
+    make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=2, n_test=3, size=SIZE)
+    make_cityscapes(tmp_path / "cityscapes", n_train=2, n_val=1, size=SIZE)
+    module, variables = save_weights(tmp_path / "cs19.npz", "demo_segnet", 19, seed=5)
+    work = tmp_path / "work"
+    res = cli("experiments.cityscapes_nthu", f"--workdir={work}", f"--config.source.root={tmp_path / 'cityscapes'}",
+              f"--config.target.root={tmp_path / 'nthu'}", "--config.target.city=Rome",
+              "--config.model.name=demo_segnet", f"--config.model.init={tmp_path / 'cs19.npz'}",
+              "--config.model.init_is_source_model=True", "--config.model.init_class_map=nthu13",
+              "--config.methods=source_only", "--config.self_training.rounds=0", "--config.evaluate.flip=False",
+              f"--config.input.crop={SIZE}", f"--config.input.eval_size={SIZE}", "--config.input.batch_size=2",
+              "--config.input.eval_batch_size=2", "--config.input.workers=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    origin = (f"source model: imported from {tmp_path / 'cs19.npz'} (its classifier's rows of the 13 NTHU classes) "
+              f"(model.init_is_source_model=True)")
+    assert origin in res.stdout.splitlines() and origin in (work / "seed_0" / "results.md").read_text()
+    row = json.loads((work / "seed_0" / "ledger.json").read_text())["stages"]["source"]["eval"]
+    apply = jax.jit(lambda x: module.apply(variables, x, train=False))
+    restricted = lambda image: np.argmax(np.asarray(apply(image[None]))[0][..., list(NTHU13_TRAINIDS)], -1)
+    np.testing.assert_allclose(row["iou"], nthu_iou(restricted, tmp_path / "nthu"), rtol=1e-6)
+
+
+def test_evaluate_a_19_class_file_on_nthu_scores_the_13_classes(tmp_path, capsys):
+    """cbst_jax.evaluate --weights (19 classes) --dataset nthu: 13 columns and their mean, counted
+    here with numpy from the file's own 19-class argmax; without --city: one line naming the flag."""
+    import jax
+
+    from fixtures_layouts import make_nthu
+    from cbst_jax import evaluate
+    from cbst_jax.labels import NTHU13_CLASSES, NTHU13_TRAINIDS
+
+    make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=1, n_test=3, size=SIZE)
+    module, variables = save_weights(tmp_path / "w19.npz", "demo_segnet", 19, seed=7)
+    args = ["--weights", str(tmp_path / "w19.npz"), "--dataset", "nthu", "--root", str(tmp_path / "nthu")]
+    assert evaluate.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --dataset nthu needs --city: one of Rome, Rio, Tokyo, Taipei"]
+    assert evaluate.main(args + ["--city", "Rome", "--eval-size", f"{SIZE[0]},{SIZE[1]}", "--scales", "1.0",
+                                 "--no-flip", "--out", str(tmp_path / "eval")]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["method", *NTHU13_CLASSES, "mIoU"]
+    apply = jax.jit(lambda x: module.apply(variables, x, train=False))
+    iou = nthu_iou(lambda image: np.argmax(np.asarray(apply(image[None]))[0], -1), tmp_path / "nthu", 19,
+                   NTHU13_TRAINIDS)
+    row = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["row"]
+    assert row["miou"] == pytest.approx(np.nanmean(iou), abs=1e-9)
+    cells = next(line for line in table.splitlines() if line.startswith("| w19 |")).strip("|").split("|")[1:]
+    assert [c.strip() for c in cells] == [f"{100 * v:.1f}" if v == v else "n/a" for v in (*iou, np.nanmean(iou))]
+
+
+def test_evaluating_cityscapes_without_gtfine_says_which_archive(tmp_path, capsys):
+    from cbst_jax import evaluate
+
+    make_cityscapes(tmp_path / "cs", n_train=1, n_val=1, size=SIZE)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cs" / "gtFine" / "val")
+    save_weights(tmp_path / "w.npz", "demo_segnet", 19)
+    assert evaluate.main(["--weights", str(tmp_path / "w.npz"), "--dataset", "cityscapes", "--root",
+                          str(tmp_path / "cs")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cityscapes: {tmp_path / 'cs' / 'gtFine' / 'val'} is not "
+                                                   f"a directory; expected layout: ")
+    assert lines[0].endswith(f"; the val split is read with its labels here (e.g. to evaluate on it): extract "
+                             f"gtFine_trainvaltest.zip into {tmp_path / 'cs'}")
+    assert "labelled=False" not in lines[0]

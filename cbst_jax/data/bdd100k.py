@@ -62,7 +62,8 @@ def open_bdd100k(root, split: str = "train", *, list_file=None, num_classes: int
         raise DatasetError("bdd100k: the test split has no labels; use labelled=False")
     label_dir = os.path.join(base, labels.format(split=folder))
     if labelled:
-        require_dir(label_dir, "bdd100k", LAYOUT + " (or pass labelled=False)")
+        require_dir(label_dir, "bdd100k", LAYOUT + f"; the {folder} split is read with its labels here (e.g. to "
+                    f"evaluate on it): extract bdd100k_sem_seg_labels_trainval.zip into {root}")
     files = list_images(image_dir, (".jpg", ".jpeg", ".png"))
     if not files:
         raise DatasetError(f"bdd100k: no images in {image_dir}; expected layout: {LAYOUT}")

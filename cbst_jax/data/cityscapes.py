@@ -60,7 +60,8 @@ def open_cityscapes(root, split: str = "train", *, list_file=None, num_classes: 
     image_root = require_dir(os.path.join(root, "leftImg8bit", folder), "cityscapes", LAYOUT)
     label_root = os.path.join(root, "gtFine", folder)
     if labelled:
-        require_dir(label_root, "cityscapes", LAYOUT + " (or pass labelled=False)")
+        require_dir(label_root, "cityscapes", LAYOUT + f"; the {folder} split is read with its labels here (e.g. "
+                    f"to evaluate on it): extract gtFine_trainvaltest.zip into {root}")
     items = []
     for city in sorted(os.listdir(image_root)):
         city_dir = os.path.join(image_root, city)

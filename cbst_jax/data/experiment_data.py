@@ -52,12 +52,15 @@ def open_side(config, side: str, split: str, *, labelled=None):
 
 
 def class_lists(config) -> tuple[list, list | None]:
-    """(classes of the tables, subset of the mIoU* column or None)."""
+    """(classes of the tables, subset of the mIoU* column or None). A 19-class model on NTHU is
+    scored on the 13 NTHU classes (its predictions of the other six count as errors)."""
     if config.eval_classes == "synthetic":
         from cbst_jax.data.synthetic import DRAWN_CLASSES
         return sorted(DRAWN_CLASSES), None
     if config.eval_classes == "miou13":
         return list(range(config.num_classes)), list(labels_lib.MIOU13_OF_16)
+    if config.target.name == "nthu" and config.num_classes == 19:  # only the 13 NTHU classes are labelled
+        return list(labels_lib.NTHU13_TRAINIDS), None
     return list(range(config.num_classes)), None
 
 

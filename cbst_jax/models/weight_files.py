@@ -12,6 +12,8 @@ Layout: ``params/<module>/.../<leaf>`` and ``batch_stats/...`` float arrays, plu
   normalization   "imagenet" | "caffe" | "unit" (``cbst_jax.models.layers.normalize_images``)
   class_names     list of num_classes names, or null where unknown
   palette         list of num_classes [r, g, b], or null where unknown
+  inference       optional: {"canvas": [H, W], "scales": [...], "flip": bool}, the evaluation settings
+                  of the run that trained the weights (``cbst_jax.infer``'s defaults for the file)
   ...             free-form provenance (converter kind, source file, fresh heads, ...)
 
 Every problem with a file is a one-line ``WeightFileError`` naming it.
@@ -90,7 +92,24 @@ def validate_metadata(metadata, path="weights file") -> dict[str, Any]:
         if (n is None or arr is None or arr.shape != (n, 3) or arr.dtype.kind not in "iu"
                 or arr.min() < 0 or arr.max() > 255):
             bad(f"palette must be num_classes={n} [r, g, b] triples of 0..255 or null")
+    if "inference" in metadata and not _is_inference(metadata["inference"]):
+        bad(f"inference {metadata['inference']!r}, expected {{'canvas': [H, W] (at least 8 each), 'scales': "
+            f"[positive numbers], 'flip': true or false}}")
     return metadata
+
+
+def _is_inference(value) -> bool:
+    """A well-formed ``inference`` entry (see the module docstring)."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 8
+
+    def scale(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+    return (isinstance(value, dict) and set(value) == {"canvas", "scales", "flip"}
+            and isinstance(value["canvas"], list) and len(value["canvas"]) == 2 and all(map(count, value["canvas"]))
+            and isinstance(value["scales"], list) and bool(value["scales"]) and all(map(scale, value["scales"]))
+            and isinstance(value["flip"], bool))
 
 
 def save_variables(path, variables, metadata: dict[str, Any]) -> None:

@@ -14,11 +14,14 @@ import math
 
 from experiments.configs import gta5_cityscapes
 
+VARIANTS = gta5_cityscapes.VARIANTS
+
 
 def get_config(variant: str = ""):
     c = gta5_cityscapes.get_config(variant or "cbst_resnet38")
     c.num_classes = 13                         # the NTHU classes (ref §6)
     c.methods = "source_only,st,cbst"          # paper table (Cityscapes -> NTHU rows)
+    c.evaluate.mst_methods = ""                # the table has no MST row
     c.source.name, c.source.split, c.source.list_file = "cityscapes", "train", ""
     c.target.name, c.target.train_split, c.target.eval_split = "nthu", "train", "test"
     c.target.list_file = ""                    # NTHU: the Images/{Train,Test} folders, no list (ref §6)

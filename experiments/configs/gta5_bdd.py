@@ -9,10 +9,13 @@ BDD100K train (7,000 images; no list is published), evaluation BDD100K val (1,00
 """
 from experiments.configs import gta5_cityscapes
 
+VARIANTS = gta5_cityscapes.VARIANTS
+
 
 def get_config(variant: str = ""):
     c = gta5_cityscapes.get_config(variant or "cbst_resnet38")
     c.methods = "source_only,st,st_sp,cbst,cbst_sp"  # paper table (GTA5 -> BDD100K rows)
+    c.evaluate.mst_methods = ""                # the table has no MST row
     c.target.name, c.target.train_split, c.target.eval_split = "bdd100k", "train", "val"
     c.target.list_file = ""                    # no published BDD100K list
     c.input.eval_size = (720, 1280)            # BDD100K's resolution

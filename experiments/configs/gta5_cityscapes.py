@@ -80,6 +80,10 @@ def get_config(variant: str = ""):
     return config_lib.apply_variant(c, variant, VARIANTS)
 
 
+def crst_deeplabv2(c):
+    """CRST's recipe, DeepLab-v2 ResNet-101 (PyTorch): the values get_config sets, unchanged."""
+
+
 def cbst_resnet38(c):
     """CBST's own recipe (MXNet, ResNet-38 model A1 at stride 8): ref §1a, §3-§5, CBST README."""
     c.methods = "source_only,st,cbst,cbst_sp"  # paper table (GTA5 -> Cityscapes, ResNet-38 rows)
@@ -123,6 +127,8 @@ def cbst_resnet38(c):
     c.predict.flip = True                      # flip-averaged softmax (ref §1a)
     c.evaluate.scales = (1.0,)                 # evaluate.py --test-scales 2048, single scale (ref §5)
     c.evaluate.flip = True                     # evaluate.py --test-flipping (ref §5)
+    c.evaluate.mst_methods = "cbst_sp"         # paper table: the CBST-SP+MST row (47.0); the paper's MST
+                                               # scales are unpublished (ref §5): CRST's 0.9/1.0/1.2 + flip
 
 
-VARIANTS = {"crst_deeplabv2": lambda c: None, "cbst_resnet38": cbst_resnet38}
+VARIANTS = {"crst_deeplabv2": crst_deeplabv2, "cbst_resnet38": cbst_resnet38}

@@ -61,10 +61,11 @@ def get_config(variant: str = ""):
     c.optim.head_lr_mult = 1.0
     c.log_every = 50
     c.checkpoint_every = 150
-    return config_lib.apply_variant(c, variant, {"quick": _quick, "gpu": _gpu, "camera_shift": _camera_shift})
+    return config_lib.apply_variant(c, variant, VARIANTS)
 
 
 def _quick(c):
+    """A smoke run: 96 source images, 60 source steps, 2 rounds of 12 steps, batch 8 (the tests')."""
     c.input.batch_size = c.source_training.batch_size = 8   # the tests run it on 8 devices
     c.source_training.steps = 60
     c.self_training.rounds = 2
@@ -76,14 +77,19 @@ def _quick(c):
 
 
 def _camera_shift(c):
+    """The target camera sits higher (a spatial prior's shared layout fails): source-only, CBST, CBST-SP."""
     c.synthetic.camera_shift = True
     c.methods = "source_only,cbst,cbst_sp"
     c.evaluate.mst_methods = ""
 
 
 def _gpu(c):
+    """A 256x512 version for a GPU: 3,000 source and 500 + 500 target images, batch 8."""
     c.synthetic.height, c.synthetic.width = 256, 512
     c.input.crop = c.input.eval_size = (256, 512)
     c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 3000, 500, 500
     c.input.eval_batch_size = 32
     c.input.batch_size = c.source_training.batch_size = 8   # the CPU's batch-4 choice does not apply on a GPU
+
+
+VARIANTS = {"quick": _quick, "gpu": _gpu, "camera_shift": _camera_shift}

@@ -3,7 +3,8 @@ classes) and mIoU* (13: without wall, fence, pole; CBST#7, ref §5).
 
 Default (``:crst_deeplabv2``): CRST's SYNTHIA settings, as its maintainer listed them in CRST#14,
 on the DeepLab-v2 recipe of ``gta5_cityscapes.py``. ``:cbst_resnet38``: CBST's SYNTHIA values on
-its ResNet-38 recipe. SYNTHIA images are 760x1280; the source set is all 9,400 (not filtered,
+its ResNet-38 recipe, with the rows of the seed's SYNTHIA table (source-only, ST, CBST: it has no
+CBST-SP, and no MST row). SYNTHIA images are 760x1280; the source set is all 9,400 (not filtered,
 CRST#7). Neither reference published a SYNTHIA source model for DeepLab-v2 (CRST#24) nor the
 source-training recipe (CRST#35): source_training keeps the GTA5 recipe's values.
 
@@ -15,6 +16,8 @@ import math
 
 from experiments.configs import gta5_cityscapes
 
+VARIANTS = gta5_cityscapes.VARIANTS
+
 
 def get_config(variant: str = ""):
     c = gta5_cityscapes.get_config(variant)
@@ -24,6 +27,8 @@ def get_config(variant: str = ""):
     c.source.list_file = ""                    # SYNTHIA is not filtered (CRST#7, ref §3)
     c.self_training.prior_size = (190, 320)    # project choice (the paper's prior is GTA5-only, ref §2)
     if c.variant == "cbst_resnet38":
+        c.methods = "source_only,st,cbst"      # paper table (SYNTHIA -> Cityscapes, ResNet-38 rows: no CBST-SP)
+        c.evaluate.mst_methods = ""            # ... and no MST row
         c.source.lanemarking_as_road = False   # CBST labels_synthia: lanemarking (22) -> 255 (ref §6)
         c.self_training.portion = (0.2, 0.05, 0.5)     # p0 0.20 for SYNTHIA (ref §3)
         c.input.source_portion = (0.02, 0.0025, 0.06)  # source portion 0.02 for SYNTHIA (ref §3)

@@ -260,7 +260,7 @@ def test_cityscapes_nthu_refused_before_the_workdir(tmp_path):
     make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=3, n_test=2)
     workdir = tmp_path / "run"
     roots = [f"--config.source.root={tmp_path / 'cityscapes'}", f"--config.target.root={tmp_path / 'nthu'}",
-             "--config.target.city=Rome"]
+             "--config.target.city=Rome", "--config.model.init=none"]
     line = one_line(cli(workdir, *roots))
     assert line == ("error: config.source_training.batch_size=16: the source split of cityscapes holds 4 images, "
                     "fewer than one batch of the source phase; expected at least 16 images, or a smaller batch")

@@ -92,9 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.workers = -1                        # data workers; -1: every core but one
     c.input.worker_kind = "auto"                # auto (processes when grain is installed) | processes | threads
 
-    # batch_size 0, crop () and scale_range (): those of c.input
+    # batch_size 0, crop () and scale_range (): those of c.input. power: of the poly schedule;
+    # warmup_steps > 0: mmcv's linear warm-up from warmup_ratio x the rate (cbst_jax.train.learning_rate)
     c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd",
-                                                       batch_size=0, crop=(), scale_range=()))
+                                                       batch_size=0, crop=(), scale_range=(), power=0.9,
+                                                       warmup_steps=0, warmup_ratio=1e-6))
 
     c.self_training = ml_collections.ConfigDict()
     c.self_training.rounds = 3
@@ -104,7 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.self_training.lr = 5e-5
     c.self_training.lr_round_decay = 1.0        # lr_r = lr · decay^r (CBST: 1/sqrt(2))
     c.self_training.schedule = "constant"       # constant | poly (within a round)
-    c.self_training.optimizer = "sgd"           # sgd (both references) | adam (from-scratch demo nets)
+    c.self_training.power = 0.9                 # of the poly schedule
+    c.self_training.warmup_steps = 0            # linear warm-up at the start of each round (0: none)
+    c.self_training.warmup_ratio = 1e-6         # the warm-up's first rate / the schedule's
+    c.self_training.optimizer = "sgd"           # sgd (both references) | adam: AdamW (transformer recipes,
+                                                # from-scratch demo nets)
     c.self_training.loss_resolution = "upsample"  # upsample (CRST) | stride (CBST)
     c.self_training.select_subsample = 1        # reference: every 4th pixel of each class list
     c.self_training.prior = ""                  # spatial prior .npz; empty: built from source labels
@@ -276,6 +282,11 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("self_training.schedule", config.self_training.schedule, "constant or poly")
     if config.source_training.schedule not in ("constant", "poly"):
         _fail("source_training.schedule", config.source_training.schedule, "constant or poly")
+    for key in ("source_training", "self_training"):
+        _check_number(config, f"{key}.power", lambda v: v > 0, "a poly power > 0 (DeepLab: 0.9)")
+        _check_count(config, f"{key}.warmup_steps", 0, "a step count >= 0 (0: no warm-up)")
+        _check_number(config, f"{key}.warmup_ratio", lambda v: 0 < v <= 1,
+                      "a ratio in (0, 1]: the first warm-up rate / the schedule's (mmcv: 1e-6)")
     if config.eval_classes not in ("", "miou13", "synthetic"):
         _fail("eval_classes", config.eval_classes, "'', 'miou13' or 'synthetic'")
     if config.eval_classes == "miou13" and config.num_classes != 16:

@@ -37,17 +37,26 @@ __all__ = ["MODELS", "DTYPES", "DeepLabV2", "ResNet38", "FCN8s", "WeightMismatch
 
 
 def param_groups(name_or_module: str | nn.Module, params, train_bn: bool = False):
-    """Labels every leaf of `params`: 'head' (classifier, 10x LR), 'frozen' (BN scale/bias
-    when BN is frozen) or 'backbone'. Same nested-dict structure as `params`."""
+    """Labels every leaf of `params`: 'head' (the decoder / classifier, 10x LR), 'frozen'
+    (backbone BN scale/bias when BN is frozen), 'backbone_no_decay' (backbone leaves under a module
+    whose name contains one of the network's ``no_decay_names``: the MiT encoder's norms, trained
+    without weight decay as SegFormer / DAFormer) or 'backbone'. The head label comes first, as in
+    mmcv's paramwise_cfg (whose first matching key, sorted, is 'head'). Same nested-dict structure
+    as `params`."""
     module = get_model(name_or_module, 1) if isinstance(name_or_module, str) else name_or_module
     flat = traverse_util.flatten_dict(params)
-    bn_modules = {path[:-1] for path in flat if path[-1] == "scale"}
+    # networks whose backbone normalises with LayerNorm only (MiT) have no BN to freeze
+    has_bn = getattr(module, "backbone_has_batch_norm", True)
+    bn_modules = {path[:-1] for path in flat if path[-1] == "scale"} if has_bn else set()
+    no_decay = getattr(module, "no_decay_names", ())
 
     def label(path):
         if path[0] in module.head_names:
             return "head"
         if path[:-1] in bn_modules and not train_bn:
             return "frozen"
+        if any(n in part for part in path[:-1] for n in no_decay):
+            return "backbone_no_decay"
         return "backbone"
 
     return traverse_util.unflatten_dict({path: label(path) for path in flat})

@@ -195,10 +195,19 @@ def convert(kind: str, source: dict[str, np.ndarray], num_classes: int, model: s
     probe = jnp.zeros((1, 32, 32, 3), jnp.uint8)
     template = traverse_util.flatten_dict(jax.eval_shape(module.init, jax.random.key(seed), probe))
     fresh = None
-    if any(k not in flat or flat[k].shape != v.shape for k, v in template.items()):
-        # rbg keys compile ~3x faster than threefry on CPU; only heads are taken from here.
-        fresh = jax.jit(module.init)(jax.random.key(seed, impl="rbg"), probe)
-        fresh = traverse_util.flatten_dict(jax.device_get(fresh))
+    needed = [k for k, v in template.items() if k[1] in module.head_names and (k not in flat or flat[k].shape != v.shape)]
+    if needed:  # any other problem is an error: raise it before initialising anything
+        importers.restore(template, flat, module.head_names, {k: np.zeros(template[k].shape, np.float32) for k in needed},
+                          unmapped)
+        # Only heads are taken from a fresh init: the program returns just those leaves, so XLA drops
+        # the rest of the initialisation (the values are the full init's). rbg keys compile ~3x
+        # faster than threefry on CPU.
+        def head_init(key, x):
+            variables = traverse_util.flatten_dict(module.init(key, x))
+            return {"/".join(k): variables[k] for k in needed}
+
+        fresh = jax.device_get(jax.jit(head_init)(jax.random.key(seed, impl="rbg"), probe))
+        fresh = {tuple(k.split("/")): v for k, v in fresh.items()}
     restored = importers.restore(template, flat, module.head_names, fresh, unmapped)
     head_fresh = sorted({k[1] for k in restored if k[1] in module.head_names and
                          (k not in flat or flat[k].shape != restored[k].shape)})

@@ -91,6 +91,9 @@ class EfficientSelfAttention(nn.Module):
         q = dense(self.width, "q", self.dtype)(x).reshape(b, h * w, self.num_heads, head_dim)
         if self.sr_ratio > 1:
             r = self.sr_ratio
+            if h < r or w < r:  # the reduction would leave no keys (torch refuses such a kernel too)
+                raise ValueError(f"a {h}x{w} map is smaller than its {r}x{r} key/value reduction: MiT needs "
+                                 f"inputs of at least 29x29 pixels")
             x = conv(self.width, r, "sr", stride=r, padding=0, use_bias=True, dtype=self.dtype,
                      kernel_init=conv_init(r, self.width))(x)
             x = layer_norm(PATCH_NORM_EPSILON, "norm", self.dtype)(x)

@@ -76,8 +76,8 @@ class SegFormer(nn.Module):
 def _factory(decoder: str, variant: str):
     embed_dim = SEGFORMER_EMBED_DIM[variant] if decoder == "segformer" else DAFORMER_EMBED_DIM
 
-    def build(num_classes: int, **options) -> SegFormer:
-        return SegFormer(num_classes, decoder=decoder, embed_dim=embed_dim, **MIT_VARIANTS[variant], **options)
+    def build(num_classes: int, **options) -> SegFormer:  # options override the variant's fields too
+        return SegFormer(num_classes, **{"decoder": decoder, "embed_dim": embed_dim, **MIT_VARIANTS[variant], **options})
 
     build.__name__ = f"{decoder}_mit_{variant}"
     build.__doc__ = f"MiT-{variant.upper()} with {decoder}'s decoder (width {embed_dim})."

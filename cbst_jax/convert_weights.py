@@ -195,10 +195,11 @@ def convert(kind: str, source: dict[str, np.ndarray], num_classes: int, model: s
     probe = jnp.zeros((1, 32, 32, 3), jnp.uint8)
     template = traverse_util.flatten_dict(jax.eval_shape(module.init, jax.random.key(seed), probe))
     fresh = None
-    needed = [k for k, v in template.items() if k[1] in module.head_names and (k not in flat or flat[k].shape != v.shape)]
+    needed = [k for k, v in template.items()
+              if k[1] in module.head_names and (k not in flat or flat[k].shape != v.shape)]
     if needed:  # any other problem is an error: raise it before initialising anything
-        importers.restore(template, flat, module.head_names, {k: np.zeros(template[k].shape, np.float32) for k in needed},
-                          unmapped)
+        placeholder = {k: np.zeros(template[k].shape, np.float32) for k in needed}
+        importers.restore(template, flat, module.head_names, placeholder, unmapped)
         # Only heads are taken from a fresh init: the program returns just those leaves, so XLA drops
         # the rest of the initialisation (the values are the full init's). rbg keys compile ~3x
         # faster than threefry on CPU.

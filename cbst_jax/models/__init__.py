@@ -13,7 +13,12 @@ Options shared by all families:
     logits are returned in float32.
   normalization: 'imagenet' (torchvision / CBST MXNet weights), 'caffe' (DeepLab-v2 init:
     BGR minus mean pixel) or 'unit' (x / 255, small variants trained from scratch).
-Dropout (ResNet-38, FCN-8s) needs `rngs={'dropout': key}` when `train=True`.
+Dropout (ResNet-38, FCN-8s, the transformer decoders) and stochastic depth (the MiT encoder)
+need `rngs={'dropout': key}` when `train=True`.
+
+The transformer networks (`segformer_mit_b0..b5`, `daformer_mit_b0..b5`: the MiT encoder of
+`models/mit.py` with a decoder of `models/decode_heads.py`, `models/segformer.py`) predict at
+stride 4.
 
 Weights files (`save_variables`, `load_variables`, `read_metadata`; `models/weight_files.py`)
 carry the architecture, class count and normalisation the weights need;
@@ -28,10 +33,11 @@ from cbst_jax.models.fcn import FCN8s
 from cbst_jax.models.importers import WeightMismatchError
 from cbst_jax.models.registry import DTYPES, MODELS, get_model
 from cbst_jax.models.resnet38 import ResNet38
+from cbst_jax.models.segformer import SegFormer
 from cbst_jax.models.weight_files import (WeightFileError, load_variables, make_metadata, read_metadata,
                                           resolve_normalization, save_variables)
 
-__all__ = ["MODELS", "DTYPES", "DeepLabV2", "ResNet38", "FCN8s", "WeightMismatchError", "WeightFileError",
+__all__ = ["MODELS", "DTYPES", "DeepLabV2", "ResNet38", "FCN8s", "SegFormer", "WeightMismatchError", "WeightFileError",
            "get_model", "param_groups", "load_variables", "save_variables", "read_metadata", "make_metadata",
            "resolve_normalization"]
 

@@ -65,8 +65,9 @@ class SegFormer(nn.Module):
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         x = normalize_images(images, self.normalization, self.dtype)
-        features = MixTransformer(self.widths, self.depths, drop_path_rate=self.drop_path_rate,
-                                  layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="backbone")(x, train)
+        encoder = MixTransformer(self.widths, self.depths, drop_path_rate=self.drop_path_rate,
+                                 layer_norm_epsilon=self.layer_norm_epsilon, dtype=self.dtype, name="backbone")
+        features = encoder(x, train)
         head = SegFormerHead if self.decoder == "segformer" else DAFormerHead
         logits = head(self.num_classes, self.embed_dim, dropout=self.dropout, dtype=self.dtype, name="decode_head")(
             features, train, self.train_bn and train)
@@ -77,7 +78,8 @@ def _factory(decoder: str, variant: str):
     embed_dim = SEGFORMER_EMBED_DIM[variant] if decoder == "segformer" else DAFORMER_EMBED_DIM
 
     def build(num_classes: int, **options) -> SegFormer:  # options override the variant's fields too
-        return SegFormer(num_classes, **{"decoder": decoder, "embed_dim": embed_dim, **MIT_VARIANTS[variant], **options})
+        fields = {"decoder": decoder, "embed_dim": embed_dim, **MIT_VARIANTS[variant], **options}
+        return SegFormer(num_classes, **fields)
 
     build.__name__ = f"{decoder}_mit_{variant}"
     build.__doc__ = f"MiT-{variant.upper()} with {decoder}'s decoder (width {embed_dim})."

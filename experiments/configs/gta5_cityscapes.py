@@ -2,8 +2,9 @@
 
 ``--config=experiments/configs/gta5_cityscapes.py`` (or ``:crst_deeplabv2``, the default): CRST's
 PyTorch recipe, DeepLab-v2 ResNet-101. ``:cbst_resnet38``: CBST's MXNet recipe, ResNet-38 (the
-seed's tables). ``:daformer_mit_b5``: DAFormer's network (MiT-B5 + context-aware fusion) with DAFormer's
-training values (AdamW, poly with linear warm-up, 512x512 crops) in this project's rounds. Each value names its source: "ref §N" is the section of the shared reference
+seed's tables). ``:daformer_mit_b5``: DAFormer's network (MiT-B5 + context-aware fusion) with
+DAFormer's training values (AdamW, poly with linear warm-up, 512x512 crops) in this project's
+rounds. Each value names its source: "ref §N" is the section of the shared reference
 spec (reference-cbst.md), "crst_seg.py NAME" a default of CRST's script, "CBST README" the
 command in yzou2/CBST's README, "paper table" the seed's result tables (paper-tables.md);
 values without a source are this project's choices and say so.

@@ -196,6 +196,12 @@ def aot_row(variant, save_hlo=""):
         row["tflop_per_step"] = cost.get("flops", float("nan")) / 1e12
         row["tflop_per_image"] = row["tflop_per_step"] / variant.row["batch"]
         row["gb_accessed"] = cost.get("bytes accessed", float("nan")) / 1e9
+    # the program as JAX lowered it, before the backend's rewrites: the CPU backend computes the
+    # kernel gradient of a depthwise convolution as a dense one (C times the work), the GPU need not
+    lowered = variant.lowered.cost_analysis()
+    lowered = lowered[0] if isinstance(lowered, (list, tuple)) else lowered
+    if lowered and "flops" in lowered:
+        row["tflop_per_image_lowered"] = lowered["flops"] / 1e12 / variant.row["batch"]
     mem = variant.compiled.memory_analysis()
     if mem is not None:
         for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",

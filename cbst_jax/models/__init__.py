@@ -37,9 +37,9 @@ from cbst_jax.models.segformer import SegFormer
 from cbst_jax.models.weight_files import (WeightFileError, load_variables, make_metadata, read_metadata,
                                           resolve_normalization, save_variables)
 
-__all__ = ["MODELS", "DTYPES", "DeepLabV2", "ResNet38", "FCN8s", "SegFormer", "WeightMismatchError", "WeightFileError",
-           "get_model", "param_groups", "load_variables", "save_variables", "read_metadata", "make_metadata",
-           "resolve_normalization"]
+__all__ = ["MODELS", "DTYPES", "DeepLabV2", "ResNet38", "FCN8s", "SegFormer", "WeightMismatchError",
+           "WeightFileError", "get_model", "param_groups", "load_variables", "save_variables", "read_metadata",
+           "make_metadata", "resolve_normalization"]
 
 
 def param_groups(name_or_module: str | nn.Module, params, train_bn: bool = False):

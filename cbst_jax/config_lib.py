@@ -233,7 +233,7 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("num_classes", config.num_classes, "19, 16 (SYNTHIA protocol) or 13 (NTHU)")
     _check_count(config, "seed", 0, "a non-negative integer")
     if config.model.name not in MODELS:
-        _fail("model.name", config.model.name, "one of " + ", ".join(sorted(MODELS)))
+        _fail("model.name", config.model.name, "one of " + ", ".join(MODELS))  # registry order
     _check_choice(config, "model.normalization", ("auto",) + tuple(NORMALIZATIONS))
     p0, dp, pmax = config.self_training.portion
     for key, v in (("self_training.portion[0] (p0)", p0), ("self_training.portion[2] (p_max)", pmax)):

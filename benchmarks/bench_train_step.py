@@ -14,6 +14,10 @@ stride, as CBST). Within a config all variants are compiled first, then timed in
 interleaved rounds of ``--steps`` steps (so a drifting load hits them alike); each step is closed
 by ``block_until_ready``; rows give the median and the ratio to the config's first variant.
 
+``--step forward`` compiles the bare evaluation forward (``model.apply(train=False)``) instead, for
+``--aot`` accounting of inference. ``--optimizer adam`` builds the project step with AdamW groups
+(the transformer recipes') instead of SGD.
+
 ``--aot`` compiles each variant for abstract inputs only (nothing runs, no memory is taken) and
 reports XLA's cost analysis (FLOPs, bytes accessed), memory analysis (argument / output / temp
 bytes) and what the optimised HLO holds (convolutions by operand type, transposes, copies).
@@ -24,6 +28,10 @@ trace) and prints the device ops that took the most time.
   python -m benchmarks.bench_train_step --configs 8:bfloat16               # GPU: both atrous modes
   python -m benchmarks.bench_train_step --aot --configs 8:bfloat16 --loss upsample,stride
   python -m benchmarks.bench_train_step --smoke                             # tiny model on CPU
+  python -m benchmarks.bench_train_step --aot --model daformer_mit_b5 --size 512,512 --configs 4:bfloat16 \
+      --atrous dilated --optimizer adam                                     # DAFormer's step
+  python -m benchmarks.bench_train_step --aot --step forward --model daformer_mit_b5 --size 1024,2048 \
+      --configs 1:bfloat16 --atrous dilated                                 # one full-size forward
 
 One JSON line per variant on stdout; all rows so far in $OUT/bench_jax.json after each config.
 """
@@ -74,11 +82,13 @@ class Variant:
     """One compiled train step: ``advance(carry) -> carry`` runs one step; ``abstract`` builds
     only shapes (for ``--aot``)."""
 
-    def __init__(self, step_kind, model, batch, dtype, hw, atrous, loss, num_classes=19, abstract=False):
+    def __init__(self, step_kind, model, batch, dtype, hw, atrous, loss, num_classes=19, abstract=False,
+                 optimizer="sgd"):
         from cbst_jax import sharding as shd, train
 
         self.row = dict(step=step_kind, model=model, batch=batch, hw=list(hw), dtype=dtype, atrous=atrous,
-                        loss_resolution=loss if step_kind == "project" else "resize", bn="frozen")
+                        loss_resolution=loss if step_kind == "project" else "resize", bn="frozen",
+                        optimizer=optimizer if step_kind == "project" else "sgd")
         # imagenet normalisation: inputs near unit scale, so the random network's loss stays finite
         # (with the Caffe mean-only input, random R101 logits reach ~2e3 and the loss overflows)
         module = models.get_model(model, num_classes, dtype=dtype, atrous=atrous, normalization="imagenet")
@@ -87,11 +97,19 @@ class Variant:
         variables = (jax.eval_shape(module.init, key, image0) if abstract
                      else jax.jit(module.init)(key, np.zeros((1, *hw, 3), np.uint8)))
         host = host_batch(batch, hw, num_classes)
-        if step_kind == "project":
+        if step_kind == "forward":
+            self.row.update(loss_resolution="none", optimizer="none")
+            images = host["image"]
+            images = jax.ShapeDtypeStruct(images.shape, images.dtype) if abstract else jnp.asarray(images)
+            self.lowered = jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, images)
+            self.carry = (None,)
+            self.call = lambda compiled, c: (compiled(variables, images),)
+        elif step_kind == "project":
             mesh = shd.make_mesh()
             groups = models.param_groups(module, variables["params"])
-            tx = train.make_optimizer(groups)
-            step = train.make_train_step(module, tx, train.TrainConfig(loss_resolution=loss, stride=8), mesh, groups)
+            tx = train.make_optimizer(groups, optimizer=optimizer)
+            config = train.TrainConfig(loss_resolution=loss, stride=module.output_stride)
+            step = train.make_train_step(module, tx, config, mesh, groups)
             init_state = lambda v: train.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                                                     batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
                                                     rng=jax.random.key_data(jax.random.key(0)))
@@ -135,6 +153,8 @@ class Variant:
 
     def metrics(self):
         m = self.carry[-1]
+        if not isinstance(m, dict):  # a forward: no loss
+            return {}
         out = {"loss": float(m["loss"])}
         if "finite" in m:
             out["finite"] = bool(m["finite"])
@@ -176,6 +196,12 @@ def aot_row(variant, save_hlo=""):
         row["tflop_per_step"] = cost.get("flops", float("nan")) / 1e12
         row["tflop_per_image"] = row["tflop_per_step"] / variant.row["batch"]
         row["gb_accessed"] = cost.get("bytes accessed", float("nan")) / 1e9
+    # the program as JAX lowered it, before the backend's rewrites: the CPU backend computes the
+    # kernel gradient of a depthwise convolution as a dense one (C times the work), the GPU need not
+    lowered = variant.lowered.cost_analysis()
+    lowered = lowered[0] if isinstance(lowered, (list, tuple)) else lowered
+    if lowered and "flops" in lowered:
+        row["tflop_per_image_lowered"] = lowered["flops"] / 1e12 / variant.row["batch"]
     mem = variant.compiled.memory_analysis()
     if mem is not None:
         for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
@@ -267,7 +293,8 @@ def parse_args(argv=None):
                         help="batch:dtype pairs, in order, e.g. 8:bfloat16,2:float32")
     parser.add_argument("--atrous", default="dilated,space_to_batch", help="atrous modes to compare")
     parser.add_argument("--loss", default="upsample", help="loss resolutions (project step): upsample,stride")
-    parser.add_argument("--step", choices=("project", "minimal", "both"), default="project")
+    parser.add_argument("--step", choices=("project", "minimal", "both", "forward"), default="project")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="the project step's optimiser")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds")
     parser.add_argument("--warmup", type=int, default=2)
@@ -284,7 +311,8 @@ def main(argv=None):
     args = parse_args(argv)
     hw = tuple(int(v) for v in args.size.split(","))
     out_dir = os.environ.get("OUT", ".")
-    kinds = {"project": ("project",), "minimal": ("minimal",), "both": ("project", "minimal")}[args.step]
+    kinds = {"project": ("project",), "minimal": ("minimal",), "both": ("project", "minimal"),
+             "forward": ("forward",)}[args.step]
     results = []
     for config in args.configs.split(","):
         batch, dtype = config.split(":")
@@ -293,7 +321,8 @@ def main(argv=None):
             for atrous in args.atrous.split(","):
                 for loss in (args.loss.split(",") if kind == "project" else ("resize",)):
                     try:
-                        v = Variant(kind, args.model, int(batch), dtype, hw, atrous, loss, abstract=args.aot)
+                        v = Variant(kind, args.model, int(batch), dtype, hw, atrous, loss, abstract=args.aot,
+                                    optimizer=args.optimizer)
                     except Exception as e:  # e.g. out of memory: report and go on
                         rows.append(dict(step=kind, model=args.model, batch=int(batch), dtype=dtype, atrous=atrous,
                                          loss_resolution=loss, error=repr(e)[:500]))

@@ -95,9 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.workers = -1                        # data workers; -1: every core but one
     c.input.worker_kind = "auto"                # auto (processes when grain is installed) | processes | threads
 
-    # batch_size 0, crop () and scale_range (): those of c.input
+    # batch_size 0, crop () and scale_range (): those of c.input. power: of the poly schedule;
+    # warmup_steps > 0: mmcv's linear warm-up from warmup_ratio x the rate (cbst_jax.train.learning_rate)
     c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd",
-                                                       batch_size=0, crop=(), scale_range=()))
+                                                       batch_size=0, crop=(), scale_range=(), power=0.9,
+                                                       warmup_steps=0, warmup_ratio=1e-6))
 
     c.self_training = ml_collections.ConfigDict()
     c.self_training.rounds = 3
@@ -107,7 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.self_training.lr = 5e-5
     c.self_training.lr_round_decay = 1.0        # lr_r = lr · decay^r (CBST: 1/sqrt(2))
     c.self_training.schedule = "constant"       # constant | poly (within a round)
-    c.self_training.optimizer = "sgd"           # sgd (both references) | adam (from-scratch demo nets)
+    c.self_training.power = 0.9                 # of the poly schedule
+    c.self_training.warmup_steps = 0            # linear warm-up at the start of each round (0: none)
+    c.self_training.warmup_ratio = 1e-6         # the warm-up's first rate / the schedule's
+    c.self_training.optimizer = "sgd"           # sgd (both references) | adam: AdamW (transformer recipes,
+                                                # from-scratch demo nets)
     c.self_training.loss_resolution = "upsample"  # upsample (CRST) | stride (CBST)
     c.self_training.select_subsample = 1        # reference: every 4th pixel of each class list
     c.self_training.prior = ""                  # spatial prior .npz; empty: built from source labels
@@ -207,6 +213,9 @@ KEY_HELP = {
     "source_training.batch_size": "global batch of source training; 0: input.batch_size",
     "source_training.crop": "crop of source training; (): input.crop",
     "source_training.scale_range": "rescaling range of source training; (): input.scale_range",
+    "source_training.power": "power of source training's poly schedule (DeepLab: 0.9, DAFormer: 1.0)",
+    "source_training.warmup_steps": "linear warm-up steps at the start of source training (0: none; DAFormer: 1500)",
+    "source_training.warmup_ratio": "the warm-up's first learning rate as a share of the schedule's (mmcv: 1e-6)",
     "self_training.rounds": "self-training rounds per method",
     "self_training.portion": "(p0, step, p_max): the portion of pseudo-labelled pixels, min(p0 + r*step, p_max)",
     "self_training.epochs_per_round": "training epochs per round (over the round's source subset + target)",
@@ -214,6 +223,9 @@ KEY_HELP = {
     "self_training.lr": "learning rate of round 0",
     "self_training.lr_round_decay": "learning rate of round r: lr * decay^r (CBST: 1/sqrt(2))",
     "self_training.schedule": "learning-rate schedule within a round: constant or poly",
+    "self_training.power": "power of a round's poly schedule",
+    "self_training.warmup_steps": "linear warm-up steps at the start of each round (0: none)",
+    "self_training.warmup_ratio": "the round warm-up's first learning rate as a share of the schedule's",
     "self_training.optimizer": "optimiser of the rounds: sgd or adam",
     "self_training.loss_resolution": "loss on upsampled logits (CRST) or at the network's stride (CBST)",
     "self_training.select_subsample": "thresholds from every n-th confidence of each class (reference: 4)",
@@ -337,7 +349,7 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("num_classes", config.num_classes, "19, 16 (SYNTHIA protocol) or 13 (NTHU)")
     _check_count(config, "seed", 0, "a non-negative integer")
     if config.model.name not in MODELS:
-        _fail("model.name", config.model.name, "one of " + ", ".join(sorted(MODELS)))
+        _fail("model.name", config.model.name, "one of " + ", ".join(MODELS))  # registry order
     _check_choice(config, "model.normalization", ("auto",) + tuple(NORMALIZATIONS))
     p0, dp, pmax = config.self_training.portion
     for key, v in (("self_training.portion[0] (p0)", p0), ("self_training.portion[2] (p_max)", pmax)):
@@ -386,6 +398,11 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("self_training.schedule", config.self_training.schedule, "constant or poly")
     if config.source_training.schedule not in ("constant", "poly"):
         _fail("source_training.schedule", config.source_training.schedule, "constant or poly")
+    for key in ("source_training", "self_training"):
+        _check_number(config, f"{key}.power", lambda v: v > 0, "a poly power > 0 (DeepLab: 0.9)")
+        _check_count(config, f"{key}.warmup_steps", 0, "a step count >= 0 (0: no warm-up)")
+        _check_number(config, f"{key}.warmup_ratio", lambda v: 0 < v <= 1,
+                      "a ratio in (0, 1]: the first warm-up rate / the schedule's (mmcv: 1e-6)")
     if config.eval_classes not in ("", "miou13", "synthetic"):
         _fail("eval_classes", config.eval_classes, "'', 'miou13' or 'synthetic'")
     if config.eval_classes == "miou13" and config.num_classes != 16:

@@ -7,6 +7,13 @@ KINDs (default target model in brackets):
   deeplab-init           Caffe-converted DeepLab-v2 init (`Scale.` keys) [deeplabv2_resnet101]
   torchvision-vgg16      torchvision ImageNet VGG16 state dict       [fcn8s_vgg16]
   mxnet-resnet38         CBST MXNet ResNet-38 `.params` (ImageNet or source model) [resnet38]
+  mit                    NVlabs/mmseg MiT ImageNet encoder `mit_b0.pth`..`mit_b5.pth` [daformer_mit_bN]
+  hf-segformer           transformers SegFormer state dict, `.safetensors` or `.bin`
+                         (`SegformerForSemanticSegmentation`, `SegformerModel`) [segformer_mit_bN]
+  mmseg-daformer         mmseg EncoderDecoder with DAFormer's head (lhoyer/DAFormer) [daformer_mit_bN]
+
+The MiT kinds read the variant (B0..B5: widths and depths) off the checkpoint when --model is not
+given.
 
 OUT records the architecture, the class count (none when the head is freshly initialised: a
 backbone-only init), the input normalisation the weights expect and, for 19/16/13 classes, the
@@ -16,12 +23,13 @@ Heads absent from the checkpoint or trained for another class count are initiali
 (seed `--seed`); any other missing, unexpected or mis-shaped key is an error. The torch kinds
 need PyTorch (`pip install torch`, or cbst_jax's `[convert]` extra), imported here only;
 checkpoints load with `torch.load(..., weights_only=True)`, so a pickle holding anything but
-tensors is refused.
+tensors is refused; `.safetensors` files are read with the `safetensors` package (no pickle).
 Bad input is a one-line error and exit status 2.
 """
 import argparse
 import os
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -41,7 +49,13 @@ KINDS = {
     "deeplab-init": ("deeplabv2_resnet101", "caffe"),
     "torchvision-vgg16": ("fcn8s_vgg16", "imagenet"),
     "mxnet-resnet38": ("resnet38", "imagenet"),
+    # None: the MiT variant is read off the checkpoint (mit_model_name)
+    "mit": (None, "imagenet"),
+    "hf-segformer": (None, "imagenet"),
+    "mmseg-daformer": (None, "imagenet"),
 }
+# the decoder each MiT kind's default model has
+MIT_DECODERS = {"mit": "daformer", "hf-segformer": "segformer", "mmseg-daformer": "daformer"}
 
 
 class ConvertError(ValueError):
@@ -83,6 +97,30 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def is_safetensors(path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= os.path.getsize(path)
+
+
+def load_safetensors(path) -> dict[str, np.ndarray]:
+    """A ``.safetensors`` file as {name: float32 array} (the format holds no code: nothing unpickles)."""
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise ConvertError(f"{path}: reading a .safetensors file needs the safetensors package, which is not "
+                           f"installed: pip install safetensors") from None
+    try:
+        arrays = load_file(path)
+    except Exception as exc:  # truncated header or data, a dtype numpy lacks (bfloat16)
+        raise ConvertError(f"{path}: not a readable .safetensors file, damaged or truncated? "
+                           f"({_first_line(exc)})") from None
+    if not arrays:
+        raise ConvertError(f"{path}: the checkpoint holds no tensors")
+    return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -93,6 +131,8 @@ def load_checkpoint(kind: str, path) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: file not found")
+    if kind == "hf-segformer" and is_safetensors(path):
+        return load_safetensors(path)
     if kind != "mxnet-resnet38":
         return load_torch_state_dict(path)
     try:
@@ -112,24 +152,63 @@ def to_flat(kind: str, source: dict[str, np.ndarray], module, num_classes: int):
         return importers.torchvision_vgg_to_flat(source, module.depths)
     if kind == "mxnet-resnet38":
         return importers.mxnet_resnet38_to_flat(source, num_classes)
+    if kind == "mit":
+        return importers.mit_to_flat(source)
+    if kind == "hf-segformer":
+        return importers.hf_segformer_to_flat(source)
+    if kind == "mmseg-daformer":
+        return importers.mmseg_daformer_to_flat(source)
     raise KeyError(f"unknown kind {kind!r}; known: {sorted(KINDS)}")
+
+
+def mit_model_name(kind: str, flat) -> str:
+    """The registered MiT network of a MiT checkpoint's variant (widths of the patch embeddings,
+    blocks per stage) with ``kind``'s decoder, e.g. ``daformer_mit_b5``."""
+    from cbst_jax.models.mit import MIT_VARIANTS
+
+    widths, depths = [], []
+    for s in range(1, 5):
+        kernel = flat.get(("params", "backbone", f"patch_embed{s}", "proj", "kernel"))
+        widths.append(None if kernel is None else int(kernel.shape[-1]))
+        depths.append(len({k[2] for k in flat if len(k) > 2 and k[1] == "backbone"
+                           and re.fullmatch(rf"block{s}_\d+", k[2])}))
+    for variant, spec in MIT_VARIANTS.items():
+        if tuple(widths) == spec["widths"] and tuple(depths) == spec["depths"]:
+            return f"{MIT_DECODERS[kind]}_mit_{variant}"
+    raise ConvertError(f"not a MiT-B0..B5 checkpoint (widths {widths}, blocks per stage {depths}); "
+                       f"pass --model for another layout")
 
 
 def convert(kind: str, source: dict[str, np.ndarray], num_classes: int, model: str | None = None,
             seed: int = 0):
     """(variables, metadata) for `model` from a loaded checkpoint `source`; the metadata is
     ready for `models.save_variables` (num_classes None when a head was initialised fresh)."""
-    model = model or KINDS[kind][0]
     normalization = KINDS[kind][1]
-    module = models.get_model(model, num_classes, normalization=normalization)
-    flat, dropped, unmapped = to_flat(kind, source, module, num_classes)
+    if kind in MIT_DECODERS:  # the mappings do not depend on the module
+        flat, dropped, unmapped = to_flat(kind, source, None, num_classes)
+        model = model or mit_model_name(kind, flat)
+        module = models.get_model(model, num_classes, normalization=normalization)
+    else:
+        model = model or KINDS[kind][0]
+        module = models.get_model(model, num_classes, normalization=normalization)
+        flat, dropped, unmapped = to_flat(kind, source, module, num_classes)
     probe = jnp.zeros((1, 32, 32, 3), jnp.uint8)
     template = traverse_util.flatten_dict(jax.eval_shape(module.init, jax.random.key(seed), probe))
     fresh = None
-    if any(k not in flat or flat[k].shape != v.shape for k, v in template.items()):
-        # rbg keys compile ~3x faster than threefry on CPU; only heads are taken from here.
-        fresh = jax.jit(module.init)(jax.random.key(seed, impl="rbg"), probe)
-        fresh = traverse_util.flatten_dict(jax.device_get(fresh))
+    needed = [k for k, v in template.items()
+              if k[1] in module.head_names and (k not in flat or flat[k].shape != v.shape)]
+    if needed:  # any other problem is an error: raise it before initialising anything
+        placeholder = {k: np.zeros(template[k].shape, np.float32) for k in needed}
+        importers.restore(template, flat, module.head_names, placeholder, unmapped)
+        # Only heads are taken from a fresh init: the program returns just those leaves, so XLA drops
+        # the rest of the initialisation (the values are the full init's). rbg keys compile ~3x
+        # faster than threefry on CPU.
+        def head_init(key, x):
+            variables = traverse_util.flatten_dict(module.init(key, x))
+            return {"/".join(k): variables[k] for k in needed}
+
+        fresh = jax.device_get(jax.jit(head_init)(jax.random.key(seed, impl="rbg"), probe))
+        fresh = {tuple(k.split("/")): v for k, v in fresh.items()}
     restored = importers.restore(template, flat, module.head_names, fresh, unmapped)
     head_fresh = sorted({k[1] for k in restored if k[1] in module.head_names and
                          (k not in flat or flat[k].shape != restored[k].shape)})
@@ -157,7 +236,10 @@ def main(argv=None) -> int:
         if not os.path.isdir(out_dir):
             raise ConvertError(f"{args.output}: folder {out_dir} does not exist")
         source = load_checkpoint(args.kind, args.input)
-        variables, meta = convert(args.kind, source, args.num_classes, args.model, args.seed)
+        try:
+            variables, meta = convert(args.kind, source, args.num_classes, args.model, args.seed)
+        except ConvertError as exc:
+            raise ConvertError(f"{args.input}: {exc}") from None
         meta["source"] = os.path.basename(args.input)
         models.save_variables(args.output, variables, meta)
     except (ConvertError, models.WeightMismatchError) as exc:

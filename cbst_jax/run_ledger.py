@@ -60,7 +60,8 @@ LAUNCH_KEYS = ("process_id", "coordinator_address")
 # What a restart from a finished stage (``resume_from_stage``) may change: how the stages after
 # it are optimised and logged, never what they learn from.
 REWIND_KEYS = ("resume_from_stage", "self_training.lr", "self_training.lr_round_decay", "self_training.schedule",
-               "self_training.optimizer", "self_training.epochs_per_round", "self_training.steps_per_round",
+               "self_training.optimizer", "self_training.power", "self_training.warmup_steps",
+               "self_training.warmup_ratio", "self_training.epochs_per_round", "self_training.steps_per_round",
                "self_training.reg_weight", "optim.momentum", "optim.weight_decay", "optim.head_lr_mult",
                "checkpoint_every", "log_every", "input.workers", "input.eval_batch_size")
 

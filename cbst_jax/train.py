@@ -1,4 +1,4 @@
-"""The retraining step of CBST / CRST: train state, SGD parameter groups, the learning-rate
+"""The retraining step of CBST / CRST: train state, SGD / AdamW parameter groups, the learning-rate
 schedule and one jitted, data-parallel ``train_step``.
 
 Data parallelism follows big_vision: one ``('data',)`` mesh, the state replicated, the batch
@@ -27,7 +27,8 @@ from cbst_jax import losses, soft_labels
 from cbst_jax.labels import IGNORE_INDEX
 from cbst_jax.sharding import batch_sharded, replicated
 
-GROUPS = ("backbone", "head", "frozen")
+# "*_no_decay": trained without weight decay (transformer recipes: the encoder's norms)
+GROUPS = ("backbone", "head", "frozen", "backbone_no_decay", "head_no_decay")
 SCHEDULES = ("constant", "poly")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -69,22 +70,33 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- schedules
-def learning_rate(base: float, schedule: str, step: int, total_steps: int, power: float = 0.9) -> np.float32:
+def learning_rate(base: float, schedule: str, step: int, total_steps: int, power: float = 0.9,
+                  warmup_steps: int = 0, warmup_ratio: float = 1e-6) -> np.float32:
     """The learning rate of step ``step`` (0-based) of a phase of ``total_steps`` steps: constant
     ``base`` or DeepLab's poly ``base · (1 − step/total)^power`` (CRST's ``lr_poly``), passed to the
     jitted step as an argument so that no schedule or round ever recompiles it.
 
+    ``warmup_steps`` > 0 adds mmcv's linear warm-up (SegFormer / DAFormer: 1500 steps, ratio 1e-6):
+    for step < warmup_steps the rate is multiplied by ``r + (1 − r) · step / warmup_steps``
+    (``r`` = ``warmup_ratio``), i.e. ``optax.linear_schedule(r, 1, warmup_steps)`` times
+    ``optax.polynomial_schedule(base, 0, power, total)`` (the test checks both forms).
+
     Evaluated on the host in float64 and rounded once to float32, as the references compute it in
-    Python floats. Not ``optax.polynomial_schedule``: it evaluates in float32, and 712 of the 1000
+    Python floats. Not optax's schedules themselves: they evaluate in float32, and 712 of the 1000
     per-step rates of the embedded benchmark's source phase then differ from the float64 value by
-    an ulp (measured), which would make runs differ from the references' arithmetic."""
+    an ulp (measured), which would make runs differ from the references' arithmetic; and on an
+    accelerator each call would be a device computation read back every step."""
     if schedule == "constant":
-        return np.float32(base)
-    if schedule == "poly":
+        rate = base
+    elif schedule == "poly":
         if total_steps <= 0:
             raise ValueError("the poly schedule needs total_steps > 0")
-        return np.float32(base * (1.0 - min(step, total_steps) / total_steps) ** power)
-    raise ValueError(f"unknown LR schedule {schedule!r}; expected one of {SCHEDULES}")
+        rate = base * (1.0 - min(step, total_steps) / total_steps) ** power
+    else:
+        raise ValueError(f"unknown LR schedule {schedule!r}; expected one of {SCHEDULES}")
+    if step < warmup_steps:
+        rate *= warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return np.float32(rate)
 
 
 # ---------------------------------------------------------------------------- optimiser
@@ -107,16 +119,17 @@ def make_optimizer(param_labels, *, momentum: float = 0.9, weight_decay: float =
     """SGD with momentum and coupled weight decay, in parameter groups (``torch.optim.SGD``), at
     unit learning rate: the step multiplies the update by the step's learning rate (scaling
     the SGD update after the momentum trace is exactly a change of learning rate, as in
-    ``torch.optim.SGD``). ``optimizer="adam"`` swaps in AdamW per group (for small networks
-    trained from scratch, such as the embedded benchmark's, where no ImageNet initialisation
-    exists).
+    ``torch.optim.SGD``). ``optimizer="adam"`` swaps in AdamW per group (``torch.optim.AdamW``:
+    betas 0.9/0.999, eps 1e-8, decoupled decay ``w −= lr·mult·wd·w``; the transformer recipes',
+    and the embedded benchmark's small networks trained from scratch).
 
-    ``param_labels``: pytree of "backbone" | "head" | "frozen" over the params (e.g.
-    ``cbst_jax.models.param_groups``). Per group: ``d = g + wd·w``, ``buf = momentum·buf + d``,
-    ``w −= lr·mult·buf`` with mult 1 (backbone) or ``head_lr_mult`` (head, DeepLab's 10×);
-    "frozen" leaves get no update at all (``set_to_zero``: no decay, no momentum).
-    CBST's MXNet ``lr_type='alex'`` ("biases lr×2, wd 0") is ``bias_lr_mult=2,
-    bias_weight_decay=0``; biases are non-frozen leaves named ``bias``.
+    ``param_labels``: pytree of "backbone" | "head" | "frozen" | "backbone_no_decay" |
+    "head_no_decay" over the params (e.g. ``cbst_jax.models.param_groups``). Per group: ``d = g +
+    wd·w``, ``buf = momentum·buf + d``, ``w −= lr·mult·buf`` with mult 1 (backbone) or
+    ``head_lr_mult`` (head, DeepLab's and SegFormer's 10×); "*_no_decay" groups have weight decay 0
+    (SegFormer / DAFormer: the encoder's norms); "frozen" leaves get no update at all
+    (``set_to_zero``: no decay, no momentum). CBST's MXNet ``lr_type='alex'`` ("biases lr×2, wd 0")
+    is ``bias_lr_mult=2, bias_weight_decay=0``; biases are non-frozen leaves named ``bias``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -130,14 +143,13 @@ def make_optimizer(param_labels, *, momentum: float = 0.9, weight_decay: float =
         parts = ([optax.add_decayed_weights(wd)] if wd else []) + [optax.sgd(mult, momentum=momentum)]
         return optax.chain(*parts)
 
-    groups = {
-        "backbone": lambda: group(1.0, weight_decay),
-        "head": lambda: group(head_lr_mult, weight_decay),
-        "backbone_bias": lambda: group(bias_lr_mult, bias_wd),
-        "head_bias": lambda: group(head_lr_mult * bias_lr_mult, bias_wd),
-        "frozen": optax.set_to_zero,
-    }
-    return optax.partition({g: groups[g]() for g in sorted(set(jax.tree.leaves(labels)))}, labels)
+    def settings(name):  # "<backbone|head>[_no_decay][_bias]" -> (LR multiplier, weight decay)
+        mult = (head_lr_mult if name.startswith("head") else 1.0) * (bias_lr_mult if name.endswith("_bias") else 1.0)
+        wd = 0.0 if "_no_decay" in name else bias_wd if name.endswith("_bias") else weight_decay
+        return mult, wd
+
+    return optax.partition({g: optax.set_to_zero() if g == "frozen" else group(*settings(g))
+                            for g in sorted(set(jax.tree.leaves(labels)))}, labels)
 
 
 # ---------------------------------------------------------------------------- state

@@ -80,6 +80,7 @@ class Trainer:
         """Trains steps ``start_step .. steps-1``; returns the state (``last_loss``: the mean
         loss of the last ``log_every`` steps)."""
         cfg = self.exp.config
+        phase = cfg.source_training if stage == SOURCE else cfg.self_training  # the schedule's shape
         step_fn = self.step_for(self.kind(stage), regularizer)
         log = self.ledger.log
         pending, losses_seen = None, list(recent_losses)
@@ -91,7 +92,7 @@ class Trainer:
             if "soft_label" in host:
                 fields["soft_label"] = host["soft_label"]
             batch = shd.to_global(fields, self.exp.mesh)
-            lr_k = train_lib.learning_rate(lr, schedule, k, steps)
+            lr_k = train_lib.learning_rate(lr, schedule, k, steps, phase.power, phase.warmup_steps, phase.warmup_ratio)
             state, m = step_fn(state, batch, lr_k)
             failpoint("train.step")
             if pending is not None:

@@ -191,12 +191,12 @@ TINY = ["--config.input.crop=(32, 64)", "--config.input.eval_size=(32, 64)", "--
         "--config.source.list_file=", "--config.target.list_file="]
 
 
-def run_experiment(module, tmp_path, *args):
+def run_experiment(module, tmp_path, *args, tiny=TINY):
     """A launcher on fixture folders, tiny; a persistent compilation cache of its own lets the
     four NTHU cities reuse the programs compiled for the first."""
     env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    res = cli(module, f"--workdir={tmp_path / 'work'}", *TINY, *args, env=env)
+    res = cli(module, f"--workdir={tmp_path / 'work'}", *tiny, *args, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp_path / "work"
 
@@ -218,6 +218,47 @@ def test_gta5_cityscapes_cbst_resnet38_recipe_on_fixture_folders(tmp_path):
             "(model.init=none)") in (seed / "results.md").read_text().splitlines()
     assert (seed / "results.md").exists() and (seed / "pseudo_labels" / "cbst" / "round_0" / "manifest.json").exists()
     assert "cbst r0" in (seed / "results.md").read_text() and (seed / "models" / "cbst_r0.npz").exists()
+
+
+def test_daformer_variant_carries_daformer_values():
+    """Spot checks of gta5_cityscapes:daformer_mit_b5 against lhoyer/DAFormer's configs (cited in the file)."""
+    c = gta5_cityscapes.get_config("daformer_mit_b5")
+    config_lib.validate(c, need_roots=False)
+    assert c.variant == "daformer_mit_b5" and c.model.name == "daformer_mit_b5" and c.model.train_bn
+    assert tuple(c.input.crop) == tuple(c.source_training.crop) == (512, 512)
+    assert (c.source_training.batch_size, c.input.batch_size, c.input.sampler, c.input.source_share) == (
+        2, 4, "paired", 0.5)
+    st = c.source_training
+    assert (st.optimizer, st.lr, st.schedule, st.power, st.warmup_steps, st.warmup_ratio, st.steps) == (
+        "adam", 6e-5, "poly", 1.0, 1500, 1e-6, 40_000)
+    assert (c.self_training.optimizer, c.self_training.lr, c.self_training.power) == ("adam", 6e-5, 1.0)
+    assert (c.optim.weight_decay, c.optim.head_lr_mult) == (0.01, 10.0)
+    assert tuple(c.input.target_scale_range) == (0.5, 0.5) and abs(c.input.source_scale_range[0] * 1914 - 1280) < 1e-9
+    assert tuple(c.evaluate.scales) == tuple(c.predict.scales) == (0.5,) and not c.evaluate.flip
+
+
+def test_gta5_cityscapes_daformer_variant_on_fixture_folders(tmp_path):
+    """The transformer recipe end to end (DAFormer's head, AdamW groups with warm-up, BN statistics
+    in the decoder, stride-4 logits, stochastic depth in the jitted step, MST-free 0.5-scale
+    labelling and evaluation) at tiny sizes with MiT-B0; the canvas is 64x128 so that the 0.5 scale
+    still gives the encoder its smallest input (29x29)."""
+    make_gta5(tmp_path / "gta5", n=8, size=(32, 64))
+    make_cityscapes(tmp_path / "cityscapes", n_train=4, n_val=2, size=(32, 64))
+    work = run_experiment("experiments.gta5_cityscapes", tmp_path, "--config=daformer_mit_b5",
+                          f"--config.source.root={tmp_path / 'gta5'}",
+                          f"--config.target.root={tmp_path / 'cityscapes'}",
+                          "--config.model.name=daformer_mit_b0", "--config.methods=cbst",
+                          "--config.source_training.steps=2", "--config.input.eval_size=(64, 128)",
+                          tiny=[a for a in TINY if not a.startswith("--config.input.eval_size=")])
+    seed = work / "seed_0"
+    config = json.loads((seed / "config.json").read_text())
+    assert config["variant"] == "daformer_mit_b5" and config["source_training"]["warmup_steps"] == 1500
+    assert "cbst r0" in (seed / "results.md").read_text() and (seed / "models" / "cbst_r0.npz").exists()
+    from cbst_jax import models
+    meta = models.read_metadata(seed / "models" / "cbst_r0.npz")
+    assert (meta["architecture"], meta["normalization"]) == ("daformer_mit_b0", "imagenet")
+    stats = models.load_variables(seed / "models" / "cbst_r0.npz")["batch_stats"]["decode_head"]
+    assert not np.allclose(stats["fuse_layer"]["bottleneck"]["bn"]["mean"], 0)  # trained BN statistics
 
 
 def test_synthia_cityscapes_on_fixture_folders(tmp_path):

@@ -24,6 +24,12 @@ PARAM_COUNTS_19 = {  # equal to the torch references' counts (test_convert.py)
     # 3x3 convs: stem 3->16, 16->32 (s2), 32->32, 32->64 (s2), 5 x 64->64, fuse 96->32; 1x1: 32->19, 16->19
     "demo_segnet": (27 * 16 + 16) + (144 * 32 + 32) + (288 * 32 + 32) + (288 * 64 + 64) + 5 * (576 * 64 + 64)
                    + (864 * 32 + 32) + (32 * 19 + 19) + (16 * 19 + 19),
+    # equal to transformers' SegformerForSemanticSegmentation, and to its encoder + the DAFormer
+    # head re-statement (tests/test_mit.py)
+    "segformer_mit_b0": 3_719_027, "segformer_mit_b1": 13_682_131, "segformer_mit_b2": 27_361_235,
+    "segformer_mit_b3": 47_237_075, "segformer_mit_b4": 64_007_635, "segformer_mit_b5": 84_607_955,
+    "daformer_mit_b0": 6_900_595, "daformer_mit_b1": 16_863_699, "daformer_mit_b2": 27_908_563,
+    "daformer_mit_b3": 47_784_403, "daformer_mit_b4": 64_554_963, "daformer_mit_b5": 85_155_283,
 }
 
 

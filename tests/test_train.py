@@ -160,6 +160,70 @@ def test_schedules():
         train.make_optimizer({"w": "neck"})
 
 
+def test_poly_with_linear_warmup_is_mmcvs_and_optaxs():
+    """SegFormer / DAFormer's ``poly10warm``: mmcv's PolyLrUpdaterHook with linear warm-up (the
+    warm-up scales the poly rate: k = (1 − t/W)(1 − r), lr = poly(t)·(1 − k)), and the same as a
+    product of optax's schedules."""
+    import optax
+
+    base, total, warm, ratio = 6e-5, 40_000, 1500, 1e-6
+    poly = optax.polynomial_schedule(base, 0.0, 1.0, total)
+    ramp = optax.linear_schedule(ratio, 1.0, warm)
+    for t in (0, 1, 10, 749, 1499, 1500, 1501, 20_000, 39_999, 40_000):
+        regular = base * (1 - t / total) ** 1.0
+        mmcv = regular * (1 - (1 - t / warm) * (1 - ratio)) if t < warm else regular
+        got = train.learning_rate(base, "poly", t, total, power=1.0, warmup_steps=warm, warmup_ratio=ratio)
+        assert got.dtype == np.float32 and got == np.float32(mmcv), t
+        # optax evaluates in float32: (r − 1)·(1 − t/W) + 1 cancels, 1.013e-6 instead of 1e-6 at t = 0
+        assert got == pytest.approx(float(poly(t)) * float(ramp(t)), rel=1e-5, abs=1e-7 * base), t
+    assert train.learning_rate(base, "poly", 0, total, 1.0, warm, ratio) == np.float32(base * ratio)
+    # no warm-up: the rates of before
+    for t in (0, 7, 99):
+        assert train.learning_rate(0.1, "poly", t, 100, 0.9, 0, ratio) == train.learning_rate(0.1, "poly", t, 100)
+    assert train.learning_rate(0.1, "constant", 2, 100, warmup_steps=4, warmup_ratio=0.5) == np.float32(0.075)
+
+
+def test_adamw_groups_match_torch_adamw():
+    """SegFormer / DAFormer's AdamW groups (mmcv paramwise_cfg): head LR x10, the encoder's norms
+    without weight decay; the rate of each step from the poly schedule with warm-up."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    params = {"dense": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)},
+              "norm": {"scale": rng.normal(size=4), "bias": rng.normal(size=4)},
+              "head": {"kernel": rng.normal(size=(4, 2)), "bias": rng.normal(size=2)}}
+    params = jax.tree.map(lambda x: x.astype(np.float32), params)
+    labels = {"dense": {"kernel": "backbone", "bias": "backbone"},
+              "norm": {"scale": "backbone_no_decay", "bias": "backbone_no_decay"},
+              "head": {"kernel": "head", "bias": "head"}}
+    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(6)]
+    base, total, wd = 6e-3, 8, 0.01
+    rates = [train.learning_rate(base, "poly", t, total, power=1.0, warmup_steps=3) for t in range(6)]
+
+    tx = train.make_optimizer(labels, weight_decay=wd, head_lr_mult=10.0, optimizer="adam")
+    state, p = tx.init(params), params
+    for g, rate in zip(grads, rates):
+        u, state = tx.update(g, state, p)
+        p = jax.tree.map(lambda w, d: w + rate * d, p, u)
+
+    tp = {f"{m}.{n}": torch.nn.Parameter(torch.tensor(np.array(params[m][n]), dtype=torch.float64))
+          for m in params for n in params[m]}
+    groups = [dict(params=[tp["dense.kernel"], tp["dense.bias"]], mult=1.0, weight_decay=wd),
+              dict(params=[tp["norm.scale"], tp["norm.bias"]], mult=1.0, weight_decay=0.0),
+              dict(params=[tp["head.kernel"], tp["head.bias"]], mult=10.0, weight_decay=wd)]
+    opt = torch.optim.AdamW(groups, lr=base, betas=(0.9, 0.999), eps=1e-8)
+    for g, rate in zip(grads, rates):
+        for group in opt.param_groups:
+            group["lr"] = float(rate) * group["mult"]
+        for name, q in tp.items():
+            m, n = name.split(".")
+            q.grad = torch.tensor(np.array(g[m][n]), dtype=torch.float64)
+        opt.step()
+    for name, q in tp.items():
+        m, n = name.split(".")
+        np.testing.assert_allclose(p[m][n], q.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(p["norm"]["scale"], params["norm"]["scale"])
+
+
 # ---------------------------------------------------------------------------- the step
 LR = 0.05
 

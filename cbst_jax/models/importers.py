@@ -38,17 +38,34 @@ def _conv_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def _torch_leaf(tokens: list[str], w: np.ndarray):
-    """Maps a torch leaf name + array to (collection, leaf, array)."""
+    """Maps a torch leaf name + array to (collection, leaf, array): a 4-D weight is a
+    convolution (OIHW -> HWIO), a 2-D one a Linear ((out, in) -> Dense kernel (in, out)), a 1-D
+    one a BatchNorm / LayerNorm scale."""
     leaf = tokens[-1]
     if leaf == "running_mean":
         return "batch_stats", "mean", w
     if leaf == "running_var":
         return "batch_stats", "var", w
     if leaf == "weight":
-        return ("params", "kernel", _conv_kernel(w)) if w.ndim == 4 else ("params", "scale", w)
+        if w.ndim == 4:
+            return "params", "kernel", _conv_kernel(w)
+        if w.ndim == 2:
+            return "params", "kernel", np.ascontiguousarray(w.T)
+        return "params", "scale", w
     if leaf == "bias":
         return "params", "bias", w
     raise KeyError(leaf)
+
+
+def _tokens(key: str) -> list[str]:
+    """`layer3.5.conv2.weight` -> ['layer3_5', 'conv2', 'weight']: integer tokens join the previous one."""
+    tokens = []
+    for t in key.split("."):
+        if t.isdigit() and tokens:
+            tokens[-1] += f"_{t}"
+        else:
+            tokens.append(t)
+    return tokens
 
 
 def torch_to_flat(state: dict[str, np.ndarray], prefix: str = "",
@@ -63,12 +80,7 @@ def torch_to_flat(state: dict[str, np.ndarray], prefix: str = "",
         if re.search(skip, key):
             dropped.append(name)
             continue
-        tokens = []
-        for t in key.split("."):
-            if t.isdigit() and tokens:
-                tokens[-1] += f"_{t}"
-            else:
-                tokens.append(t)
+        tokens = _tokens(key)
         try:
             collection, leaf, value = _torch_leaf(tokens, np.asarray(w))
         except KeyError:
@@ -159,6 +171,124 @@ def mxnet_resnet38_to_flat(arrays: dict[str, np.ndarray], num_classes: int):
             bad.append(f"{name} {w.shape} (expected a 4-D convolution weight)")
             continue
         flat[(collection, module, leaf)] = _conv_kernel(w) if leaf == "kernel" else w
+    return flat, dropped, bad
+
+
+def _renamed_to_flat(renamed: dict[str, tuple[str, np.ndarray]]):
+    """{torch-style name in the model's layout: (name in the checkpoint, array)} -> (flat
+    variables, checkpoint names that could not be mapped)."""
+    flat, bad = {}, []
+    for key, (name, w) in renamed.items():
+        tokens = _tokens(key)
+        try:
+            collection, leaf, value = _torch_leaf(tokens, np.asarray(w))
+        except KeyError:
+            bad.append(name)
+            continue
+        flat[(collection, *tokens[:-1], leaf)] = value
+    return flat, bad
+
+
+def _mit_key(key: str) -> str:
+    """A MiT encoder name of the published layout (``block1.0.mlp.dwconv.dwconv.weight``) in
+    ``SegFormer``'s: under ``backbone``, the depthwise conv of the Mix-FFN one level up."""
+    return "backbone." + key.replace(".mlp.dwconv.dwconv.", ".mlp.dwconv.")
+
+
+_DROPPED = r"(^|\.)num_batches_tracked$"
+
+
+def mit_to_flat(state: dict[str, np.ndarray]):
+    """A published MiT ImageNet encoder (NVlabs/SegFormer and mmseg ``mit_b0.pth`` ..
+    ``mit_b5.pth``: ``patch_embed1.proj.weight``, ``block3.17.attn.kv.weight``, ``norm4.bias``)
+    -> ``SegFormer``'s ``backbone``; ``head.*`` (the ImageNet classifier) is dropped."""
+    renamed, dropped = {}, []
+    for name, w in state.items():
+        if name.startswith("head.") or re.search(_DROPPED, name):
+            dropped.append(name)
+        else:
+            renamed[_mit_key(name)] = (name, w)
+    flat, bad = _renamed_to_flat(renamed)
+    return flat, dropped, bad
+
+
+def _index_plus_one(prefix: str):
+    return lambda m: f"{prefix}{int(m[1]) + 1}."
+
+
+# transformers' SegFormer names -> the published MiT / SegFormer-head names. Both layouts: the
+# checkpoints' (transformers < 5 and the Hub files: ``encoder.block.2.17.attention.self.key``) and
+# transformers 5's module names (``stages.2.blocks.17.attention.k_proj``, what its state_dict()
+# returns). Keys and values are separate linears there; they are fused into ``attn.kv`` below.
+_HF_RENAMES = [
+    (r"^segformer\.", ""),
+    (r"^encoder\.patch_embeddings\.(\d+)\.", _index_plus_one("patch_embed")),
+    (r"^stages\.(\d+)\.patch_embeddings\.", _index_plus_one("patch_embed")),
+    (r"^encoder\.block\.(\d+)\.", _index_plus_one("block")),
+    (r"^stages\.(\d+)\.blocks\.", _index_plus_one("block")),
+    (r"^encoder\.layer_norm\.(\d+)\.", _index_plus_one("norm")),
+    (r"^stages\.(\d+)\.layer_norm\.", _index_plus_one("norm")),
+    (r"^(patch_embed\d+)\.layer_norm\.", r"\1.norm."),
+    (r"\.(layer_norm_1|layernorm_before)\.", ".norm1."),
+    (r"\.(layer_norm_2|layernorm_after)\.", ".norm2."),
+    (r"\.attention\.(self\.query|q_proj)\.", ".attn.q."),
+    (r"\.attention\.(self\.key|k_proj)\.", ".attn.k."),
+    (r"\.attention\.(self\.value|v_proj)\.", ".attn.v."),
+    (r"\.attention\.(self\.sr|sequence_reduction\.sequence_reduction)\.", ".attn.sr."),
+    (r"\.attention\.(self\.layer_norm|sequence_reduction\.layer_norm)\.", ".attn.norm."),
+    (r"\.attention\.(output\.dense|o_proj)\.", ".attn.proj."),
+    (r"\.mlp\.dense1\.", ".mlp.fc1."),
+    (r"\.mlp\.dense2\.", ".mlp.fc2."),
+    (r"^decode_head\.linear_projections\.", "decode_head.linear_c."),
+]
+
+
+def hf_segformer_to_flat(state: dict[str, np.ndarray]):
+    """A transformers SegFormer state dict (``SegformerForSemanticSegmentation``,
+    ``SegformerModel`` or ``SegformerForImageClassification``, e.g. the ``nvidia/segformer-b*``
+    and ``nvidia/mit-b*`` files) -> ``SegFormer`` (encoder, and the all-MLP head where present);
+    an image classifier (``classifier.*`` without ``decode_head``) is dropped."""
+    renamed, dropped, kv = {}, [], {}
+    for name, w in state.items():
+        key = name
+        for pattern, repl in _HF_RENAMES:
+            key = re.sub(pattern, repl, key)
+        if re.search(_DROPPED, key) or key.startswith("classifier."):
+            dropped.append(name)
+        elif re.match(r"(patch_embed|block|norm)\d", key):
+            m = re.fullmatch(r"(.+\.attn\.)([kv])\.(weight|bias)", key)
+            if m:
+                kv.setdefault((m[1] + "kv." + m[3]), {})[m[2]] = (name, w)
+            else:
+                renamed[_mit_key(key)] = (name, w)
+        else:
+            renamed[key] = (name, w)
+    for key, parts in kv.items():
+        if set(parts) == {"k", "v"}:  # the fused projection: keys' outputs first, then values'
+            renamed[_mit_key(key)] = (parts["k"][0], np.concatenate([parts["k"][1], parts["v"][1]], axis=0))
+        else:
+            renamed.update({_mit_key(key).replace(".kv.", f".{p}."): item for p, item in parts.items()})
+    flat, bad = _renamed_to_flat(renamed)
+    return flat, dropped, bad
+
+
+def mmseg_daformer_to_flat(state: dict[str, np.ndarray]):
+    """An mmseg EncoderDecoder with DAFormer's head (lhoyer/DAFormer: ``backbone.*`` = the MiT
+    encoder, ``decode_head.embed_layers.0.proj``, ``decode_head.fuse_layer.aspp_modules.1.
+    depthwise_conv.conv``, ``decode_head.conv_seg``) -> ``SegFormer(decoder="daformer")``.
+    DAFormer's UDA checkpoints hold the trained network under ``model.``; the EMA teacher
+    (``ema_model.*``) and the frozen ImageNet encoder of the feature distance (``imnet_model.*``)
+    are dropped."""
+    renamed, dropped = {}, []
+    for name, w in state.items():
+        key = name[len("model."):] if name.startswith("model.") else name
+        if name.startswith(("ema_model.", "imnet_model.")) or re.search(_DROPPED, key):
+            dropped.append(name)
+        elif key.startswith("backbone."):
+            renamed[_mit_key(key[len("backbone."):])] = (name, w)
+        else:
+            renamed[key] = (name, w)
+    flat, bad = _renamed_to_flat(renamed)
     return flat, dropped, bad
 
 

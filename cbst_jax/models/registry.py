@@ -9,6 +9,7 @@ from cbst_jax.models.demo_net import demo_segnet
 from cbst_jax.models.fcn import fcn8s_vgg16, fcn8s_vgg16_small
 from cbst_jax.models.layers import check_atrous
 from cbst_jax.models.resnet38 import resnet38, resnet38_small
+from cbst_jax.models.segformer import SEGFORMER_MODELS
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv2_resnet101": deeplabv2_resnet101,
@@ -18,6 +19,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "fcn8s_vgg16": fcn8s_vgg16,
     "fcn8s_vgg16_small": fcn8s_vgg16_small,
     "demo_segnet": demo_segnet,
+    **SEGFORMER_MODELS,  # segformer_mit_b0..b5, daformer_mit_b0..b5
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # the families with the ``atrous`` option (dilated convolutions as space-to-batch phase grids)

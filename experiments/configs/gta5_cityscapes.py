@@ -2,7 +2,9 @@
 
 ``--config=experiments/configs/gta5_cityscapes.py`` (or ``:crst_deeplabv2``, the default): CRST's
 PyTorch recipe, DeepLab-v2 ResNet-101. ``:cbst_resnet38``: CBST's MXNet recipe, ResNet-38 (the
-seed's tables). Each value names its source: "ref §N" is the section of the shared reference
+seed's tables). ``:daformer_mit_b5``: DAFormer's network (MiT-B5 + context-aware fusion) with
+DAFormer's training values (AdamW, poly with linear warm-up, 512x512 crops) in this project's
+rounds. Each value names its source: "ref §N" is the section of the shared reference
 spec (reference-cbst.md), "crst_seg.py NAME" a default of CRST's script, "CBST README" the
 command in yzou2/CBST's README, "paper table" the seed's result tables (paper-tables.md);
 values without a source are this project's choices and say so.
@@ -131,4 +133,58 @@ def cbst_resnet38(c):
                                                # scales are unpublished (ref §5): CRST's 0.9/1.0/1.2 + flip
 
 
-VARIANTS = {"crst_deeplabv2": crst_deeplabv2, "cbst_resnet38": cbst_resnet38}
+def daformer_mit_b5(c):
+    """DAFormer's network and training values (Hoyer et al., CVPR 2022), self-trained by this
+    project's rounds. "DAF X" cites lhoyer/DAFormer's configs: "uda" = configs/daformer/
+    gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py, "data" = _base_/datasets/
+    uda_gta_to_cityscapes_512x512.py, "model" = _base_/models/daformer_sepaspp_mitb5.py (on
+    daformer_conv1_mitb5.py), "adamw" / "poly10warm" = _base_/schedules/*.py. DAFormer's online
+    teacher, ClassMix, rare-class sampling and ImageNet feature distance are not part of this
+    variant; the round structure (rounds, portions, source subsets, mining) is the CRST recipe's
+    above. Initialise from the ImageNet encoder: ``python -m cbst_jax.convert_weights mit
+    mit_b5.pth mit_b5.npz`` then ``--config.model.init=mit_b5.npz``."""
+    c.methods = "st,cbst"                      # project choice: one threshold vs class-balanced ones
+    c.model.name = "daformer_mit_b5"           # DAF model: backbone mit_b5, DAFormerHead, sep. ASPP 1/6/12/18
+    c.model.normalization = "auto"             # DAF data img_norm_cfg: mean 123.675/116.28/103.53, std
+                                               # 58.395/57.12/57.375, to_rgb ('imagenet'; mit_b5.pth records it)
+    c.model.train_bn = True                    # DAF model norm_cfg=dict(type='BN', requires_grad=True): the
+                                               # decoder's BN trains with batch statistics (the encoder has none)
+    c.source.list_file = ""                    # DAF data: source data/gta/images, every GTA5 image
+    c.target.list_file = ""                    # DAF data: target leftImg8bit/train, all 2975 images
+    c.input.crop = (512, 512)                  # DAF data crop_size=(512, 512)
+    c.input.source_scale_range = (1280 / 1914, 1280 / 1914)  # DAF data Resize img_scale=(1280, 720),
+                                               # keep ratio: GTA5 1914x1052 -> 1280x704
+    c.input.target_scale_range = (0.5, 0.5)    # DAF data Resize img_scale=(1024, 512): Cityscapes at half size
+    c.input.flip = True                        # DAF data RandomFlip prob=0.5
+    c.input.batch_size = 4                     # DAF data samples_per_gpu=2 per domain, 1 GPU (uda n_gpus=1):
+    c.input.sampler = "paired"                 # 2 source + 2 target images per step
+    c.input.source_share = 0.5
+    c.source_training.steps = 40_000           # DAF uda runner max_iters=40000 (its source-only runs too)
+    c.source_training.batch_size = 2           # DAF data samples_per_gpu=2 (source only)
+    c.source_training.crop = (512, 512)        # DAF data crop_size
+    c.source_training.scale_range = (1280 / 1914, 1280 / 1914)  # DAF data GTA5 Resize (1280, 720)
+    c.source_training.optimizer = "adam"       # DAF adamw type='AdamW', betas=(0.9, 0.999)
+    c.source_training.lr = 6e-5                # DAF adamw lr=0.00006; uda optimizer lr=6e-05
+    c.source_training.schedule = "poly"        # DAF poly10warm policy='poly', power=1.0, min_lr=0
+    c.source_training.power = 1.0
+    c.source_training.warmup_steps = 1500      # DAF poly10warm warmup='linear', warmup_iters=1500,
+    c.source_training.warmup_ratio = 1e-6      # warmup_ratio=1e-6
+    c.self_training.optimizer = "adam"         # DAF adamw (a fresh AdamW state each round)
+    c.self_training.lr = 6e-5                  # DAF uda optimizer lr=6e-05
+    c.self_training.lr_round_decay = 1.0       # project choice: the same rate every round
+    c.self_training.schedule = "poly"          # DAF poly10warm power=1.0, over each round
+    c.self_training.power = 1.0
+    c.self_training.warmup_steps = 0           # project choice: a round starts from a trained model, not
+                                               # from ImageNet weights (DAFormer warms up once, from ImageNet)
+    c.self_training.loss_resolution = "upsample"  # mmseg decode_head.losses: logits resized to the labels
+    c.optim.weight_decay = 0.01                # DAF adamw weight_decay=0.01
+    c.optim.head_lr_mult = 10.0                # DAF uda paramwise_cfg head=dict(lr_mult=10.0)
+    c.optim.bias_lr_mult = 1.0                 # DAF uda paramwise_cfg has no bias rule; its norm=dict(decay_mult=0.0)
+    c.optim.bias_weight_decay_mult = 1.0       # is the network's no_decay_names (models.param_groups)
+    c.predict.scales = (0.5,)                  # DACS pseudo-labels: the teacher on the un-augmented 1024x512
+    c.predict.flip = False                     # target image, no flip (mmseg/models/uda/dacs.py)
+    c.evaluate.scales = (0.5,)                 # DAF data test_pipeline: whole image at 1024x512,
+    c.evaluate.flip = False                    # flip=False
+
+
+VARIANTS = {"crst_deeplabv2": crst_deeplabv2, "cbst_resnet38": cbst_resnet38, "daformer_mit_b5": daformer_mit_b5}

@@ -8,9 +8,10 @@ non-finite guard, batch sharded over a ('data',) mesh); ``--step minimal`` a bar
 logits resized with ``jax.image.resize``); ``both`` one after the other.
 
 Variants: every combination of ``--configs`` (batch:dtype), ``--atrous`` (the models' atrous
-option: dilated convolutions or the same convolutions undilated on space-to-batch phase grids) and
-``--loss`` (upsample: logits bilinear to the crop, as CRST; stride: labels sampled at the logits'
-stride, as CBST). Within a config all variants are compiled first, then timed in ``--rounds``
+option: dilated convolutions or the same convolutions undilated on space-to-batch phase grids),
+``--fold`` (on: the frozen BatchNorms folded into their convolutions, the models' default; off: BN
+applied after each convolution) and ``--loss`` (upsample: logits bilinear to the crop, as CRST;
+stride: labels sampled at the logits' stride, as CBST). Within a config all variants are compiled first, then timed in ``--rounds``
 interleaved rounds of ``--steps`` steps (so a drifting load hits them alike); each step is closed
 by ``block_until_ready``; rows give the median and the ratio to the config's first variant.
 
@@ -30,6 +31,7 @@ One JSON line per variant on stdout; all rows so far in $OUT/bench_jax.json afte
 import argparse
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
@@ -74,14 +76,15 @@ class Variant:
     """One compiled train step: ``advance(carry) -> carry`` runs one step; ``abstract`` builds
     only shapes (for ``--aot``)."""
 
-    def __init__(self, step_kind, model, batch, dtype, hw, atrous, loss, num_classes=19, abstract=False):
+    def __init__(self, step_kind, model, batch, dtype, hw, atrous, loss, num_classes=19, abstract=False, fold=True):
         from cbst_jax import sharding as shd, train
 
         self.row = dict(step=step_kind, model=model, batch=batch, hw=list(hw), dtype=dtype, atrous=atrous,
-                        loss_resolution=loss if step_kind == "project" else "resize", bn="frozen")
+                        loss_resolution=loss if step_kind == "project" else "resize", bn="frozen", bn_folded=fold)
         # imagenet normalisation: inputs near unit scale, so the random network's loss stays finite
         # (with the Caffe mean-only input, random R101 logits reach ~2e3 and the loss overflows)
-        module = models.get_model(model, num_classes, dtype=dtype, atrous=atrous, normalization="imagenet")
+        module = models.get_model(model, num_classes, dtype=dtype, atrous=atrous, normalization="imagenet",
+                                  fold_bn=fold)
         key = jax.random.key(0, impl="rbg")
         image0 = jax.ShapeDtypeStruct((1, *hw, 3), jnp.uint8)
         variables = (jax.eval_shape(module.init, key, image0) if abstract
@@ -167,7 +170,7 @@ def aot_row(variant, save_hlo=""):
     row = dict(variant.row)
     if save_hlo:
         os.makedirs(save_hlo, exist_ok=True)
-        name = "hlo_{dtype}_b{batch}_{atrous}_{loss_resolution}_{step}.txt.gz".format(**variant.row)
+        name = "hlo_{dtype}_b{batch}_{atrous}_{loss_resolution}_{step}_fold{bn_folded:d}.txt.gz".format(**variant.row)
         with gzip.open(os.path.join(save_hlo, name), "wt") as f:
             f.write(variant.compiled.as_text())
     cost = variant.compiled.cost_analysis()
@@ -266,6 +269,7 @@ def parse_args(argv=None):
     parser.add_argument("--configs", default=",".join(f"{b}:{d}" for b, d in CONFIGS),
                         help="batch:dtype pairs, in order, e.g. 8:bfloat16,2:float32")
     parser.add_argument("--atrous", default="dilated,space_to_batch", help="atrous modes to compare")
+    parser.add_argument("--fold", default="on", help="frozen BN folded into its conv: on, off or on,off")
     parser.add_argument("--loss", default="upsample", help="loss resolutions (project step): upsample,stride")
     parser.add_argument("--step", choices=("project", "minimal", "both"), default="project")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
@@ -290,20 +294,21 @@ def main(argv=None):
         batch, dtype = config.split(":")
         variants, rows = [], []
         for kind in kinds:
-            for atrous in args.atrous.split(","):
-                for loss in (args.loss.split(",") if kind == "project" else ("resize",)):
-                    try:
-                        v = Variant(kind, args.model, int(batch), dtype, hw, atrous, loss, abstract=args.aot)
-                    except Exception as e:  # e.g. out of memory: report and go on
-                        rows.append(dict(step=kind, model=args.model, batch=int(batch), dtype=dtype, atrous=atrous,
-                                         loss_resolution=loss, error=repr(e)[:500]))
-                        continue
-                    if args.aot:
-                        rows.append(dict(aot_row(v, args.save_hlo), aot=True))
-                        del v
-                    else:
-                        v.accounting = aot_row(v, args.save_hlo)
-                        variants.append(v)
+            for atrous, fold, loss in itertools.product(
+                    args.atrous.split(","), [f == "on" for f in args.fold.split(",")],
+                    args.loss.split(",") if kind == "project" else ("resize",)):
+                try:
+                    v = Variant(kind, args.model, int(batch), dtype, hw, atrous, loss, abstract=args.aot, fold=fold)
+                except Exception as e:  # e.g. out of memory: report and go on
+                    rows.append(dict(step=kind, model=args.model, batch=int(batch), dtype=dtype, atrous=atrous,
+                                     bn_folded=fold, loss_resolution=loss, error=repr(e)[:500]))
+                    continue
+                if args.aot:
+                    rows.append(dict(aot_row(v, args.save_hlo), aot=True))
+                    del v
+                else:
+                    v.accounting = aot_row(v, args.save_hlo)
+                    variants.append(v)
         if variants:
             try:
                 rows += timed_rows(variants, args.steps, args.warmup, args.rounds)

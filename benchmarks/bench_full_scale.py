@@ -201,7 +201,10 @@ def device_peak_gib():
     """The first local device's peak memory in GiB, or None where the backend reports none (CPU)."""
     import jax
 
-    stats = jax.local_devices()[0].memory_stats() or {}
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - no backend at all (a failed run): the record must still be written
+        return None
     return round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None
 
 

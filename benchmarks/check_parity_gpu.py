@@ -229,6 +229,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, 1 image of 65x97 (DeepLab) / 64x64 (FCN)")
     args = parser.parse_args()
+    jax.devices()  # fail at once where the backend asked for (JAX_PLATFORMS) is missing
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"

@@ -22,8 +22,8 @@
 #   DRY_RUN=1 bash benchmarks/gpu_session.sh             # every item sleeps its full limit (the worst case)
 #
 # JAX_PLATFORMS defaults to cuda: on the GPU nothing falls back to the CPU unnoticed, and elsewhere
-# every JAX item fails at once (set JAX_PLATFORMS=cpu and LIMIT_<item>=seconds to run an item on a
-# CPU, e.g. the real-size round at reduced counts: docs/performance.md).
+# every JAX item fails at once. To run an item on a CPU set JAX_PLATFORMS=cpu, LIMIT_<item>=seconds
+# and DEADLINE_S; ROUND_ARGS adds flags to the real-size round (reduced counts: docs/performance.md).
 #
 # Item budgets, planned from the H200 call of 2026-12-04 (issue 17): the torch anchor's three rows
 # ran inside 75 s; our step item (two bf16 batch-8 variants, cold compiles included) inside 150 s;
@@ -66,7 +66,7 @@ item() {
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 20 ]; then log "== $name: skipped, ${left}s left"; return 0; fi
     export ITEM="$WORK/$name"; mkdir -p "$ITEM"
-    log "== $name (limit ${limit}s, t=$(( $(date +%s) - START ))s): $*"
+    log "== $name (limit ${limit}s, t=$(( $(date +%s) - START ))s${DRY_RUN:+, dry run: sleeps its limit}): $*"
     local t0; t0=$(date +%s)
     if [ -n "${DRY_RUN:-}" ]; then
         sleep "$limit"
@@ -90,14 +90,14 @@ optax.__version__, jax.devices())"
 # 1. our step and the peer's, same card, same call: batch 8 (space_to_batch, frozen BN folded and
 #    not: what folding buys), then the PyTorch peer at batch 8 and 2 (frozen BN, and training BN),
 #    then our batch 2 (the CRST recipe's batch)
-item step8 100 python3 -m benchmarks.bench_train_step --configs 8:bfloat16 --atrous space_to_batch --fold on,off \
+item step8 90 python3 -m benchmarks.bench_train_step --configs 8:bfloat16 --atrous space_to_batch --fold on,off \
     --loss upsample --steps 10 --rounds 2 --warmup 2 --save-hlo "$WORK/step8/hlo"
-item peer 60 python3 -m benchmarks.peer_step .devcarry/anchor_torch_deeplabv2.py
-item step2 60 python3 -m benchmarks.bench_train_step --configs 2:bfloat16 --atrous space_to_batch --fold on \
+item peer 50 python3 -m benchmarks.peer_step .devcarry/anchor_torch_deeplabv2.py
+item step2 50 python3 -m benchmarks.bench_train_step --configs 2:bfloat16 --atrous space_to_batch --fold on \
     --loss upsample --steps 10 --rounds 2 --warmup 2
 # 2. a whole CRST round at real size with the accelerator defaults (its labelling is the
 #    pseudo-labelling img/s of MST + flip at 1024x2048, through the round loop)
-item real_size_round 180 python3 -m benchmarks.real_size_round --step-bench "$WORK/step2/bench_jax.json"
+item real_size_round 180 python3 -m benchmarks.real_size_round --step-bench "$WORK/step2/bench_jax.json" ${ROUND_ARGS:-}
 # 3. the GPU-size synthetic round (source-only + one CBST round), the pair rendered once per run
 item synthetic 80 python3 -m benchmarks.synthetic_round -- --config=gpu --config.methods=source_only,cbst \
     --config.synthetic.num_source=1000 --config.synthetic.num_target_train=200 \

@@ -289,7 +289,7 @@ def phase_rows(data, stages, counts):
         unit, n = counts.get(name.split(" ")[0] + (" source" if name.endswith(" source") else ""), (None, 0))
         if unit and n:
             net = max(s["seconds"] - c, 1e-9)
-            row[f"{unit}_per_s"] = round(n / net, 3)
+            row[f"{unit}_per_s"] = float(f"{n / net:.4g}")  # 4 significant digits
         if name in data.get("data_wait_s", {}):
             row["data_wait_s"] = data["data_wait_s"][name]
             row["first_batch_wait_s"] = data["first_batch_wait_s"].get(name)

@@ -25,12 +25,15 @@
 # every JAX item fails at once. To run an item on a CPU set JAX_PLATFORMS=cpu, LIMIT_<item>=seconds
 # and DEADLINE_S; ROUND_ARGS adds flags to the real-size round (reduced counts: docs/performance.md).
 #
-# Item budgets, planned from the H200 call of 2026-12-04 (issue 17): the torch anchor's three rows
-# ran inside 75 s; our step item (two bf16 batch-8 variants, cold compiles included) inside 150 s;
-# pseudo-labelling compiled for 27 s (flip) / 44 s (MST) before labelling at 36.0 / 13.7 img/s; the
-# GPU-size synthetic round took 123 s host-bound. The real-size round: ~15 s of fixtures on 15
-# processes, ~45 s compiling labelling and evaluation (MST + flip), ~30 s the train step, 200
-# images labelled and 2 x 100 evaluated at ~14 img/s (~30 s), 200 steps of batch 2 (~10 s).
+# Item budgets (required items: 90 + 50 + 50 + 180 + 80 = 450 s, plus ~15 s of set-up), planned
+# from the H200 call of 2026-12-04 (issue 17): the torch anchor's three rows ran inside 75 s; our
+# step item (two bf16 batch-8 variants, cold compiles included) inside 150 s; pseudo-labelling
+# compiled for 27 s (flip) / 44 s (MST) before labelling at 36.0 / 13.7 img/s; the GPU-size
+# synthetic round took 123 s, host-bound (now rendered once). The real-size round: ~15 s of
+# fixtures on 15 processes, ~45 s compiling labelling and evaluation (MST + flip, shared programs),
+# ~30 s the train step, 200 images labelled and 2 x 100 evaluated at ~14 img/s (~30 s), 200 steps
+# of batch 2 (~10 s). Measured on a CPU (docs/performance.md): with every item taking its whole
+# limit (DRY_RUN=1) the script ends at 475 s; run plainly there, each CUDA item fails in seconds.
 set -u
 START=$(date +%s); DEADLINE=$((START + ${DEADLINE_S:-480}))
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2

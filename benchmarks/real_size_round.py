@@ -2,7 +2,7 @@
 launcher, with the platform's compute path (``model.dtype`` / ``model.atrous`` "auto").
 
     python -m benchmarks.real_size_round            # one GPU: label 200, retrain 200 steps, evaluate 100
-    python -m benchmarks.real_size_round --gta5 2 --label 1 --steps 2 --evaluate 1 --workers 1   # CPU
+    python -m benchmarks.real_size_round --gta5 2 --label 1 --steps 2 --evaluate 1 --workers 1 --scales 1.0  # CPU
     python -m benchmarks.real_size_round --smoke    # tiny network and images (the tests)
 
 1. Fixture folders in the official layouts (``tests.fixtures_layouts``): ``--gta5`` GTA5 images of
@@ -14,8 +14,10 @@ launcher, with the platform's compute path (``model.dtype`` / ``model.atrous`` "
    15 target-train workers by ``--workers``) from that file (``model.init_is_source_model``), in a
    child process instrumented as ``benchmarks.bench_full_scale``: the source model evaluated, then
    one CBST round: the ``--label`` images pseudo-labelled with MST 0.9/1.0/1.2 + flip (the
-   recipe's evaluation scales, so labelling and evaluation share their programs), ``--steps``
-   training steps through the real input pipeline, the ``--evaluate`` images evaluated.
+   recipe's evaluation scales, so labelling and evaluation share their programs; ``--scales``
+   changes both), ``--steps`` training steps through the real input pipeline, the ``--evaluate``
+   images evaluated. (On a CPU, XLA's MST + flip program of one 1024x2048 image needs 19.7 GiB of
+   temporaries in float32, single scale + flip 6.2 GiB: docs/performance.md.)
 
 Reports (one JSON line on stdout, also ``$OUT/real_size_round.json``): wall time per phase with
 the compile time inside it, the rates of each phase with compilation left out (images/s, steps/s,
@@ -122,8 +124,8 @@ def launcher_args(root, workdir, weights, args, size):
             f"--config.model.name={size['model']}", f"--config.model.init={weights}",
             "--config.model.init_is_source_model=True", "--config.methods=cbst",
             "--config.self_training.rounds=1", f"--config.self_training.steps_per_round={args.steps}",
-            "--config.predict.scales=(0.9, 1.0, 1.2)", "--config.predict.flip=True",
-            "--config.evaluate.scales=(0.9, 1.0, 1.2)", "--config.evaluate.flip=True",
+            f"--config.predict.scales=({args.scales},)", "--config.predict.flip=True",
+            f"--config.evaluate.scales=({args.scales},)", "--config.evaluate.flip=True",
             f"--config.input.workers={args.workers}", "--config.checkpoint_every=100000", *extra,
             *args.config]
 
@@ -162,6 +164,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=200, help="retraining steps of the round")
     parser.add_argument("--evaluate", type=int, default=100, help="Cityscapes val images evaluated")
     parser.add_argument("--workers", type=int, default=15, help="fixture writers and the pipeline's input.workers")
+    parser.add_argument("--scales", default="0.9, 1.0, 1.2",
+                        help="labelling and evaluation scales, with flip (default: MST, the recipe's test scales)")
     parser.add_argument("--step-bench", default="", help="bench_train_step's bench_jax.json of this machine")
     parser.add_argument("--smoke", action="store_true", help="tiny network and images (the tests)")
     parser.add_argument("--workdir", default="", help="scratch folder (default: temporary, removed)")
@@ -206,12 +210,13 @@ def main(argv=None):
               "evaluate_and_record": ("images", args.evaluate), "evaluate_and_record source": ("images", args.evaluate)}
     phases = phase_rows(data, stages, counts)
     retrain = next((v for k, v in phases.items() if k.startswith("retrain")), {})
-    step_ms = 1000 / retrain["steps_per_s"] if retrain.get("steps_per_s") else None
+    step_ms = (1000 * (retrain["seconds"] - retrain["compile_s"]) / args.steps if retrain.get("steps_per_s") else None)
     fed_ms = (1000 * (retrain["seconds"] - retrain["compile_s"] - retrain["data_wait_s"]) / args.steps
               if step_ms and "data_wait_s" in retrain else None)  # the step time with the host's waits left out
     batch = cfg["input"]["batch_size"]
     bench = step_bench_row(args.step_bench, dict(batch=batch, dtype=compute.get("dtype"), atrous=compute.get("atrous"),
-                                                 bn_folded=bool(compute.get("bn_folded")), model=size["model"]))
+                                                 bn_folded=bool(compute.get("bn_folded")), model=size["model"],
+                                                 hw=cfg["input"]["crop"]))
     label = next((v for k, v in phases.items() if k.startswith("label")), {})
     evaluate = next((v for k, v in phases.items() if k.startswith("evaluate_and_record cbst")), {})
     compile_total = sum(r["seconds"] for r in data["compiles"])

@@ -124,8 +124,13 @@ def test_parity_check_smoke(tmp_path):
 def test_real_size_round_smoke(tmp_path):
     """benchmarks.real_size_round end to end at the smallest size: fixtures, a weights file that
     claims to be a source model, one round through the launcher, per-phase figures, the projection."""
+    bench = tmp_path / "bench_jax.json"  # a step benchmark's rows: the round's configuration is picked
+    row = dict(model="deeplabv2_resnet_small", batch=2, dtype="float32", atrous="dilated", hw=[32, 64])
+    bench.write_text(json.dumps([dict(row, bn_folded=False, ms_median=70.0), dict(row, bn_folded=True, ms_median=50.0),
+                                 dict(row, bn_folded=True, batch=8, ms_median=90.0)]))
     r = run_json(["benchmarks.real_size_round", "--smoke", "--gta5", "2", "--label", "2", "--steps", "1",
-                  "--evaluate", "1", "--workers", "1"], tmp_path, timeout=1200)[-1]
+                  "--evaluate", "1", "--workers", "1", "--step-bench", str(bench)], tmp_path, timeout=1200)[-1]
+    assert r["step_bench_ms"] == 50.0 and r["step_vs_bench"] == round(r["step_ms"] / 50.0, 3)
     assert json.loads((tmp_path / "real_size_round.json").read_text()) == r
     assert r["compute"] == {"dtype": "float32", "atrous": "dilated", "bn_folded": True, "platform": "cpu"}
     assert r["outputs"]["pseudo_label 64x128"] == 2 and r["predict_scales"] == [0.9, 1.0, 1.2]

@@ -83,10 +83,11 @@ def build(config, workdir: str) -> Experiment:
     return exp
 
 
-def build_model(config):
+def build_model(config, platform: str | None = None):
     """The network of ``config.model``, with the input normalisation its weights expect
     (``model.normalization="auto"``: the one recorded in ``model.init``'s metadata) and the compute
-    path of this platform (``model.dtype`` / ``model.atrous`` "auto": ``models.registry.resolve_compute``)."""
+    path of ``platform`` (``model.dtype`` / ``model.atrous`` "auto": ``models.registry.resolve_compute``;
+    None: this process's backend, which asking for initialises)."""
     from cbst_jax import models
     from cbst_jax.models.registry import resolve_compute
 
@@ -94,7 +95,7 @@ def build_model(config):
     metadata = models.read_metadata(init) if init else None
     normalization = models.resolve_normalization(config.model.normalization, metadata, config.model.name,
                                                  path=init or "model.init")
-    dtype, atrous = resolve_compute(config.model.name, config.model.dtype, config.model.atrous)
+    dtype, atrous = resolve_compute(config.model.name, config.model.dtype, config.model.atrous, platform)
     return models.get_model(config.model.name, config.num_classes, dtype=dtype,
                             train_bn=config.model.train_bn, normalization=normalization, atrous=atrous)
 

@@ -27,7 +27,9 @@ def preflight(config) -> None:
     from cbst_jax import experiment, models
 
     config_lib.validate(config)
-    experiment.build_model(config)  # the network and the normalisation its weights need
+    # the network and the normalisation its weights need; its compute path is resolved for the run
+    # (a multi-host run must not touch the backend before jax.distributed joins)
+    experiment.build_model(config, platform="cpu")
     if config.model.init:
         models.load_variables(config.model.init)
     for city in config_lib.nthu_cities(config) or [None]:

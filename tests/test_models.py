@@ -395,6 +395,22 @@ def test_auto_compute_path_per_platform(platform, deeplab, demo):
     assert resolve_compute("resnet38", "auto", "dilated", platform) == (deeplab[0], "dilated")
 
 
+def test_bfloat16_model_gives_float32_probabilities():
+    """The pseudo-labelling path of a bf16 network: float32 logits, float32 softmax (each
+    pixel's probabilities sum to one at float32 precision), float32 thresholds' input."""
+    from cbst_jax.predict import Predictor
+    from cbst_jax.sharding import make_mesh
+
+    x = images(2, 40, 56)
+    bf16 = models.get_model("deeplabv2_resnet_small", 5, dtype="bfloat16")
+    variables = bf16.init(KEY, x)
+    predictor = Predictor(bf16, 5, make_mesh(jax.devices()[:1]), (40, 56), scales=(1.0, 0.75), flip=True)
+    logits = predictor.logits(variables, x)
+    probs = jax.jit(predictor.probs)(variables, x)
+    assert all(l.dtype == jnp.float32 for l in logits) and probs.dtype == jnp.float32
+    assert probs.shape == (2, 40, 56, 5) and np.abs(np.asarray(probs).sum(-1) - 1).max() < 1e-5
+
+
 def test_get_model_auto_is_this_platforms_path():
     from cbst_jax.models.registry import resolve_compute
 

@@ -11,9 +11,10 @@ Variants: every combination of ``--configs`` (batch:dtype), ``--atrous`` (the mo
 option: dilated convolutions or the same convolutions undilated on space-to-batch phase grids),
 ``--fold`` (on: the frozen BatchNorms folded into their convolutions, the models' default; off: BN
 applied after each convolution) and ``--loss`` (upsample: logits bilinear to the crop, as CRST;
-stride: labels sampled at the logits' stride, as CBST). Within a config all variants are compiled first, then timed in ``--rounds``
-interleaved rounds of ``--steps`` steps (so a drifting load hits them alike); each step is closed
-by ``block_until_ready``; rows give the median and the ratio to the config's first variant.
+stride: labels sampled at the logits' stride, as CBST). Within a config all variants are compiled
+first, then timed in ``--rounds`` interleaved rounds of ``--steps`` steps (so a drifting load hits
+them alike); each step is closed by ``block_until_ready``; rows give the median and the ratio to
+the config's first variant (``--clock cpu``: process CPU seconds instead of wall seconds).
 
 ``--aot`` compiles each variant for abstract inputs only (nothing runs, no memory is taken) and
 reports XLA's cost analysis (FLOPs, bytes accessed), memory analysis (argument / output / temp

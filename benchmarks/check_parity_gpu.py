@@ -241,8 +241,9 @@ def main():
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     variables, _ = convert_weights.convert("torchvision-resnet101", state, 19)
     # float32 (the references' numerics), both atrous modes with BN folded, and BN applied unfolded
+    variants = (("dilated", True), ("space_to_batch", True), ("dilated", False))
     modules = [models.get_model("deeplabv2_resnet101", 19, normalization="imagenet", dtype="float32", atrous=a,
-                                fold_bn=f) for a, f in (("dilated", True), ("space_to_batch", True), ("dilated", False))]
+                                fold_bn=f) for a, f in variants]
     hw = (65, 97) if args.smoke else (512, 1024)
     x = rng.randint(0, 256, (1, *hw, 3)).astype(np.uint8)
     results += compare("deeplabv2_resnet101", modules, variables, ref, x, device)
@@ -256,7 +257,8 @@ def main():
     torch.manual_seed(1)
     vgg = VGG16()
     with torch.no_grad():  # before FCN8sReference pads and ceil-pools its features in place
-        check = dict(model="fcn8s_vgg16", torchvision_check=torchvision_check("vgg16", vgg, torch_input(x[:, :64, :64])))
+        check = dict(model="fcn8s_vgg16",
+                     torchvision_check=torchvision_check("vgg16", vgg, torch_input(x[:, :64, :64])))
     ref = FCN8sReference(19, vgg).eval()
     state = {k: v.numpy() for k, v in vgg.state_dict().items()}
     variables, _ = convert_weights.convert("torchvision-vgg16", state, 19)

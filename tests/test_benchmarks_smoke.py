@@ -135,7 +135,8 @@ def test_real_size_round_smoke(tmp_path):
     assert r["compute"] == {"dtype": "float32", "atrous": "dilated", "bn_folded": True, "platform": "cpu"}
     assert r["outputs"]["pseudo_label 64x128"] == 2 and r["predict_scales"] == [0.9, 1.0, 1.2]
     phases = r["phases"]
-    assert {"label cbst/r0", "retrain cbst/r0", "evaluate_and_record cbst/r0", "evaluate_and_record source"} <= set(phases)
+    assert {"label cbst/r0", "retrain cbst/r0", "evaluate_and_record cbst/r0",
+            "evaluate_and_record source"} <= set(phases)
     assert phases["label cbst/r0"]["images_per_s"] > 0 and phases["retrain cbst/r0"]["batches"] == 1
     assert phases["retrain cbst/r0"]["compile_s"] > 0 and r["programs_compiled"] > 0 and r["step_ms"] > 0
     assert r["device_peak_gib"] is None and 0.1 < r["peak_rss_gib"] < 12  # the CPU reports no device memory

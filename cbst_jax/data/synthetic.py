@@ -521,7 +521,8 @@ class RenderedSource(SyntheticSource):
             import concurrent.futures
             import multiprocessing
 
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            spawn = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
                 results = list(pool.map(_render_chunk, jobs))
         else:
             results = map(_render_chunk, jobs)

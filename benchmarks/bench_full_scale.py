@@ -19,7 +19,9 @@ in-process, with instruments installed first):
     so each execution adds the image rows its program pushes through the network (scales and flips
     included) to the round-loop stage on the Python stack;
   * compilations per stage (as ``benchmarks.count_compiles``) and wall time per stage (the
-    ``cbst_jax.self_training._Loop`` methods, timed, nested time subtracted).
+    ``cbst_jax.self_training._Loop`` methods and ``cbst_jax.experiment.build``, timed, nested time
+    subtracted), the time each training stage waited for host batches (``MixedIterator.__next__``)
+    and the device's peak memory where the backend reports it.
 One JSON summary on stdout (last line) and in ``$OUT/full_scale.json``.
 """
 import argparse
@@ -138,9 +140,20 @@ def vm_hwm_mib():
 
 
 def time_stages(events):
-    """Wraps the round loop's stage methods: (method, stage key, start, end, VmHWM MiB) each."""
-    from cbst_jax import self_training
+    """Wraps the round loop's stage methods and the experiment's set-up: (method, stage key, start,
+    end, VmHWM MiB) each."""
+    from cbst_jax import experiment, self_training
 
+    real_build = experiment.build
+
+    def build(*args, **kwargs):
+        t0 = time.time()
+        try:
+            return real_build(*args, **kwargs)
+        finally:
+            events.append(dict(method="build", stage="set-up", start=t0, end=time.time(), vm_hwm_mib=vm_hwm_mib()))
+
+    experiment.build = build
     loop = getattr(self_training, "_Loop", None)
     for name in STAGE_METHODS:
         method = getattr(loop, name, None)
@@ -159,12 +172,49 @@ def time_stages(events):
         setattr(loop, name, timed)
 
 
+class DataWait:
+    """Seconds the training loop waited in ``MixedIterator.__next__`` (in all, and for the first
+    batch: the workers' start) and batches taken, per stage."""
+
+    def __init__(self):
+        self.seconds, self.batches, self.first = collections.Counter(), collections.Counter(), {}
+
+    def install(self):
+        from cbst_jax.data import pipeline
+
+        real_next, wait = pipeline.MixedIterator.__next__, self
+
+        def timed_next(iterator):
+            t0 = time.perf_counter()
+            try:
+                return real_next(iterator)
+            finally:
+                stage, waited = loop_stage(sys._getframe(1)), time.perf_counter() - t0
+                wait.seconds[stage] += waited
+                wait.batches[stage] += 1
+                wait.first.setdefault(stage, round(waited, 2))
+
+        pipeline.MixedIterator.__next__ = timed_next
+
+
+def device_peak_gib():
+    """The first local device's peak memory in GiB, or None where the backend reports none (CPU)."""
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - no backend at all (a failed run): the record must still be written
+        return None
+    return round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None
+
+
 def child(record_path, cache_dir, command):
     if cache_dir:
         enable_cache(cache_dir)
-    compiles, forwards, events = Recorder(), ForwardCounter(), []
+    compiles, forwards, waits, events = Recorder(), ForwardCounter(), DataWait(), []
     compiles.install()
     forwards.install()
+    waits.install()
     time_stages(events)
     sys.argv = list(command)
     status, t0 = 0, time.time()
@@ -176,7 +226,9 @@ def child(record_path, cache_dir, command):
         with open(record_path, "w") as f:
             json.dump(dict(status=status, wall_s=round(time.time() - t0, 1), compiles=compiles.records,
                            forward_rows=dict(forwards.rows), shapes=sorted(map(list, forwards.shapes)),
-                           stage_events=events, vm_hwm_mib=vm_hwm_mib()), f)
+                           stage_events=events, vm_hwm_mib=vm_hwm_mib(), device_peak_gib=device_peak_gib(),
+                           data_wait_s={k: round(v, 2) for k, v in waits.seconds.items()},
+                           first_batch_wait_s=waits.first, batches=dict(waits.batches)), f)
     return status
 
 
@@ -220,6 +272,31 @@ def exclusive_times(events):
         out[f"{e['method']} {e['stage']}"] = dict(seconds=round(e["end"] - e["start"] - inner, 1),
                                                   vm_hwm_mib_after=round(e["vm_hwm_mib"] or 0))
     return out
+
+
+def phase_rows(data, stages, counts):
+    """Per phase of ``stages`` (:func:`exclusive_times` of a child's record ``data``): wall seconds,
+    the compile seconds inside them, the VmHWM after, the rate with compilation left out where
+    ``counts`` gives the phase's work ({"label": ("images", n), "retrain": ("steps", n), ...},
+    keyed by method, or "method source" for the source stage) and, for training phases, the time
+    spent waiting for host batches."""
+    compile_s = {}
+    for r in data["compiles"]:
+        compile_s[r["stage"]] = compile_s.get(r["stage"], 0.0) + r["seconds"]
+    rows = {}
+    for name, s in stages.items():
+        c = compile_s.get(name, 0.0)
+        row = dict(seconds=s["seconds"], compile_s=round(c, 1), vm_hwm_gib_after=round(s["vm_hwm_mib_after"] / 1024, 2))
+        unit, n = counts.get(name.split(" ")[0] + (" source" if name.endswith(" source") else ""), (None, 0))
+        if unit and n:
+            net = max(s["seconds"] - c, 1e-9)
+            row[f"{unit}_per_s"] = float(f"{n / net:.4g}")  # 4 significant digits
+        if name in data.get("data_wait_s", {}):
+            row["data_wait_s"] = data["data_wait_s"][name]
+            row["first_batch_wait_s"] = data["first_batch_wait_s"].get(name)
+            row["batches"] = data["batches"].get(name, 0)
+        rows[name] = row
+    return rows
 
 
 def output_shapes(workdir):

@@ -7,9 +7,10 @@ pseudo-label PNGs, both in the official layouts).
 Variants run interleaved in one process, one unit each in turn (a batch of 2 crops, or the decode
 of 2 records), ``--rounds`` times, so every variant sees the same machine load at the same
 moments; the previous pipeline is imported as ``cbst_jax_old`` (``git archive`` of ``--old-ref``,
-the package renamed). Crops are 512x1024, pooled source/target batches of 2, scale 0.5-1.5, flip,
-rare-class mining p=0.8; each unit runs synchronously in one thread (OpenCV held to one thread).
-crops/s per core = crops / process CPU seconds (median unit); wall crops/s beside it. Then the
+the package renamed; ``--old-ref ""`` leaves that row out and needs no git). Crops are 512x1024,
+pooled source/target batches of 2, scale 0.5-1.5, flip, rare-class mining p=0.8; each unit runs
+synchronously in one thread (OpenCV held to one thread). crops/s per core = crops / process CPU
+seconds (median unit); wall crops/s beside it. Then the
 current pipeline with ``--workers`` grain worker processes (when grain is installed) and threads:
 wall crops/s after the first batch, and the CPU the consuming process spends per batch.
 
@@ -196,9 +197,10 @@ def interleaved(units: dict, rounds: int) -> list[dict]:
         cpu, wall = float(np.median([t[0] for t in ts])), float(np.median([t[1] for t in ts]))
         rows.append(dict(variant=name, crops_per_core_s=round(2 / cpu, 2), crops_per_s=round(2 / wall, 2),
                          cpu_ms_per_crop=round(500 * cpu, 1), units=len(ts)))
-    old = next(r for r in rows if r["variant"] == "old pipeline")["crops_per_core_s"]
+    old = next((r["crops_per_core_s"] for r in rows if r["variant"] == "old pipeline"), None)
     for r in rows:
-        r["vs_old"] = round(r["crops_per_core_s"] / old, 2)
+        if old is not None:
+            r["vs_old"] = round(r["crops_per_core_s"] / old, 2)
     return rows
 
 
@@ -225,7 +227,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=12, help="units per variant")
     ap.add_argument("--workers", default="2", help="comma-separated worker counts of the parallel rows")
     ap.add_argument("--batches", type=int, default=12, help="batches timed per parallel row")
-    ap.add_argument("--old-ref", default=OLD_REF)
+    ap.add_argument("--old-ref", default=OLD_REF,
+                    help="git ref of the previous pipeline's row ('': no such row, no git needed)")
     ap.add_argument("--crop", default="512,1024")
     ap.add_argument("--quick", action="store_true", help="tiny images (a smoke test of this script)")
     args = ap.parse_args(argv)
@@ -241,14 +244,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "data")
         write_fixtures(root, args.images, gta, cs)
-        old = import_old(args.old_ref, tmp)
         units = {"decode floor, Pillow": decode_floor(root, "pillow")}
         for name in ("cv2", "pyspng"):
             if importlib.util.find_spec(name) is not None:
                 units[f"decode floor, {name} image + Pillow label"] = decode_floor(root, name)
         units["plain PIL/numpy loader"] = plain_loader(root, crop)
-        old_it = mixed_iterator(old, root, crop, prefetch=0)
-        units["old pipeline"] = lambda: next(old_it)
+        if args.old_ref:
+            old_it = mixed_iterator(import_old(args.old_ref, tmp), root, crop, prefetch=0)
+            units["old pipeline"] = lambda: next(old_it)
         new_it = mixed_iterator(cbst_jax, root, crop, prefetch=0)
         units["current pipeline"] = lambda: next(new_it)
         if data_io.pyspng is not None:

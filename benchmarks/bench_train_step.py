@@ -8,11 +8,13 @@ non-finite guard, batch sharded over a ('data',) mesh); ``--step minimal`` a bar
 logits resized with ``jax.image.resize``); ``both`` one after the other.
 
 Variants: every combination of ``--configs`` (batch:dtype), ``--atrous`` (the models' atrous
-option: dilated convolutions or the same convolutions undilated on space-to-batch phase grids) and
-``--loss`` (upsample: logits bilinear to the crop, as CRST; stride: labels sampled at the logits'
-stride, as CBST). Within a config all variants are compiled first, then timed in ``--rounds``
-interleaved rounds of ``--steps`` steps (so a drifting load hits them alike); each step is closed
-by ``block_until_ready``; rows give the median and the ratio to the config's first variant.
+option: dilated convolutions or the same convolutions undilated on space-to-batch phase grids),
+``--fold`` (on: the frozen BatchNorms folded into their convolutions, the models' default; off: BN
+applied after each convolution) and ``--loss`` (upsample: logits bilinear to the crop, as CRST;
+stride: labels sampled at the logits' stride, as CBST). Within a config all variants are compiled
+first, then timed in ``--rounds`` interleaved rounds of ``--steps`` steps (so a drifting load hits
+them alike); each step is closed by ``block_until_ready``; rows give the median and the ratio to
+the config's first variant (``--clock cpu``: process CPU seconds instead of wall seconds).
 
 ``--step forward`` compiles the bare evaluation forward (``model.apply(train=False)``) instead, for
 ``--aot`` accounting of inference. ``--optimizer adam`` builds the project step with AdamW groups
@@ -38,6 +40,7 @@ One JSON line per variant on stdout; all rows so far in $OUT/bench_jax.json afte
 import argparse
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
@@ -83,15 +86,18 @@ class Variant:
     only shapes (for ``--aot``)."""
 
     def __init__(self, step_kind, model, batch, dtype, hw, atrous, loss, num_classes=19, abstract=False,
-                 optimizer="sgd"):
+                 optimizer="sgd", fold=True):
         from cbst_jax import sharding as shd, train
 
         self.row = dict(step=step_kind, model=model, batch=batch, hw=list(hw), dtype=dtype, atrous=atrous,
-                        loss_resolution=loss if step_kind == "project" else "resize", bn="frozen",
+                        loss_resolution=loss if step_kind == "project" else "resize", bn="frozen", bn_folded=fold,
                         optimizer=optimizer if step_kind == "project" else "sgd")
         # imagenet normalisation: inputs near unit scale, so the random network's loss stays finite
         # (with the Caffe mean-only input, random R101 logits reach ~2e3 and the loss overflows)
-        module = models.get_model(model, num_classes, dtype=dtype, atrous=atrous, normalization="imagenet")
+        # fold_bn exists where frozen BN sits after a convolution (DeepLab-v2, ResNet-38); elsewhere
+        # only its default (on) is meaningful
+        module = models.get_model(model, num_classes, dtype=dtype, atrous=atrous, normalization="imagenet",
+                                  **({} if fold else {"fold_bn": False}))
         key = jax.random.key(0, impl="rbg")
         image0 = jax.ShapeDtypeStruct((1, *hw, 3), jnp.uint8)
         variables = (jax.eval_shape(module.init, key, image0) if abstract
@@ -187,7 +193,7 @@ def aot_row(variant, save_hlo=""):
     row = dict(variant.row)
     if save_hlo:
         os.makedirs(save_hlo, exist_ok=True)
-        name = "hlo_{dtype}_b{batch}_{atrous}_{loss_resolution}_{step}.txt.gz".format(**variant.row)
+        name = "hlo_{dtype}_b{batch}_{atrous}_{loss_resolution}_{step}_fold{bn_folded:d}.txt.gz".format(**variant.row)
         with gzip.open(os.path.join(save_hlo, name), "wt") as f:
             f.write(variant.compiled.as_text())
     cost = variant.compiled.cost_analysis()
@@ -213,17 +219,17 @@ def aot_row(variant, save_hlo=""):
     return row
 
 
-def time_steps(advance, carry, steps, warmup=0):
+def time_steps(advance, carry, steps, warmup=0, clock=time.perf_counter):
     """``carry = advance(carry)`` ``warmup`` times, then ``steps`` timed calls, each closed by
-    ``block_until_ready`` on everything it returns; (last carry, seconds per call)."""
+    ``block_until_ready`` on everything it returns; (last carry, ``clock`` seconds per call)."""
     for _ in range(warmup):
         carry = advance(carry)
     jax.block_until_ready(carry)
     times = []
     for _ in range(steps):
-        t = time.perf_counter()
+        t = clock()
         carry = jax.block_until_ready(advance(carry))
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return carry, times
 
 
@@ -232,20 +238,24 @@ def peak_memory_gib():
     return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
-def timed_rows(variants, steps, warmup, rounds):
-    """Interleaved timing: ``warmup`` steps each, then ``rounds`` x (``steps`` steps of each)."""
+def timed_rows(variants, steps, warmup, rounds, clock="wall"):
+    """Interleaved timing: ``warmup`` steps each, then ``rounds`` x (``steps`` steps of each).
+    ``clock``: "wall" (the step's wall time) or "cpu" (this process's CPU seconds per step: on a
+    CPU shared with other processes, the work done rather than the time waited for cores)."""
+    timer = {"wall": time.perf_counter, "cpu": time.process_time}[clock]
     times = [[] for _ in variants]
     for v in variants:
         v.carry, _ = time_steps(v.advance, v.carry, 0, warmup)
     for _ in range(rounds):
         for v, ts in zip(variants, times):
-            v.carry, t = time_steps(v.advance, v.carry, steps)
+            v.carry, t = time_steps(v.advance, v.carry, steps, clock=timer)
             ts += t
     rows = []
     for v, ts in zip(variants, times):
         ms = 1000 * float(np.median(ts))
         batch = v.row["batch"]
-        rows.append(dict(v.accounting, ms_median=ms, ms_min=1000 * min(ts), steps=len(ts), img_per_s=batch * 1000 / ms,
+        rows.append(dict(v.accounting, clock=clock, ms_median=ms, ms_min=1000 * min(ts), steps=len(ts),
+                         img_per_s=batch * 1000 / ms,
                          achieved_tflops=(TFLOP_PER_IMAGE * batch / (ms / 1000)
                                           if v.row["model"] == "deeplabv2_resnet101" else None),
                          speed_vs_first=None, process_peak_mem_gib=peak_memory_gib(), **v.metrics()))
@@ -292,12 +302,15 @@ def parse_args(argv=None):
     parser.add_argument("--configs", default=",".join(f"{b}:{d}" for b, d in CONFIGS),
                         help="batch:dtype pairs, in order, e.g. 8:bfloat16,2:float32")
     parser.add_argument("--atrous", default="dilated,space_to_batch", help="atrous modes to compare")
+    parser.add_argument("--fold", default="on", help="frozen BN folded into its conv: on, off or on,off")
     parser.add_argument("--loss", default="upsample", help="loss resolutions (project step): upsample,stride")
     parser.add_argument("--step", choices=("project", "minimal", "both", "forward"), default="project")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="the project step's optimiser")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time steps by wall clock or by this process's CPU seconds (a shared CPU)")
     parser.add_argument("--aot", action="store_true", help="compile for abstract inputs; report XLA's accounting")
     parser.add_argument("--save-hlo", default="", help="folder for each variant's optimised HLO (text, gzip)")
     parser.add_argument("--profile", default="", help="folder for a jax.profiler trace of the first variant")
@@ -318,24 +331,25 @@ def main(argv=None):
         batch, dtype = config.split(":")
         variants, rows = [], []
         for kind in kinds:
-            for atrous in args.atrous.split(","):
-                for loss in (args.loss.split(",") if kind == "project" else ("resize",)):
-                    try:
-                        v = Variant(kind, args.model, int(batch), dtype, hw, atrous, loss, abstract=args.aot,
-                                    optimizer=args.optimizer)
-                    except Exception as e:  # e.g. out of memory: report and go on
-                        rows.append(dict(step=kind, model=args.model, batch=int(batch), dtype=dtype, atrous=atrous,
-                                         loss_resolution=loss, error=repr(e)[:500]))
-                        continue
-                    if args.aot:
-                        rows.append(dict(aot_row(v, args.save_hlo), aot=True))
-                        del v
-                    else:
-                        v.accounting = aot_row(v, args.save_hlo)
-                        variants.append(v)
+            for atrous, fold, loss in itertools.product(
+                    args.atrous.split(","), [f == "on" for f in args.fold.split(",")],
+                    args.loss.split(",") if kind == "project" else ("resize",)):
+                try:
+                    v = Variant(kind, args.model, int(batch), dtype, hw, atrous, loss, abstract=args.aot,
+                                optimizer=args.optimizer, fold=fold)
+                except Exception as e:  # e.g. out of memory: report and go on
+                    rows.append(dict(step=kind, model=args.model, batch=int(batch), dtype=dtype, atrous=atrous,
+                                     bn_folded=fold, loss_resolution=loss, error=repr(e)[:500]))
+                    continue
+                if args.aot:
+                    rows.append(dict(aot_row(v, args.save_hlo), aot=True))
+                    del v
+                else:
+                    v.accounting = aot_row(v, args.save_hlo)
+                    variants.append(v)
         if variants:
             try:
-                rows += timed_rows(variants, args.steps, args.warmup, args.rounds)
+                rows += timed_rows(variants, args.steps, args.warmup, args.rounds, args.clock)
                 if args.profile:
                     rows.append(profile(variants[0], min(args.steps, 3), args.profile))
             except Exception as e:

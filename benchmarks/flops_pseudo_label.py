@@ -15,6 +15,9 @@ batch), the coarse and fine histogram steps and the labelling step, each from th
 * reference: one forward of the bare network per scale and flip (``model.apply`` at each
   input size, compiled alone).
 
+Also the temporary memory the backend's network program needs (``memory_analysis()``, the
+``network_temp_gib`` field: on a CPU, what one labelling batch costs in RAM).
+
 Prints one table row per configuration (TFLOP per image) and a JSON line; batch 1.
 """
 from __future__ import annotations
@@ -29,8 +32,10 @@ import numpy as np
 
 
 def flops(fn, *args) -> float:
-    """XLA's FLOP count of ``fn`` compiled for ``args`` (abstract shapes)."""
-    cost = fn.lower(*args).compile().cost_analysis()
+    """XLA's FLOP count of ``fn`` compiled for ``args`` (abstract shapes); ``fn`` may also be a
+    compiled program (``args`` then empty)."""
+    compiled = fn.lower(*args).compile() if args else fn
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 
@@ -49,7 +54,9 @@ def measure(model, variables, canvas, scales, num_classes=19):
     acc = jax.eval_shape(lambda: selection.HistogramAccumulator.zeros(num_classes))
     bins, lam = sds((num_classes,), jnp.int32), sds((num_classes,), jnp.float32)
     t0 = time.perf_counter()
-    parts = dict(network=flops(progs.forward, variables, images),
+    network = progs.forward.lower(variables, images).compile()
+    memory = network.memory_analysis()  # the backend's buffers for the network program of one image
+    parts = dict(network=flops(network),
                  coarse=flops(progs.coarse, acc, bins, logits, valid, None),
                  fine=flops(progs.fine, acc, bins, logits, valid, None),
                  labels=flops(progs.labels, logits, valid, gt, lam, None))
@@ -63,6 +70,7 @@ def measure(model, variables, canvas, scales, num_classes=19):
                 parts_tflop={k: v / 1e12 for k, v in parts.items()},
                 one_forward_per_view_tflop=one_forward / 1e12, before_tflop=before / 1e12, after_tflop=after / 1e12,
                 before_vs_one_forward=before / one_forward, after_vs_one_forward=after / one_forward,
+                network_temp_gib=round(memory.temp_size_in_bytes / 2**30, 2) if memory else None,
                 compile_s=round(time.perf_counter() - t0, 1))
 
 

@@ -47,10 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "deeplabv2_resnet101"
-    c.model.dtype = "float32"                   # activations: float32 | bfloat16
+    c.model.dtype = "auto"                      # activations: auto | float32 | bfloat16 (parameters, loss,
+                                                # softmax and statistics stay float32)
     c.model.train_bn = False                    # False: frozen BN, as both references
-    c.model.atrous = "dilated"                  # dilated | space_to_batch (DeepLab-v2, ResNet-38: the dilated
-                                                # stages as undilated convs on phase grids; same numbers)
+    c.model.atrous = "auto"                     # auto | dilated | space_to_batch (DeepLab-v2, ResNet-38: the
+                                                # dilated stages as undilated convs on phase grids; same numbers)
+                                                # auto (both keys): bfloat16 + space_to_batch on a GPU/TPU, float32 +
+                                                # dilated on a CPU (cbst_jax.models.registry.PLATFORM_COMPUTE);
+                                                # float32 + dilated are the references' numerics
     c.model.normalization = "auto"              # input normalisation: auto (the weights file's, else the
                                                 # architecture's default) | imagenet | caffe | unit
     c.model.init = ""                           # converted weights (.npz): ImageNet init or a source model;
@@ -337,7 +341,7 @@ def validate(config, *, need_roots: bool = True) -> None:
     """Raises ConfigError on the first invalid value."""
     from cbst_jax.data.nthu import CITIES
     from cbst_jax.models.layers import NORMALIZATIONS
-    from cbst_jax.models.registry import MODELS
+    from cbst_jax.models.registry import ATROUS_FAMILIES, MODELS
 
     names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
     if not names:
@@ -421,10 +425,11 @@ def validate(config, *, need_roots: bool = True) -> None:
     _check_number(config, "optim.head_lr_mult", lambda v: v > 0, "a multiplier > 0")
     _check_number(config, "optim.bias_lr_mult", lambda v: v > 0, "a multiplier > 0")
     _check_number(config, "optim.bias_weight_decay_mult", lambda v: v >= 0, "a multiplier >= 0")
-    if config.model.atrous not in ("dilated", "space_to_batch"):
-        _fail("model.atrous", config.model.atrous, "dilated or space_to_batch")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        _fail("model.dtype", config.model.dtype, "float32 or bfloat16")
+    _check_choice(config, "model.atrous", ("auto", "dilated", "space_to_batch"))
+    _check_choice(config, "model.dtype", ("auto", "float32", "bfloat16"))
+    if config.model.atrous == "space_to_batch" and config.model.name not in ATROUS_FAMILIES:
+        _fail("model.atrous", config.model.atrous, f"'auto' or 'dilated' for {config.model.name} "
+              f"(space_to_batch is for {', '.join(ATROUS_FAMILIES)})")
     for key in ("predict", "evaluate"):
         _check_scales(config, f"{key}.scales")
     _check_scales(config, "evaluate.mst_scales")

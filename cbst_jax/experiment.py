@@ -83,17 +83,32 @@ def build(config, workdir: str) -> Experiment:
     return exp
 
 
-def build_model(config):
+def build_model(config, platform: str | None = None):
     """The network of ``config.model``, with the input normalisation its weights expect
-    (``model.normalization="auto"``: the one recorded in ``model.init``'s metadata)."""
+    (``model.normalization="auto"``: the one recorded in ``model.init``'s metadata) and the compute
+    path of ``platform`` (``model.dtype`` / ``model.atrous`` "auto": ``models.registry.resolve_compute``;
+    None: this process's backend, which asking for initialises)."""
     from cbst_jax import config_lib, models
+    from cbst_jax.models.registry import resolve_compute
 
     init = config_lib.init_file(config)
     metadata = models.read_metadata(init) if init else None
     normalization = models.resolve_normalization(config.model.normalization, metadata, config.model.name,
                                                  path=init or "model.init")
-    return models.get_model(config.model.name, config.num_classes, dtype=config.model.dtype,
-                            train_bn=config.model.train_bn, normalization=normalization, atrous=config.model.atrous)
+    dtype, atrous = resolve_compute(config.model.name, config.model.dtype, config.model.atrous, platform)
+    return models.get_model(config.model.name, config.num_classes, dtype=dtype,
+                            train_bn=config.model.train_bn, normalization=normalization, atrous=atrous)
+
+
+def compute_path(model) -> dict:
+    """How ``model`` computes: activation dtype, atrous mode, frozen BN folded into its convolutions
+    or not (None: no BatchNorm), and the platform."""
+    import jax.numpy as jnp
+
+    folded = getattr(model, "fold_bn", None)
+    return {"dtype": jnp.dtype(model.dtype).name, "atrous": getattr(model, "atrous", "dilated"),
+            "bn_folded": None if folded is None else bool(folded and not model.train_bn),
+            "platform": jax.default_backend()}
 
 
 def weights_metadata(config, model, **provenance) -> dict:
@@ -102,7 +117,7 @@ def weights_metadata(config, model, **provenance) -> dict:
     from cbst_jax import models
 
     return models.make_metadata(config.model.name, config.num_classes, model.normalization,
-                                inference=inference_settings(config), **provenance)
+                                inference=inference_settings(config), compute=compute_path(model), **provenance)
 
 
 def inference_settings(config) -> dict:

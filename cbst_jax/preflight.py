@@ -32,7 +32,9 @@ def preflight(config) -> None:
     from cbst_jax import experiment
 
     config_lib.validate(config)
-    experiment.build_model(config)  # the network and the normalisation its weights need
+    # the network and the normalisation its weights need; its compute path is resolved for the run
+    # (a multi-host run must not touch the backend before jax.distributed joins)
+    experiment.build_model(config, platform="cpu")
     check_model_init(config)
     if config.input.worker_kind == "processes" and importlib.util.find_spec("grain") is None:
         raise config_lib.ConfigError("config.input.worker_kind='processes': needs grain (pip install grain); "
@@ -83,7 +85,7 @@ def check_model_init(config) -> None:
         raise config_lib.ConfigError(f"config.model.init={init}: a source model of {classes} classes, but this "
                                      f"experiment has num_classes={config.num_classes}; pass a source model of "
                                      f"{config.num_classes} classes{hint}")
-    model = experiment.build_model(config)
+    model = experiment.build_model(config, platform="cpu")  # shapes only; the backend stays untouched
     crop = tuple(config.input.crop)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *crop, 3), np.float32), train=False))
     experiment.merge_variables(shapes, models.load_variables(init), init,

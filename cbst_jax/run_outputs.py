@@ -12,6 +12,7 @@ from cbst_jax import config_lib, metrics, reporting
 from cbst_jax import labels as labels_lib
 from cbst_jax.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
 from cbst_jax.data.experiment_data import class_lists
+from cbst_jax.experiment import compute_path
 from cbst_jax.methods import Stage, parse as parse_methods
 
 
@@ -121,6 +122,7 @@ def write_seed_report(exp, rows, pl_rows) -> None:
                     f"{best['method']} r{best['round']} mIoU {100 * best['miou']:.1f}.\n")
     note += overlap_note(exp.data.overlap)
     note += f"\n{config_lib.source_model_origin(cfg)}\n"
+    note += "\nCompute path: " + ", ".join(f"{k}={v}" for k, v in compute_path(exp.model).items()) + "\n"
     atomic_write_json(os.path.join(exp.workdir, "eval_overlap.json"), exp.data.overlap)
     text = f"# Results, seed {cfg.seed}\n\n{table}\n{note}"
     atomic_write_bytes(os.path.join(exp.workdir, "results.md"), text.encode())

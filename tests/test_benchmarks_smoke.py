@@ -2,11 +2,11 @@
 a broken script (their figures are measured on the GPU, not here)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,31 +102,117 @@ def test_full_scale_benchmark_smoke(tmp_path):
 
 
 def test_parity_check_smoke(tmp_path):
-    pytest.importorskip("torchvision")
+    """The references are plain torch.nn (torchvision's key names, no torchvision needed); where
+    torchvision is installed they also match its own networks."""
     rows = run_json(["benchmarks.check_parity_gpu", "--smoke"], tmp_path)
-    assert {(r["model"], r["atrous"]) for r in rows} >= {("deeplabv2_resnet101", "dilated"),
-                                                        ("deeplabv2_resnet101", "space_to_batch")}
-    assert all(r["rel_err_l2"] < 1e-4 for r in rows if r["precision"] == "highest")
+    compared = [r for r in rows if "precision" in r]
+    assert {(r["model"], r["atrous"], r["bn_folded"]) for r in compared} >= {
+        ("deeplabv2_resnet101", "dilated", True), ("deeplabv2_resnet101", "space_to_batch", True),
+        ("deeplabv2_resnet101", "dilated", False), ("fcn8s_vgg16", "-", None)}
+    assert all(r["rel_err_l2"] < 1e-4 for r in compared if r["precision"] == "highest")
+    checks = [r["torchvision_check"] for r in rows if "torchvision_check" in r]
+    assert len(checks) == 2
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        assert checks == [None, None]
+    else:
+        assert all(isinstance(c, float) and c < 1e-5 for c in checks), checks
+    assert json.loads((tmp_path / "parity_gpu.json").read_text()) == rows
+
+
+def test_real_size_round_smoke(tmp_path):
+    """benchmarks.real_size_round end to end at the smallest size: fixtures, a weights file that
+    claims to be a source model, one round through the launcher, per-phase figures, the projection."""
+    bench = tmp_path / "bench_jax.json"  # a step benchmark's rows: the round's configuration is picked
+    row = dict(model="deeplabv2_resnet_small", batch=2, dtype="float32", atrous="dilated", hw=[32, 64])
+    bench.write_text(json.dumps([dict(row, bn_folded=False, ms_median=70.0), dict(row, bn_folded=True, ms_median=50.0),
+                                 dict(row, bn_folded=True, batch=8, ms_median=90.0)]))
+    r = run_json(["benchmarks.real_size_round", "--smoke", "--gta5", "2", "--label", "2", "--steps", "1",
+                  "--evaluate", "1", "--workers", "1", "--step-bench", str(bench)], tmp_path, timeout=1200)[-1]
+    assert r["step_bench_ms"] == 50.0 and r["step_vs_bench"] == round(r["step_ms"] / 50.0, 3)
+    assert json.loads((tmp_path / "real_size_round.json").read_text()) == r
+    assert r["compute"] == {"dtype": "float32", "atrous": "dilated", "bn_folded": True, "platform": "cpu"}
+    assert r["outputs"]["pseudo_label 64x128"] == 2 and r["predict_scales"] == [0.9, 1.0, 1.2]
+    phases = r["phases"]
+    assert {"label cbst/r0", "retrain cbst/r0", "evaluate_and_record cbst/r0",
+            "evaluate_and_record source"} <= set(phases)
+    assert phases["label cbst/r0"]["images_per_s"] > 0 and phases["retrain cbst/r0"]["batches"] == 1
+    assert phases["retrain cbst/r0"]["compile_s"] > 0 and r["programs_compiled"] > 0 and r["step_ms"] > 0
+    assert r["device_peak_gib"] is None and 0.1 < r["peak_rss_gib"] < 12  # the CPU reports no device memory
+    p = r["paper_round_projection"]
+    assert (p["images_labelled"], p["images_evaluated"]) == (2975, 500) and p["steps"] > 2975  # 2 epochs, batch 2
+    assert abs(p["total_s"] - (p["label_s"] + p["retrain_s"] + p["evaluate_s"] + p["compile_s"])) < 0.5
+
+
+def test_synthetic_round_smoke(tmp_path):
+    r = run_json(["benchmarks.synthetic_round", "--", "--config=quick", "--config.methods=source_only,cbst",
+                  "--config.source_training.steps=4", "--config.self_training.rounds=1",
+                  "--config.self_training.steps_per_round=2", "--config.synthetic.num_source=16",
+                  "--config.synthetic.num_target_train=8", "--config.synthetic.num_target_val=8",
+                  "--config.input.eval_batch_size=8", "--config.input.batch_size=2",
+                  "--config.source_training.batch_size=2"], tmp_path, timeout=1200)[-1]
+    assert json.loads((tmp_path / "synthetic_round.json").read_text()) == r
+    assert set(r["round_s"]) == {"cbst/r0"} and r["round_s"]["cbst/r0"] > 0
+    assert r["phases"]["source_model source"]["steps_per_s"] > 0 and r["phases"]["retrain cbst/r0"]["batches"] == 2
+    assert "build set-up" in r["phases"] and r["compute"]["dtype"] == "float32"
+    assert (tmp_path / "results.md").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def gpu_session_lines():
+    path = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
+    text = open(path).read().replace("\\\n", " ")
+    return text, [l for l in text.splitlines() if "python3 -m " in l and not l.lstrip().startswith("#")]
 
 
 def test_gpu_session_script_commands_are_valid():
-    """The GPU call's script: shell syntax, the train-step lines' flags, the synthetic round's keys."""
+    """The GPU call's script: shell syntax, the train-step lines' flags, the synthetic round's keys,
+    the real-size round's flags, the peer's anchor."""
     from benchmarks import bench_train_step
     from cbst_jax import config_lib
     from experiments.configs import synthetic
 
-    path = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
-    assert subprocess.run(["bash", "-n", path]).returncode == 0
-    text = open(path).read().replace("\\\n", " ")
-    lines = [l for l in text.splitlines() if "python3 -m " in l and not l.lstrip().startswith("#")]
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_session.sh")]).returncode == 0
+    text, lines = gpu_session_lines()
     steps = [l.split("python3 -m benchmarks.bench_train_step", 1)[1] for l in lines if "bench_train_step" in l]
     assert len(steps) >= 3
+    batches = set()
     for args in steps:
-        args = args.replace('"$OUT/step/hlo"', "/tmp/hlo").split()
+        args = args.replace('"$WORK/step8/hlo"', "/tmp/hlo").split()
         parsed = bench_train_step.parse_args(args)
         assert set(parsed.atrous.split(",")) <= {"dilated", "space_to_batch"} and parsed.configs
-    synthetic_line = next(l for l in lines if "experiments.synthetic" in l)
+        assert set(parsed.fold.split(",")) <= {"on", "off"}
+        batches |= {c.split(":")[0] for c in parsed.configs.split(",")}
+    assert {"8", "2"} <= batches  # batch 8 and the CRST recipe's batch 2
+    synthetic_line = next(l for l in lines if "benchmarks.synthetic_round" in l)
     overrides = [a for a in synthetic_line.split() if a.startswith("--config.")]
     assert "--config=gpu" in synthetic_line and len(overrides) >= 8
     assert config_lib.unknown_override(overrides, synthetic.get_config("gpu")) is None
-    assert "item anchor" in text and ".devcarry/anchor_torch_deeplabv2.py same-run" in text
+    round_line = next(l for l in lines if "benchmarks.real_size_round" in l)
+    assert "--step-bench" in round_line and "item real_size_round" in round_line
+    assert "item peer" in text and "benchmarks.peer_step .devcarry/anchor_torch_deeplabv2.py" in text
+    assert not any(re.search(r"\bgit\b", l) for l in text.splitlines() if not l.lstrip().startswith("#"))
+
+
+def test_gpu_session_packs_every_item_and_runs_extra_items(tmp_path):
+    """The slot for later items (an EXTRA_ITEMS file) runs its items like the script's own, and
+    every item's folder comes back inside results.tgz beside session.log."""
+    import tarfile
+
+    extra = tmp_path / "extra_items.txt"
+    extra.write_text("# a comment line\n"
+                     "tiny 30 python3 -c \"import json, os; print(json.dumps({'n': 1}));"
+                     " open(os.path.join(os.environ['OUT'], 'x.json'), 'w').write('1')\"\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), EXTRA_ITEMS=str(extra), ONLY="tiny",
+               JAX_PLATFORMS="cpu", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    res = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = (out / "session.log").read_text()
+    assert "== tiny (limit 30s" in log and '{"n": 1}' in log and "== done" in log
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"./tiny/log", "./tiny/x.json"} <= names
+    assert sorted(p.name for p in out.iterdir()) in (["results.tgz", "session.log"],
+                                                     ["jax_cache.tgz", "results.tgz", "session.log"])

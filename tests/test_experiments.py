@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -35,6 +36,32 @@ def test_shipped_configs_validate(module, variant):
 @pytest.mark.parametrize("variant", ["", "quick", "gpu"])
 def test_synthetic_configs_validate(variant):
     config_lib.validate(synthetic.get_config(variant), need_roots=False)
+
+
+@pytest.mark.parametrize("module", [gta5_cityscapes, synthia_cityscapes, cityscapes_nthu, gta5_bdd, synthetic])
+def test_recipes_default_to_the_platforms_compute_path(module):
+    """Every recipe leaves dtype and atrous to the platform; on this CPU the network is built in
+    float32 with dilated convolutions (the references' numerics); bad values are refused."""
+    from cbst_jax import experiment
+    from cbst_jax.models.registry import resolve_compute
+
+    c = module.get_config()
+    assert (c.model.dtype, c.model.atrous) == ("auto", "auto")
+    assert resolve_compute(c.model.name, c.model.dtype, c.model.atrous, "gpu")[0] == "bfloat16"
+    if jax.default_backend() == "cpu":
+        c.model.init = ""
+        model = experiment.build_model(c)
+        path = experiment.compute_path(model)
+        assert (path["dtype"], path["atrous"], path["platform"]) == ("float32", "dilated", "cpu")
+    for key, bad in (("dtype", "float16"), ("atrous", "winograd")):
+        c = module.get_config()
+        c.model[key] = bad
+        with pytest.raises(config_lib.ConfigError, match=f"config.model.{key}='{bad}': expected 'auto'"):
+            config_lib.validate(c, need_roots=False)
+    c = synthetic.get_config()
+    c.model.atrous = "space_to_batch"  # the demo net has no dilated stage to move
+    with pytest.raises(config_lib.ConfigError, match="config.model.atrous='space_to_batch'"):
+        config_lib.validate(c, need_roots=False)
 
 
 def test_recipes_carry_the_references_values():

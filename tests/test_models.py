@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -378,3 +379,112 @@ def test_unknown_atrous_mode_is_refused():
     assert isinstance(models.get_model("fcn8s_vgg16_small", 3, atrous="dilated"), models.FCN8s)
     with pytest.raises(ValueError, match="not available for 'demo_segnet'"):
         models.get_model("demo_segnet", 3, atrous="space_to_batch")
+
+
+# ---------------------------------------------------------------- accelerator defaults
+@pytest.mark.parametrize("platform, deeplab, demo", [
+    ("cpu", ("float32", "dilated"), ("float32", "dilated")),
+    ("gpu", ("bfloat16", "space_to_batch"), ("bfloat16", "dilated")),
+    ("cuda", ("bfloat16", "space_to_batch"), ("bfloat16", "dilated")),
+    ("tpu", ("bfloat16", "space_to_batch"), ("bfloat16", "dilated")),
+    ("some_new_backend", ("float32", "dilated"), ("float32", "dilated")),  # unknown: the references' numerics
+])
+def test_auto_compute_path_per_platform(platform, deeplab, demo):
+    from cbst_jax.models.registry import resolve_compute
+
+    assert resolve_compute("deeplabv2_resnet101", "auto", "auto", platform) == deeplab
+    assert resolve_compute("resnet38", "auto", "auto", platform) == deeplab
+    assert resolve_compute("demo_segnet", "auto", "auto", platform) == demo  # no atrous option
+    # explicit values are kept whatever the platform
+    assert resolve_compute("deeplabv2_resnet101", "float32", "dilated", platform) == ("float32", "dilated")
+    assert resolve_compute("deeplabv2_resnet101", "float32", "auto", platform) == ("float32", deeplab[1])
+    assert resolve_compute("resnet38", "auto", "dilated", platform) == (deeplab[0], "dilated")
+
+
+def test_bfloat16_model_gives_float32_probabilities():
+    """The pseudo-labelling path of a bf16 network: float32 logits, float32 softmax (each
+    pixel's probabilities sum to one at float32 precision), float32 thresholds' input."""
+    from cbst_jax.predict import Predictor
+    from cbst_jax.sharding import make_mesh
+
+    x = images(2, 40, 56)
+    bf16 = models.get_model("deeplabv2_resnet_small", 5, dtype="bfloat16")
+    variables = bf16.init(KEY, x)
+    predictor = Predictor(bf16, 5, make_mesh(jax.devices()[:1]), (40, 56), scales=(1.0, 0.75), flip=True)
+    logits = predictor.logits(variables, x)
+    probs = jax.jit(predictor.probs)(variables, x)
+    assert all(l.dtype == jnp.float32 for l in logits) and probs.dtype == jnp.float32
+    assert probs.shape == (2, 40, 56, 5) and np.abs(np.asarray(probs).sum(-1) - 1).max() < 1e-5
+
+
+def test_get_model_auto_is_this_platforms_path():
+    from cbst_jax.models.registry import resolve_compute
+
+    want_dtype, want_atrous = resolve_compute("deeplabv2_resnet_small", platform=jax.default_backend())
+    m = models.get_model("deeplabv2_resnet_small", 3, dtype="auto", atrous="auto")
+    assert (jnp.dtype(m.dtype).name, m.atrous) == (want_dtype, want_atrous)
+    assert jax.default_backend() != "cpu" or (want_dtype, want_atrous) == ("float32", "dilated")
+    assert isinstance(models.get_model("demo_segnet", 3, dtype="auto", atrous="auto"), nn.Module)
+
+
+# ---------------------------------------------------------------- frozen BN folded into its conv
+def test_conv_equals_flax_conv():
+    """``layers.conv`` has nn.Conv's parameters (names, shapes, the same random draws) and output."""
+    from cbst_jax.models.layers import conv
+
+    x = np.random.RandomState(0).randn(2, 9, 11, 5).astype(np.float32)
+    for kw in (dict(use_bias=True, stride=2), dict(dilation=2), dict(kernel_init=nn.initializers.normal(0.01))):
+        ours = conv(7, 3, "c", **kw)
+        dilation = kw.get("dilation", 1)
+        theirs = nn.Conv(7, (3, 3), strides=(kw.get("stride", 1),) * 2, padding=((dilation, dilation),) * 2,
+                         kernel_dilation=(dilation, dilation), use_bias=kw.get("use_bias", False),
+                         kernel_init=kw.get("kernel_init", nn.initializers.lecun_normal()), name="c")
+        v_ours, v_theirs = ours.init(KEY, x), theirs.init(KEY, x)
+        assert jax.tree_util.tree_structure(v_ours) == jax.tree_util.tree_structure(v_theirs)
+        assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, v_ours, v_theirs)))
+        np.testing.assert_array_equal(ours.apply(v_ours, x), theirs.apply(v_theirs, x))
+
+
+@pytest.mark.parametrize("family, atrous", [("deeplabv2", "dilated"), ("deeplabv2", "space_to_batch"),
+                                            ("resnet38", "dilated")])
+def test_folded_batchnorm_equals_unfolded(family, atrous):
+    """Frozen BN folded into its conv (scale into the kernel, shift as a bias): logits and every
+    parameter's gradient (BN scale/bias included) agree with BN applied after the conv to float32
+    rounding; with train_bn=True training keeps the unfolded path (the same program)."""
+    make = small_deeplab if family == "deeplabv2" else small_resnet38
+    x = images(2, 60, 100, seed=6)
+    folded, plain = make(atrous=atrous), make(atrous=atrous, fold_bn=False)
+    variables = randomized(plain.init(KEY, x), 7)
+    out = plain.apply(variables, x)
+    assert rel_err(folded.apply(variables, x), out) < 1e-5
+    weights = jnp.asarray(np.random.RandomState(8).randn(*out.shape), jnp.float32)
+    rngs = {"dropout": jax.random.key(9)}
+
+    def grads(module):
+        def loss(params):
+            logits = module.apply({**variables, "params": params}, x, train=True, rngs=rngs)
+            return jnp.sum(logits * weights)
+        return jax.grad(loss)(variables["params"])
+
+    errs = jax.tree_util.tree_map(rel_err, grads(folded), grads(plain))
+    assert max(jax.tree_util.tree_leaves(errs)) < 1e-4
+    trained = [make(atrous=atrous, train_bn=True, fold_bn=f).apply(variables, x, train=True, rngs=rngs,
+                                                                    mutable=["batch_stats"]) for f in (True, False)]
+    np.testing.assert_array_equal(trained[0][0], trained[1][0])
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, trained[0][1], trained[1][1])))
+
+
+def test_folded_batchnorm_leaves_no_activation_multiply():
+    """What folding removes: every BN's multiply of a (batch, H, W, C) map (DeepLab-v2: every BN
+    follows a conv, so none is left); ResNet-38 keeps its pre-activation BNs."""
+    x = jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.uint8)
+
+    def activation_multiplies(module):
+        text = jax.jit(module.apply).lower(abstract_variables(module, x.shape), x).as_text()
+        return len(re.findall(r"stablehlo.multiply .*-> tensor<2x\d+x\d+x\d+x", text)
+                   + re.findall(r"stablehlo.multiply %\S+, %\S+ : tensor<2x\d+x\d+x\d+x", text))
+
+    plain, folded = activation_multiplies(small_deeplab(fold_bn=False)), activation_multiplies(small_deeplab())
+    assert (plain, folded) == (1 + 6 * 3 + 4, 0)  # stem, 6 blocks x 3, 4 projection shortcuts
+    r_plain, r_folded = activation_multiplies(small_resnet38(fold_bn=False)), activation_multiplies(small_resnet38())
+    assert 0 < r_folded < r_plain

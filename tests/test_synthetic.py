@@ -187,3 +187,33 @@ def test_target_surfaces_look_like_their_confusers():
     green = lambda rgb: float(rgb[1] - 0.5 * (rgb[0] + rgb[2]))
     assert green(tgt[syn.VEGETATION]) < green(src[syn.VEGETATION])
     assert all(green(tgt[syn.VEGETATION]) > green(tgt[c]) for c in syn.DRAWN_CLASSES if c != syn.VEGETATION)
+
+
+def test_rendered_source_holds_the_same_records():
+    """Rendered once (in this process, and by 2 spawned workers): the records the generator
+    renders on the fly, the same arrays, read-only."""
+    src = syn.open_synthetic("target", "train", height=32, width=64, num_images=7, seed=3)
+    for rendered in (syn.RenderedSource(src, 1), syn.RenderedSource(src, 2, min_pixels=0)):
+        assert len(rendered) == 7 and rendered.names == src.names and not rendered.has_labels
+        for i in range(7):
+            want, got = src[i], rendered[i]
+            assert set(got) == {"image", "hidden_label", "name"} and got["name"] == want["name"]
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["hidden_label"], want["hidden_label"])
+        np.testing.assert_array_equal(rendered[-1]["image"], src[6]["image"])
+        with pytest.raises(ValueError, match="read-only"):
+            rendered[0]["image"][0, 0, 0] = 1
+        with pytest.raises(IndexError):
+            rendered[7]
+
+
+def test_a_run_renders_the_embedded_pair_once():
+    from cbst_jax.data.experiment_data import open_experiment_data
+    from experiments.configs import synthetic as recipe
+
+    config = recipe.get_config("quick")
+    data = open_experiment_data(config)
+    for split, n in ((data.source, 96), (data.target_train, 48), (data.target_eval, 32)):
+        assert isinstance(split, syn.RenderedSource) and len(split) == n
+    np.testing.assert_array_equal(data.target_eval[5]["label"],
+                                  syn.render("target", "val", 5, height=64, width=128, seed=0)[1])

@@ -363,3 +363,31 @@ def test_uint8_soft_labels_are_renormalised():
     _, m_f = step(state2, to_global(as_float, mesh), LR)
     np.testing.assert_allclose(float(m_u8["loss"]), float(m_f["loss"]), rtol=1e-6)
     assert int(m_u8["n_valid"]) == int(m_f["n_valid"])
+
+
+def test_folded_bn_bfloat16_step_trains_convs_and_leaves_frozen_bn():
+    """The project's step on a DeepLab-v2 whose frozen BNs fold into their convolutions (the
+    models' default) in bfloat16: a float32 loss, float32 parameters, the conv kernels updated and
+    the BN scale/bias (frozen group) and running statistics exactly as they were."""
+    from cbst_jax import models
+
+    mesh = make_mesh()
+    model = models.get_model("deeplabv2_resnet_small", K, dtype="bfloat16")
+    assert model.fold_bn and not model.train_bn
+    batch = make_batch(8, hw=(32, 48))
+    variables = model.init(jax.random.key(0), batch["image"][:1])
+    groups = models.param_groups(model, variables["params"])
+    tx = train.make_optimizer(groups)
+    state = train.create_train_state(variables, tx, jax.random.key(1), mesh)
+    step = train.make_train_step(model, tx, train.TrainConfig(stride=8), mesh, groups)
+    old, old_stats = host(state.params), host(state.batch_stats)  # the step donates the state
+    new, m = step(state, to_global(batch, mesh), LR)
+    assert m["loss"].dtype == jnp.float32 and bool(m["finite"])
+    new_params = host(new.params)
+    assert all(a.dtype == np.float32 for a in jax.tree.leaves(new_params))
+    assert not np.array_equal(old["layer1_0"]["conv2"]["kernel"], new_params["layer1_0"]["conv2"]["kernel"])
+    for bn in ("bn1", ("layer3_0", "bn2")):
+        o, n = (old[bn], new_params[bn]) if isinstance(bn, str) else (old[bn[0]][bn[1]], new_params[bn[0]][bn[1]])
+        np.testing.assert_array_equal(o["scale"], n["scale"])
+        np.testing.assert_array_equal(o["bias"], n["bias"])
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, old_stats, host(new.batch_stats))))

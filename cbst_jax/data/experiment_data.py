@@ -1,6 +1,7 @@
 """The three splits of an experiment, opened from its configuration: the labelled source, the
 unlabelled target split that is pseudo-labelled and adapted on, and the labelled target split
-it is evaluated on; and which classes its tables average over.
+it is evaluated on (the embedded pair's rendered once per run); and which classes its tables
+average over.
 
 Dataset knowledge the round loop should not carry lives here: the embedded pair's sizes and
 drawn classes, which readers take a list file, a ``labelled`` flag or a city, and the key under
@@ -51,6 +52,18 @@ def open_side(config, side: str, split: str, *, labelled=None):
     return open_dataset(d.name, d.root, split, **opts)
 
 
+def rendered(config, split):
+    """``split`` itself, or for the embedded pair its scenes rendered once into memory (the same
+    arrays; ``input.workers`` processes render them), so no batch renders an image again."""
+    from cbst_jax.data.synthetic import RenderedSource, SyntheticSource
+
+    if not isinstance(split, SyntheticSource):
+        return split
+    from cbst_jax.data.pipeline import default_workers
+
+    return RenderedSource(split, default_workers() if config.input.workers < 0 else config.input.workers)
+
+
 def class_lists(config) -> tuple[list, list | None]:
     """(classes of the tables, subset of the mIoU* column or None). A 19-class model on NTHU is
     scored on the 13 NTHU classes (its predictions of the other six count as errors)."""
@@ -73,6 +86,7 @@ def open_experiment_data(config) -> ExperimentData:
     source = open_side(config, "source", config.source.split)
     target_train = open_side(config, "target", config.target.train_split, labelled=False)
     target_eval = open_side(config, "target", config.target.eval_split)
+    source, target_train, target_eval = (rendered(config, split) for split in (source, target_train, target_eval))
     if not getattr(target_eval, "has_labels", True):
         raise DatasetError(f"target evaluation split {config.target.eval_split!r} has no labels")
     target_train, overlap = without_eval_overlap(target_train, target_eval,

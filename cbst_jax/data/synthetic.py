@@ -490,6 +490,58 @@ class SyntheticSource:
                 f"n={self.num_images}, seed={self.seed}{', camera_shift' if self.camera_shift else ''})")
 
 
+# Below this many pixels in a split, rendering it in one process beats starting worker processes
+# (each spawned worker imports numpy and this module first, ~1 s on the 2-core development box).
+PARALLEL_MIN_PIXELS = 4_000_000
+
+
+def _render_chunk(args):
+    """Images and labels of ``indices`` of one stream (a worker process's share)."""
+    domain, split, indices, options = args
+    pairs = [render(domain, split, i, **options) for i in indices]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+class RenderedSource(SyntheticSource):
+    """A :class:`SyntheticSource` rendered once, into memory: the same records (the same arrays,
+    read-only), read back instead of rendered for every batch. ``workers`` > 1 renders in that many
+    spawned processes when the split holds at least ``min_pixels`` pixels (``PARALLEL_MIN_PIXELS``)."""
+
+    def __init__(self, source: SyntheticSource, workers: int = 1, min_pixels: int = PARALLEL_MIN_PIXELS):
+        super().__init__(source.domain, source.split, height=source.height, width=source.width,
+                         num_images=source.num_images, seed=source.seed, camera_shift=source.camera_shift)
+        n, h, w = self.num_images, self.height, self.width
+        options = dict(height=h, width=w, seed=self.seed, camera_shift=self.camera_shift)
+        self.images = np.empty((n, h, w, 3), np.uint8)
+        self.labels = np.empty((n, h, w), np.uint8)
+        workers = min(int(workers), n) if n * h * w >= min_pixels else 1
+        chunks = [c for c in np.array_split(np.arange(n), 4 * workers) if len(c)]
+        jobs = [(self.domain, self.split, c.tolist(), options) for c in chunks]
+        if workers > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            spawn = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+                results = list(pool.map(_render_chunk, jobs))
+        else:
+            results = map(_render_chunk, jobs)
+        for c, (images, labels) in zip(chunks, results):
+            self.images[c], self.labels[c] = images, labels
+        self.images.flags.writeable = self.labels.flags.writeable = False
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if i < 0:
+            i += self.num_images
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"index {i} out of range for {self.num_images} images")
+        return {"image": self.images[i], self.label_key: self.labels[i], "name": self._name(i)}
+
+    def __repr__(self) -> str:
+        return "Rendered" + super().__repr__()
+
+
 def open_synthetic(domain: str, split: str, *, height: int = 64, width: int = 128,
                    num_images: int | None = None, seed: int = 0, camera_shift: bool = False) -> SyntheticSource:
     """The synthetic ``domain`` ("source" | "target") ``split`` ("train" | "val" | "test").

@@ -27,24 +27,26 @@ class Bottleneck(nn.Module):
     dilation: int = 1
     downsample: bool = False
     use_batch_stats: bool = False
+    fold_bn: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, grid: PhaseGrid | None = None):
         """``grid``: the phase grid ``x`` is held on (``dilation`` is then per phase), or None."""
         valid = grid.valid if grid is not None else None
-        bn = lambda name, y: BatchNorm(dtype=self.dtype, name=name)(y, self.use_batch_stats, valid)
-        y = conv(self.planes, 1, "conv1", stride=self.stride, dtype=self.dtype)(x)
-        y = nn.relu(bn("bn1", y))
+
+        def conv_bn(y, features, kernel, name, bn_name, **kw):
+            layer = conv(features, kernel, name, dtype=self.dtype, **kw)
+            return BatchNorm(dtype=self.dtype, name=bn_name)(y, self.use_batch_stats, valid, conv=layer,
+                                                            fold=self.fold_bn)
+
+        y = nn.relu(conv_bn(x, self.planes, 1, "conv1", "bn1", stride=self.stride))
         if grid is not None:
             y = grid.zero_padding(y)
-        y = conv(self.planes, 3, "conv2", dilation=self.dilation, dtype=self.dtype)(y)
-        y = nn.relu(bn("bn2", y))
-        y = conv(self.planes * 4, 1, "conv3", dtype=self.dtype)(y)
-        y = bn("bn3", y)
+        y = nn.relu(conv_bn(y, self.planes, 3, "conv2", "bn2", dilation=self.dilation))
+        y = conv_bn(y, self.planes * 4, 1, "conv3", "bn3")
         if self.downsample:
-            x = conv(self.planes * 4, 1, "downsample_0", stride=self.stride, dtype=self.dtype)(x)
-            x = bn("downsample_1", x)
+            x = conv_bn(x, self.planes * 4, 1, "downsample_0", "downsample_1", stride=self.stride)
         return nn.relu(x + y)
 
 
@@ -80,6 +82,8 @@ class DeepLabV2(nn.Module):
       dtype: activation dtype (params stay float32); logits are returned in float32.
       atrous: "dilated" (dilated convolutions) or "space_to_batch" (the same convolutions,
         undilated, on phase grids; see the module docstring). Same variables, same function.
+      fold_bn: BatchNorm with running statistics (frozen, or at inference) folded into the
+        convolution before it (``layers.BatchNorm(conv=)``). Same variables, same function.
     """
     num_classes: int
     layers: Sequence[int] = (3, 4, 23, 3)
@@ -89,6 +93,7 @@ class DeepLabV2(nn.Module):
     normalization: str = "caffe"
     dtype: Any = jnp.float32
     atrous: str = "dilated"
+    fold_bn: bool = True
 
     head_names = ("layer5",)
     output_stride = 8
@@ -98,8 +103,8 @@ class DeepLabV2(nn.Module):
         bs = self.train_bn and train
         on_phases = check_atrous(self.atrous) == "space_to_batch"
         x = normalize_images(images, self.normalization, self.dtype)
-        x = conv(self.width, 7, "conv1", stride=2, dtype=self.dtype)(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, bs))
+        stem = conv(self.width, 7, "conv1", stride=2, dtype=self.dtype)
+        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, bs, conv=stem, fold=self.fold_bn))
         x = max_pool(x, 3, 2, padding=1, ceil_mode=True)
         stages = ((1, 1), (2, 1), (1, 2), (1, 4))  # (stride, dilation) of layer1..layer4
         for s, (n_blocks, (stride, dilation)) in enumerate(zip(self.layers, stages)):
@@ -109,7 +114,8 @@ class DeepLabV2(nn.Module):
             for i in range(n_blocks):
                 x = Bottleneck(self.width * 2**s, stride=stride if i == 0 else 1,
                                dilation=1 if grid is not None else dilation, downsample=i == 0,
-                               use_batch_stats=bs, dtype=self.dtype, name=f"layer{s + 1}_{i}")(x, grid)
+                               use_batch_stats=bs, fold_bn=self.fold_bn, dtype=self.dtype,
+                               name=f"layer{s + 1}_{i}")(x, grid)
             if grid is not None:
                 x = grid.from_phases(x)
         x = ASPPv2(self.num_classes, self.rates, self.atrous, dtype=self.dtype, name="layer5")(x)

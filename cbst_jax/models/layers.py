@@ -1,6 +1,6 @@
-"""Building blocks shared by the model families: input normalisation, BatchNorm with
-running statistics, torch-compatible padding and ceil-mode max-pooling, and the phase grids
-that run dilated convolutions as undilated ones (``PhaseGrid``)."""
+"""Building blocks shared by the model families: input normalisation, convolutions that a frozen
+BatchNorm folds into, BatchNorm with running statistics, torch-compatible padding and ceil-mode
+max-pooling, and the phase grids that run dilated convolutions as undilated ones (``PhaseGrid``)."""
 import dataclasses
 from typing import Any
 
@@ -44,11 +44,43 @@ def normalize_images(images, normalization: str, dtype=jnp.float32):
     return x.astype(dtype)
 
 
+class Conv(nn.Module):
+    """``nn.Conv`` on NHWC maps with an HWIO kernel: the same parameters (names, shapes,
+    initialisers, random draws) and the same convolution, plus an optional per-output-channel
+    affine map folded in. ``Conv(...)(x, scale=m, shift=a)`` is ``nn.Conv(...)(x) * m + a``
+    computed as one convolution with kernel ``kernel * m`` and bias ``bias * m + a`` (folded in
+    float32, then cast to ``dtype``): a frozen BatchNorm costs no pass of its own
+    (``BatchNorm(..., conv=)``)."""
+    features: int
+    kernel_size: tuple
+    strides: tuple = (1, 1)
+    padding: Any = "SAME"
+    kernel_dilation: tuple = (1, 1)
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x, scale=None, shift=None):
+        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        if scale is not None:
+            kernel = kernel * scale
+            bias = shift if bias is None else bias * scale + shift
+        y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
+                                     rhs_dilation=self.kernel_dilation,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if bias is None else y + bias.astype(self.dtype)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over the last axis with torch semantics and frozen-statistics fast path.
 
-    With `use_batch_stats=False` it is a per-channel affine map (running statistics),
-    which XLA fuses into the preceding convolution. With batch statistics it updates the
+    With `use_batch_stats=False` it is a per-channel affine map (running statistics); given the
+    :class:`Conv` whose output it normalises (``conv``, called on ``x``) and ``fold``, that map
+    is folded into the convolution (scale into the kernel, shift as a bias: exact to rounding,
+    no multiply-add of its own forward or backward). With batch statistics it updates the
     running averages like torch (momentum 0.1, unbiased variance) when 'batch_stats' is
     mutable.
     """
@@ -57,14 +89,21 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, use_batch_stats: bool = False, valid=None):
-        """``valid``: optional 0/1 array broadcastable to ``x`` (a ``PhaseGrid.valid`` mask):
-        batch statistics are taken over the positions it marks only (padding left out)."""
-        c = x.shape[-1]
+    def __call__(self, x, use_batch_stats: bool = False, valid=None, conv: Conv | None = None, fold: bool = False):
+        """``valid``: optional 0/1 array broadcastable to the normalised map (a ``PhaseGrid.valid``
+        mask): batch statistics are taken over the positions it marks only (padding left out).
+        ``conv``: normalise ``conv(x)`` instead of ``x`` (folded into it when ``fold`` and the
+        statistics are the running ones)."""
+        c = x.shape[-1] if conv is None else conv.features
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if not use_batch_stats and conv is not None and fold:
+            mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
+            return conv(x, scale=mul, shift=bias - ra_mean.value * mul)
+        if conv is not None:
+            x = conv(x)
         if use_batch_stats:
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
@@ -89,14 +128,13 @@ class BatchNorm(nn.Module):
 
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, dilation: int = 1,
-         padding: int | None = None, use_bias: bool = False, dtype=jnp.float32, **kw):
-    """nn.Conv with torch-style symmetric padding (default: 'same' for odd kernels). A 1x1
+         padding: int | None = None, use_bias: bool = False, dtype=jnp.float32, **kw) -> Conv:
+    """A :class:`Conv` with torch-style symmetric padding (default: 'same' for odd kernels). A 1x1
     kernel has no taps to spread, so its dilation is dropped (no dilated 1x1 conv in the HLO)."""
     dilation = 1 if kernel == 1 else dilation
     pad = dilation * (kernel - 1) // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
-                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                kernel_dilation=(dilation, dilation), use_bias=use_bias, dtype=dtype, name=name, **kw)
 
 
 def _pool_out(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:

@@ -32,6 +32,8 @@ class ResNet38(nn.Module):
       train_bn, normalization, dtype, atrous: as for DeepLabV2 (weights expect 'imagenet');
         ``atrous="space_to_batch"`` runs level 5 (from after 5a's first conv) on the 2x2, levels
         6-7 on the 4x4 and the head on the 12x12 space-to-batch phase grid, undilated.
+      fold_bn: as for DeepLabV2; here the BatchNorm after each inner conv of a block (the
+        pre-activations of the residual stream have no conv of their own to fold into).
     """
     num_classes: int
     widths: Sequence[Any] = (64, 128, 256, 512, (512, 1024), (512, 1024, 2048), (1024, 2048, 4096))
@@ -43,6 +45,7 @@ class ResNet38(nn.Module):
     normalization: str = "imagenet"
     dtype: Any = jnp.float32
     atrous: str = "dilated"
+    fold_bn: bool = True
 
     head_names = ("conv6a", "linear")
     output_stride = 8
@@ -58,12 +61,16 @@ class ResNet38(nn.Module):
             valid = grid.valid if grid is not None else None
             return nn.relu(BatchNorm(epsilon=MXNET_BN_EPS, dtype=dt, name=name)(x, bs, valid))
 
-        def conv_on(grid, features, kernel, name, x, dilation=1, **kw):
+        def conv_on(grid, features, kernel, name, x, dilation=1, bn=None, **kw):
             """The conv of the map ``x`` is held on: on a phase grid its dilation is per phase
-            and the padding must read zero."""
+            and the padding must read zero. ``bn``: the name of the frozen BatchNorm of its
+            output, folded into it."""
             if grid is not None and kernel > 1:
                 x, dilation = grid.zero_padding(x), dilation // grid.rate
-            return conv(features, kernel, name, dilation=dilation, dtype=dt, **kw)(x)
+            layer = conv(features, kernel, name, dilation=dilation, dtype=dt, **kw)
+            if bn is None:
+                return layer(x)
+            return BatchNorm(epsilon=MXNET_BN_EPS, dtype=dt, name=bn)(x, conv=layer, fold=True)
 
         def dropout(y, rate, grid):
             name = f"Dropout_{next(dropouts)}"  # nn.Dropout's own names: the same keys either way
@@ -74,19 +81,26 @@ class ResNet38(nn.Module):
         def block(x, name, filters, kernels, stride=1, dilation=1, first_dilation=None,
                   project=False, dropout_rate=0.0, grid=None, enter=None):
             """`res_block` of resnet_v2.py: BN-ReLU-conv stages, optional projection. ``x`` is
-            held on ``grid``; ``enter``: a grid the block moves onto after its first conv."""
+            held on ``grid``; ``enter``: a grid the block moves onto after its first conv. The
+            BatchNorm after each inner conv is folded into it when frozen (``fold_bn``); the
+            pre-activation of the block's input is not (the residual sum lies between)."""
             pre = bn_relu(x, f"bn{name}_branch2a", grid)
-            y = conv_on(grid, filters[0], kernels[0], f"res{name}_branch2a", pre, stride=stride,
-                        dilation=dilation if first_dilation is None else first_dilation)
-            if project:
-                x = conv_on(grid, filters[-1], 1, f"res{name}_branch1", pre, stride=stride)
-            if enter is not None:
-                x, y, grid = enter.to_phases(x), enter.to_phases(y), enter
-            for i in range(1, len(filters)):
-                y = bn_relu(y, f"bn{name}_branch2b{i}", grid)
-                if dropout_rate and i == len(filters) - 1:
-                    y = dropout(y, dropout_rate, grid)
-                y = conv_on(grid, filters[i], kernels[i], f"res{name}_branch2b{i}", y, dilation=dilation)
+            names = [f"res{name}_branch2a"] + [f"res{name}_branch2b{i}" for i in range(1, len(filters))]
+            y = pre
+            for i, (features, kernel, conv_name) in enumerate(zip(filters, kernels, names)):
+                bn_name = f"bn{name}_branch2b{i + 1}" if i + 1 < len(filters) else None
+                folded = bn_name is not None and self.fold_bn and not bs
+                d = dilation if i > 0 or first_dilation is None else first_dilation
+                y = conv_on(grid, features, kernel, conv_name, y, dilation=d, stride=stride if i == 0 else 1,
+                            bn=bn_name if folded else None)
+                if i == 0 and project:
+                    x = conv_on(grid, filters[-1], 1, f"res{name}_branch1", pre, stride=stride)
+                if i == 0 and enter is not None:
+                    x, y, grid = enter.to_phases(x), enter.to_phases(y), enter
+                if bn_name is not None:
+                    y = nn.relu(y) if folded else bn_relu(y, bn_name, grid)
+                    if dropout_rate and i + 1 == len(filters) - 1:
+                        y = dropout(y, dropout_rate, grid)
             return x + y
 
         w = self.widths

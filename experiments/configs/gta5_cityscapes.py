@@ -18,6 +18,11 @@ source-only training). Data: GTA5 at 1052x1914 as both references ask (CBST READ
 Cityscapes at 1024x2048; the target images adapted on are the references' 505-image
 ``train_ClsConfSet`` list, evaluation is Cityscapes val (500 images).
 
+Compute path (``model.dtype`` / ``model.atrous``, "auto" in every recipe): bfloat16 activations and
+the dilated stages on space-to-batch phase grids on a GPU/TPU, float32 and dilated convolutions on a
+CPU; ``--config.model.dtype=float32 --config.model.atrous=dilated`` reproduces the references'
+numerics on any platform. Parameters, loss, softmax and threshold statistics are float32 either way.
+
 Not reproduced: CRST's random scale is ``lo + randint(0, 10)/10`` (steps of 0.1), here uniform in
 the range; CBST upsamples the stride-8 softmax with PIL bicubic per class for pseudo-labels,
 here bilinearly (align_corners, as CRST).

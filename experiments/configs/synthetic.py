@@ -90,6 +90,7 @@ def _gpu(c):
     c.synthetic.num_source, c.synthetic.num_target_train, c.synthetic.num_target_val = 3000, 500, 500
     c.input.eval_batch_size = 32
     c.input.batch_size = c.source_training.batch_size = 8   # the CPU's batch-4 choice does not apply on a GPU
+    c.input.workers = -1                       # every core but one renders the pair (once per run) and crops
 
 
 VARIANTS = {"quick": _quick, "gpu": _gpu, "camera_shift": _camera_shift}

@@ -114,7 +114,13 @@ if [ -f "$EXTRA_ITEMS" ]; then
         eval "item \"\$name\" \"\$limit\" $command" < /dev/null
     done < "$EXTRA_ITEMS"
 fi
-# 5. as time allows: pseudo-labelling alone (flip, and MST + flip, batch 2), batch 8 with dilated
+# 5. the transformer network of today's recipes (issue 20): a DAFormer MiT-B5 train step at 512x512
+#    (batch 4 = DAFormer's 2 source + 2 target, and 2; AdamW) and one forward at 1024x2048
+item mit_step 75 python3 -m benchmarks.bench_train_step --model daformer_mit_b5 --size 512,512 \
+    --configs 4:bfloat16,2:bfloat16 --atrous dilated --optimizer adam --steps 10 --rounds 2 --warmup 2
+item mit_forward 45 python3 -m benchmarks.bench_train_step --step forward --model daformer_mit_b5 --size 1024,2048 \
+    --configs 1:bfloat16 --atrous dilated --steps 5
+# 6. as time allows: pseudo-labelling alone (flip, and MST + flip, batch 2), batch 8 with dilated
 #    convolutions, full-size float32 parity with torch, the host pipeline on this machine's cores
 item pseudo_label 90 python3 -m benchmarks.bench_pseudo_label --images 16 --batch 2 --configs single,mst
 item step8_dilated 60 python3 -m benchmarks.bench_train_step --configs 8:bfloat16 --atrous dilated --fold on \

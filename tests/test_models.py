@@ -433,11 +433,14 @@ def test_conv_equals_flax_conv():
     from cbst_jax.models.layers import conv
 
     x = np.random.RandomState(0).randn(2, 9, 11, 5).astype(np.float32)
-    for kw in (dict(use_bias=True, stride=2), dict(dilation=2), dict(kernel_init=nn.initializers.normal(0.01))):
-        ours = conv(7, 3, "c", **kw)
+    for kw in (dict(use_bias=True, stride=2), dict(dilation=2), dict(kernel_init=nn.initializers.normal(0.01)),
+               dict(use_bias=True, feature_group_count=5)):  # depthwise (MiT's Mix-FFN)
+        features = 5 * 3 if "feature_group_count" in kw else 7
+        ours = conv(features, 3, "c", **kw)
         dilation = kw.get("dilation", 1)
-        theirs = nn.Conv(7, (3, 3), strides=(kw.get("stride", 1),) * 2, padding=((dilation, dilation),) * 2,
+        theirs = nn.Conv(features, (3, 3), strides=(kw.get("stride", 1),) * 2, padding=((dilation, dilation),) * 2,
                          kernel_dilation=(dilation, dilation), use_bias=kw.get("use_bias", False),
+                         feature_group_count=kw.get("feature_group_count", 1),
                          kernel_init=kw.get("kernel_init", nn.initializers.lecun_normal()), name="c")
         v_ours, v_theirs = ours.init(KEY, x), theirs.init(KEY, x)
         assert jax.tree_util.tree_structure(v_ours) == jax.tree_util.tree_structure(v_theirs)

@@ -60,16 +60,18 @@ class Conv(nn.Module):
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
+    feature_group_count: int = 1  # > 1: grouped (depthwise when equal to the input channels)
 
     @nn.compact
     def __call__(self, x, scale=None, shift=None):
-        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init,
+                            (*self.kernel_size, x.shape[-1] // self.feature_group_count, self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
         if scale is not None:
             kernel = kernel * scale
             bias = shift if bias is None else bias * scale + shift
         y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
-                                     rhs_dilation=self.kernel_dilation,
+                                     rhs_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y if bias is None else y + bias.astype(self.dtype)
 

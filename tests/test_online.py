@@ -1,12 +1,13 @@
 """Online teacher-student self-training (DACS / DAFormer + the seed's class-balanced thresholds):
 the building blocks against numpy / scipy / brute force, and the one jitted step (wiring,
 1 vs 8 devices, determinism, resume from a host copy, the non-finite guard)."""
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbst_jax import ema_teacher
+from cbst_jax import class_mix, ema_teacher
 
 K = 5  # classes of the small tests
 IGN = 255
@@ -47,3 +48,52 @@ def test_ema_update_matches_numpy():
             jax.tree.map(lambda x, y: np.testing.assert_array_max_ulp(x, y, 1), host(params), expect)
             expect_stats = (a * stats_t["mean"] + b * stats_s["mean"]) if train_bn else stats_s["mean"]
             np.testing.assert_array_max_ulp(np.asarray(stats["mean"]), expect_stats, 1)
+
+
+# ------------------------------------------------------------------------------ ClassMix
+def _labels(rng, b=6, hw=(9, 11)):
+    lab = rng.integers(0, K, (b, *hw)).astype(np.uint8)
+    lab[0, rng.random(hw) < 0.3] = IGN  # ignore counts as a class (DACS)
+    lab[1] = 3  # a single class: ceil(1/2) = 1, always pasted
+    lab[2] = IGN  # only ignore
+    lab[3, :, :] = np.where(rng.random(hw) < 0.5, 1, 4)  # two classes: one of them
+    return lab
+
+
+def test_class_masks_choose_half_of_the_present_classes():
+    rng = np.random.default_rng(1)
+    labels = _labels(rng)
+    masks_fn = jax.jit(lambda k, l: class_mix.class_masks(k, l, K))
+    for seed in range(12):
+        mask, chosen = host(masks_fn(jax.random.key(seed), labels))
+        for i, lab in enumerate(labels):
+            present = sorted(set(np.minimum(lab, K).ravel().tolist()))  # values >= C are the ignore class C
+            picked = np.flatnonzero(chosen[i]).tolist()
+            assert set(picked) <= set(present)
+            assert len(picked) == (len(present) + len(present) % 2) // 2  # ceil(n / 2), DACS's rounding
+            values = [IGN if c == K else c for c in picked]
+            np.testing.assert_array_equal(mask[i], np.isin(lab, values))
+
+
+def test_class_mix_subsets_are_uniform():
+    label = np.repeat(np.array([0, 1, 2, 4], np.uint8), 4).reshape(1, 4, 4)  # 4 classes: C(4,2) = 6 subsets
+    chosen = jax.jit(jax.vmap(lambda k: class_mix.class_masks(k, label, K)[1][0]))(
+        jax.random.split(jax.random.key(0), 1200))
+    counts = Counter(tuple(np.flatnonzero(c)) for c in np.asarray(chosen))
+    assert len(counts) == 6 and all(130 < n < 270 for n in counts.values()), counts  # 200 expected each
+
+
+def test_mixed_image_label_and_weight():
+    rng = np.random.default_rng(2)
+    b, hw = 4, (6, 7)
+    mask = rng.random((b, *hw)) < 0.5
+    src = rng.integers(0, 256, (b, *hw, 3)).astype(np.uint8)
+    tgt = rng.integers(0, 256, (b, *hw, 3)).astype(np.uint8)
+    src_lab = rng.integers(0, K, (b, *hw)).astype(np.uint8)
+    pl = rng.integers(0, K, (b, *hw)).astype(np.int32)
+    pw = rng.random((b, *hw)).astype(np.float32)
+    img, lab, w = host(jax.jit(class_mix.mix_batch)(mask, src, tgt, src_lab, pl, pw))
+    m = mask.astype(np.int64)
+    np.testing.assert_array_equal(img, (m[..., None] * src + (1 - m[..., None]) * tgt).astype(np.uint8))
+    np.testing.assert_array_equal(lab, m * src_lab + (1 - m) * pl)
+    np.testing.assert_array_equal(w, np.where(mask, 1.0, pw).astype(np.float32))

@@ -6,8 +6,9 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
-from cbst_jax import class_mix, ema_teacher
+from cbst_jax import class_mix, ema_teacher, strong_augment as sa
 
 K = 5  # classes of the small tests
 IGN = 255
@@ -97,3 +98,85 @@ def test_mixed_image_label_and_weight():
     np.testing.assert_array_equal(img, (m[..., None] * src + (1 - m[..., None]) * tgt).astype(np.uint8))
     np.testing.assert_array_equal(lab, m * src_lab + (1 - m) * pl)
     np.testing.assert_array_equal(w, np.where(mask, 1.0, pw).astype(np.float32))
+
+
+# ------------------------------------------------------------------------- strong augment
+def _hsv_np(x):
+    """kornia 0.5.8's rgb_to_hsv in numpy float64 (written from its formula)."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = x.max(-1)
+    delta = v - x.min(-1)
+    s = delta / (v + 1e-6)
+    d = np.where(delta == 0, 1.0, delta)
+    h = np.select([r == v, g == v], [(v - b) - (v - g), 2 * d + (v - r) - (v - b)], 4 * d + (v - g) - (v - r)) / d
+    return np.stack([2 * np.pi * ((h / 6) % 1.0), s, v], -1)
+
+
+def _rgb_np(hsv):
+    h, s, v = hsv[..., 0] / (2 * np.pi), hsv[..., 1], hsv[..., 2]
+    hi = np.floor(h * 6) % 6
+    f = (h * 6) % 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    table = {0: (v, t, p), 1: (q, v, p), 2: (p, v, t), 3: (p, q, v), 4: (t, p, v), 5: (v, p, q)}
+    out = np.zeros(hsv.shape)
+    for k, (rr, gg, bb) in table.items():
+        sel = hi == k
+        out[sel] = np.stack([rr, gg, bb], -1)[sel]
+    return out
+
+
+def _jitter_np(x, p):
+    for op in p["order"]:
+        if op == 0:
+            x = np.clip(x + (p["brightness"] - 1), 0, 1)
+        elif op == 1:
+            x = np.clip(x * p["contrast"], 0, 1)
+        else:
+            hsv = _hsv_np(x)
+            if op == 2:
+                hsv[..., 1] = np.clip(hsv[..., 1] * p["saturation"], 0, 1)
+            else:
+                hsv[..., 0] = np.fmod(hsv[..., 0] + p["hue"] * 2 * np.pi, 2 * np.pi)
+            x = _rgb_np(hsv)
+    return x
+
+
+def test_color_jitter_matches_a_numpy_reference():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (6, 10, 12, 3)).astype(np.uint8)
+    images[0, :3] = images[0, :3, :, :1]  # grey pixels (delta = 0) and channel ties
+    params = host(jax.jit(lambda k: sa.jitter_params(k, 6, 0.2))(jax.random.key(5)))
+    assert np.all((params["brightness"] >= 0.8) & (params["brightness"] <= 1.2))
+    assert np.all((params["hue"] >= -0.2) & (params["hue"] <= 0.2))
+    assert all(sorted(o) == [0, 1, 2, 3] for o in params["order"])
+    out = np.asarray(jax.jit(sa.color_jitter)(images / np.float32(255), params))
+    for i in range(6):
+        p = {k: (v[i] if k == "order" else float(v[i])) for k, v in params.items()}
+        np.testing.assert_allclose(out[i], _jitter_np(images[i] / 255.0, p), atol=2e-5)
+    hsv = np.asarray(jax.jit(sa.rgb_to_hsv)(images / np.float32(255)))
+    np.testing.assert_allclose(hsv, _hsv_np(images / 255.0), atol=2e-5)
+
+
+def test_gaussian_blur_matches_scipy():
+    assert [sa.blur_kernel_size(n) for n in (10, 64, 512, 1024, 720)] == [1, 7, 51, 103, 71]
+    rng = np.random.default_rng(4)
+    images = rng.uniform(0, 255, (3, 64, 40, 3)).astype(np.float32)
+    sigmas = np.array([0.15, 0.6, 1.15], np.float32)
+    out = np.asarray(jax.jit(sa.gaussian_blur)(images, sigmas))
+    for i, s in enumerate(sigmas):
+        ref = images[i].astype(np.float64)
+        for axis, k in ((0, 7), (1, 3)):  # ceil(6.4) = 7; ceil(4.0) = 4, even: 3
+            x = np.arange(k) - k // 2
+            taps = np.exp(-x ** 2 / (2 * float(s) ** 2))
+            ref = ndimage.correlate1d(ref, taps / taps.sum(), axis=axis, mode="mirror")  # torch "reflect"
+        np.testing.assert_allclose(out[i], ref, rtol=1e-5, atol=2e-4)
+
+
+def test_strong_augment_probabilities_and_output():
+    images = np.random.default_rng(5).integers(0, 256, (2, 12, 12, 3)).astype(np.uint8)
+    run = jax.jit(jax.vmap(lambda k: sa.strong_augment(k, images)))
+    out, (jit, blur) = run(jax.random.split(jax.random.key(1), 1000))
+    assert 0.75 < float(jnp.mean(jit)) < 0.85 and 0.44 < float(jnp.mean(blur)) < 0.56  # P = 0.8, 0.5
+    untouched = ~np.asarray(jit) & ~np.asarray(blur)
+    np.testing.assert_array_equal(np.asarray(out)[untouched], np.broadcast_to(images, out.shape)[untouched])
+    assert np.asarray(out).dtype == np.float32 and np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 255))

@@ -6,9 +6,10 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import ndimage
 
-from cbst_jax import class_mix, ema_teacher, strong_augment as sa
+from cbst_jax import class_mix, ema_teacher, rare_class_sampling as rcs, strong_augment as sa
 
 K = 5  # classes of the small tests
 IGN = 255
@@ -180,3 +181,49 @@ def test_strong_augment_probabilities_and_output():
     untouched = ~np.asarray(jit) & ~np.asarray(blur)
     np.testing.assert_array_equal(np.asarray(out)[untouched], np.broadcast_to(images, out.shape)[untouched])
     assert np.asarray(out).dtype == np.float32 and np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 255))
+
+
+# ------------------------------------------------------------------------ rare-class sampling
+def test_rcs_probabilities_follow_the_published_formula():
+    rng = np.random.default_rng(6)
+    counts = rng.integers(0, 20000, (40, 6))
+    counts[:, 4] = rng.integers(0, 3001, 40)  # class 4: never more than 3000 pixels in an image
+    counts[:, 5] = 0  # class 5: absent from the source
+    labels = [rng.choice(7, size=(20, 20), p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.05, 0.05]).astype(np.uint8) for _ in range(3)]
+    for lab in labels:
+        lab[lab == 6] = IGN
+    np.testing.assert_array_equal(rcs.image_class_counts(labels, 6),
+                                  [[np.sum(lab == c) for c in range(6)] for lab in labels])
+    sampler = rcs.RareClassSampler(counts, temperature=0.01, min_pixels=3000, seed=3)
+    f = counts.sum(0) / counts.sum()
+    w = np.exp((1 - f[:4]) / 0.01)  # P(c) ∝ exp((1 - f_c) / T) over the classes that can be drawn
+    np.testing.assert_allclose(sampler.probabilities[:4], w / w.sum(), rtol=1e-12)
+    assert sampler.probabilities[4] == sampler.probabilities[5] == 0 and sampler.excluded == (4, 5)
+    for c in range(4):
+        np.testing.assert_array_equal(sampler.images_of[c], np.flatnonzero(counts[:, c] > 3000))
+
+
+def test_rcs_draws_are_a_pure_function_of_seed_and_step():
+    rng = np.random.default_rng(7)
+    counts = rng.integers(0, 20000, (30, 5))
+    a = rcs.RareClassSampler(counts, temperature=0.1, seed=11)
+    b = rcs.RareClassSampler(counts.copy(), temperature=0.1, seed=11)
+    draws = [a.draw(s, 4) for s in range(3000)]
+    for s in (0, 17, 2999):
+        np.testing.assert_array_equal(b.draw(s, 4)[0], draws[s][0])
+        np.testing.assert_array_equal(b.draw(s, 4)[1], draws[s][1])
+    assert not all(np.array_equal(draws[0][0], d[0]) for d in draws[1:10])
+    classes = np.concatenate([d[0] for d in draws])
+    images = np.concatenate([d[1] for d in draws])
+    assert np.all(counts[images, classes] > 3000)
+    freq = np.bincount(classes, minlength=5) / classes.size
+    assert np.all(np.abs(freq - a.probabilities) < 4 * np.sqrt(a.probabilities / classes.size) + 1e-9)
+    with pytest.raises(ValueError):
+        rcs.RareClassSampler(np.full((3, 2), 10), min_pixels=3000)
+
+
+def test_rcs_crop_redraw():
+    crops = [np.full((10, 10), 0)] * 4 + [np.full((10, 10), 2)] + [np.full((10, 10), 0)] * 7
+    assert rcs.choose_crop(lambda a: crops[a], 2, min_pixels=100, min_crop_ratio=0.5)[0] == 4  # 100 > 50
+    assert rcs.choose_crop(lambda a: crops[a], 1, min_pixels=100, min_crop_ratio=0.5)[0] == 10  # kept unchecked
+    assert rcs.choose_crop(lambda a: crops[a], 1, min_pixels=100, min_crop_ratio=0.0)[0] == 0

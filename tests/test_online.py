@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cbst_jax import class_mix, ema_teacher, rare_class_sampling as rcs, strong_augment as sa
+from cbst_jax import (class_mix, device_thresholds, ema_teacher, online_thresholds,
+                      rare_class_sampling as rcs, selection, strong_augment as sa)
+from cbst_jax.sharding import make_mesh
 
 K = 5  # classes of the small tests
 IGN = 255
@@ -227,3 +229,116 @@ def test_rcs_crop_redraw():
     assert rcs.choose_crop(lambda a: crops[a], 2, min_pixels=100, min_crop_ratio=0.5)[0] == 4  # 100 > 50
     assert rcs.choose_crop(lambda a: crops[a], 1, min_pixels=100, min_crop_ratio=0.5)[0] == 10  # kept unchecked
     assert rcs.choose_crop(lambda a: crops[a], 1, min_pixels=100, min_crop_ratio=0.0)[0] == 0
+
+
+# ------------------------------------------------------------------------------ thresholds
+def test_device_rank_equals_the_float64_reference():
+    rng = np.random.default_rng(8)
+    ns = np.concatenate([np.arange(0, 2000), rng.integers(0, 2 ** 31 - 1, 20000),
+                         10 * rng.integers(0, 2 ** 27, 3000), 1000 * rng.integers(0, 2 ** 21, 3000),
+                         [2 ** 31 - 1, 2 ** 30, 2 ** 24 + 1]]).astype(np.int64)
+    portions = [0.1, 0.2, 0.25, 0.3, 0.35, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1e-7, 0.0025, 0.05, 1 - 2 ** -53,
+                *rng.random(40).tolist()]
+    rank = jax.jit(device_thresholds.selection_rank)
+    for p in portions:
+        got = np.asarray(rank(ns.astype(np.int32), device_thresholds.portion_words(p)))
+        ref = np.array([selection.selection_rank(n, p) for n in ns])  # int(np.floor(n * p)) in float64
+        np.testing.assert_array_equal(got, ref, err_msg=f"p={p!r}")
+        if p in (0.3, 0.7):  # where the float64 product and the exact one disagree, the test can tell
+            num, den = p.as_integer_ratio()
+            assert np.any(ref != np.array([int(n) * num // den for n in ns]))
+    with pytest.raises(ValueError):
+        device_thresholds.portion_words(0.0)
+
+
+def _brute_thresholds(conf, pred, p):
+    lam = np.ones(K, np.float32)
+    for c in range(K):
+        vals = np.sort(conf[pred == c])[::-1]
+        r = int(np.floor(len(vals) * p))
+        if r > 0:
+            lam[c] = vals[r - 1]
+    return lam
+
+
+def _teacher_probs(rng, b, hw, quantize=True):
+    logits = rng.normal(size=(b, *hw, K)) * 2
+    logits[..., 2] -= 3  # a rare class
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    if quantize:  # many exact ties in the confidences
+        probs = np.round(probs * 64) / 64
+    return probs.astype(np.float32)
+
+
+@pytest.mark.parametrize("with_prior,mesh_devices", [(False, None), (True, 8)])
+def test_online_thresholds_equal_offline_bit_for_bit(with_prior, mesh_devices):
+    rng = np.random.default_rng(9)
+    b, hw, slots = 8, (12, 10), 3
+    mesh = None if mesh_devices is None else make_mesh(jax.devices()[:mesh_devices])
+    prior = rng.uniform(0.2, 2.0, (*hw, K)).astype(np.float32) if with_prior else None
+    window = online_thresholds.Window.empty(slots, (b, *hw), K)
+    if mesh is not None:
+        window = jax.device_put(window, online_thresholds.window_shardings(mesh))
+
+    @jax.jit
+    def step(window, probs, words):
+        conf, pred = selection.confidence(probs, prior)
+        window = online_thresholds.insert(window, conf, pred)
+        return window, online_thresholds.window_thresholds(window, K, words, mesh)
+
+    batches = []
+    for t, p in enumerate((0.2, 0.3, 0.5, 0.35, 0.7)):
+        batches.append(_teacher_probs(rng, b, hw, quantize=t % 2 == 0))
+        window, (lam, counts) = step(window, batches[-1], device_thresholds.portion_words(p))
+        seen = np.concatenate(batches[-slots:])  # the last W batches (fewer before the window fills)
+        offline = selection.class_thresholds(seen, p, prior=prior)
+        np.testing.assert_array_equal(np.asarray(lam), offline)
+        conf, pred = (np.asarray(x) for x in selection.confidence(seen, prior))
+        np.testing.assert_array_equal(np.asarray(lam), selection.thresholds_from_confidence(conf, pred, K, p))
+        np.testing.assert_array_equal(np.asarray(lam), _brute_thresholds(conf, pred, p))
+        np.testing.assert_array_equal(np.asarray(counts), np.bincount(pred.ravel(), minlength=K))
+    assert int(window.cursor) == 5 % slots and bool(np.all(window.filled))
+
+
+def test_class_balanced_labels_match_brute_force():
+    rng = np.random.default_rng(10)
+    probs = _teacher_probs(rng, 2, (9, 13), quantize=False)
+    prior = rng.uniform(0.5, 1.5, (9, 13, K)).astype(np.float32)
+    lam = np.array([0.5, 0.3, 0.2, 0.9, 0.45], np.float32)
+    label, weight = host(jax.jit(online_thresholds.class_balanced_pseudo_labels)(probs, lam, prior))
+    scores = prior * probs
+    ratio = scores / lam  # numpy float32 division: correctly rounded
+    best = np.argmax(ratio, -1)
+    keep = np.take_along_axis(scores, best[..., None], -1)[..., 0] >= lam[best]
+    np.testing.assert_array_equal(label, np.where(keep, best, IGN))
+    np.testing.assert_array_equal(weight, keep.astype(np.float32))
+    assert 0 < keep.mean() < 1
+
+
+def test_fixed_policy_matches_brute_force():
+    rng = np.random.default_rng(11)
+    probs = _teacher_probs(rng, 3, (20, 8), quantize=False)
+    probs[0, :2] = np.eye(K, dtype=np.float32)[1]  # confidence 1
+    tau = 0.6
+    label, weight, share = host(jax.jit(lambda p: online_thresholds.fixed_pseudo_labels(p, tau, 2, 5))(probs))
+    conf = probs.max(-1)
+    expect_share = np.float32(int(np.sum(conf >= np.float32(tau))) / conf.size)  # over the whole batch
+    assert share == expect_share and 0 < share < 1
+    np.testing.assert_array_equal(label, probs.argmax(-1))
+    rows = np.arange(20)
+    expect = np.where(((rows >= 2) & (rows < 15))[None, :, None], expect_share, 0).astype(np.float32)
+    np.testing.assert_array_equal(weight, np.broadcast_to(expect, weight.shape))
+
+
+def test_portion_at_step_follows_the_self_paced_schedule():
+    steps = [0, 99, 100, 250, 10 ** 6]
+    got = [online_thresholds.portion_at_step((0.2, 0.05, 0.5), s, 100) for s in steps]
+    assert got == [min(0.2 + (s // 100) * 0.05, 0.5) for s in steps]
+
+
+def test_prior_windows_cut_each_crop():
+    prior = np.arange(10 * 12 * 2, dtype=np.float32).reshape(10, 12, 2)
+    origins = np.array([[0, 0], [3, 5], [6, 8]], np.int32)
+    out = np.asarray(jax.jit(lambda p, o: online_thresholds.prior_windows(p, o, (4, 4)))(prior, origins))
+    for i, (y, x) in enumerate(origins):
+        np.testing.assert_array_equal(out[i], prior[y:y + 4, x:x + 4])

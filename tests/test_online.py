@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cbst_jax import (class_mix, device_thresholds, ema_teacher, online_thresholds,
+from cbst_jax import (class_mix, device_thresholds, ema_teacher, feature_distance, losses, online_thresholds,
                       rare_class_sampling as rcs, selection, strong_augment as sa)
 from cbst_jax.sharding import make_mesh
 
@@ -342,3 +342,45 @@ def test_prior_windows_cut_each_crop():
     out = np.asarray(jax.jit(lambda p, o: online_thresholds.prior_windows(p, o, (4, 4)))(prior, origins))
     for i, (y, x) in enumerate(origins):
         np.testing.assert_array_equal(out[i], prior[y:y + 4, x:x + 4])
+
+
+# ------------------------------------------------------------------ losses and feature distance
+def test_weighted_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(2, 5, 6, K)).astype(np.float32)
+    labels = rng.integers(0, K, (2, 5, 6)).astype(np.uint8)
+    labels[0, 0] = IGN
+    w = rng.random((2, 5, 6)).astype(np.float32)
+    got = float(jax.jit(losses.weighted_cross_entropy)(logits, labels, w))
+    lg = logits.astype(np.float64)
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    valid = labels != IGN
+    nll = -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None].astype(np.int64), -1)[..., 0]
+    np.testing.assert_allclose(got, np.sum(nll * w * valid), rtol=1e-6)
+
+
+def test_feature_distance_matches_brute_force():
+    rng = np.random.default_rng(13)
+    labels = rng.integers(0, K, (2, 16, 12)).astype(np.uint8)
+    labels[0, :4, :4] = 3  # a pure cell of a "thing" class
+    labels[1, :4, 4:8] = IGN  # an ignore cell
+    labels[1, 4:8, :4] = np.array([[1, 1, 1, 1]] * 3 + [[1, 1, 1, 0]])  # 15/16 of class 1 -> kept
+    cells = np.asarray(jax.jit(lambda l: feature_distance.downscale_labels(l, 4, K, 0.75))(labels))
+    for i in range(2):
+        for y in range(4):
+            for x in range(3):
+                block = labels[i, 4 * y:4 * y + 4, 4 * x:4 * x + 4].ravel()
+                values, counts = np.unique(np.minimum(block, K), return_counts=True)
+                top = values[np.argmax(counts)]  # np.unique sorts: argmax takes the lowest value on ties
+                expect = IGN if (top == K or counts.max() / 16 < 0.75) else top
+                assert cells[i, y, x] == expect
+    assert cells[0, 0, 0] == 3 and cells[1, 0, 1] == IGN and cells[1, 1, 0] == 1
+    fs = rng.normal(size=(2, 4, 3, 8)).astype(np.float32)
+    fi = rng.normal(size=(2, 4, 3, 8)).astype(np.float32)
+    fd, n = jax.jit(lambda a, b, l: feature_distance.feature_distance(a, b, l, K, (1, 3), 0.75))(fs, fi, labels)
+    mask = np.isin(cells, [1, 3])
+    dist = np.sqrt(((fs.astype(np.float64) - fi) ** 2).sum(-1))
+    assert int(n) == mask.sum() > 0
+    np.testing.assert_allclose(float(fd), dist[mask].mean(), rtol=1e-6)
+    grad = jax.grad(lambda a: feature_distance.feature_distance(a, a, labels, K, (1, 3))[0])(fs)
+    assert np.all(np.isfinite(np.asarray(grad)))  # zero distance: gradient 0, not NaN

@@ -3,15 +3,16 @@ the building blocks against numpy / scipy / brute force, and the one jitted step
 1 vs 8 devices, determinism, resume from a host copy, the non-finite guard)."""
 from collections import Counter
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from cbst_jax import (class_mix, device_thresholds, ema_teacher, feature_distance, losses, online_thresholds,
-                      rare_class_sampling as rcs, selection, strong_augment as sa)
-from cbst_jax.sharding import make_mesh
+from cbst_jax import (class_mix, device_thresholds, ema_teacher, feature_distance, losses, online_step,
+                      online_thresholds, rare_class_sampling as rcs, selection, strong_augment as sa, train)
+from cbst_jax.sharding import make_mesh, to_global
 
 K = 5  # classes of the small tests
 IGN = 255
@@ -384,3 +385,179 @@ def test_feature_distance_matches_brute_force():
     np.testing.assert_allclose(float(fd), dist[mask].mean(), rtol=1e-6)
     grad = jax.grad(lambda a: feature_distance.feature_distance(a, a, labels, K, (1, 3))[0])(fs)
     assert np.all(np.isfinite(np.asarray(grad)))  # zero distance: gradient 0, not NaN
+
+
+# ----------------------------------------------------------------------------------- the step
+class TinyBNNet(nn.Module):
+    """conv (stride 2) -> trained BatchNorm -> ReLU -> 1x1 head; logits at stride 2."""
+    num_classes: int = K
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = images.astype(jnp.float32) / 255.0
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5, name="bn")(
+            nn.Conv(8, (3, 3), strides=2, name="stem")(x)))
+        return nn.Conv(self.num_classes, (1, 1), name="head")(x)
+
+
+B, HW = 8, (32, 32)
+
+
+def _batch(seed):
+    rng = np.random.default_rng(seed)
+    label = np.repeat(np.repeat(rng.integers(0, K, (B, 8, 8)), 4, 1), 4, 2).astype(np.uint8)
+    label[:, :2] = IGN
+    return dict(source_image=rng.integers(0, 256, (B, *HW, 3)).astype(np.uint8), source_label=label,
+                target_image=rng.integers(0, 256, (B, *HW, 3)).astype(np.uint8),
+                target_origin=rng.integers(0, 9, (B, 2)).astype(np.int32))
+
+
+class Run:
+    """A compiled step on a mesh of ``devices`` with its initial state."""
+
+    def __init__(self, devices, policy="class_balanced", fd_weight=0.5):
+        self.model = TinyBNNet()
+        v = self.model.init(jax.random.key(0), jnp.zeros((1, *HW, 3), jnp.uint8))
+        self.variables = host(v)
+        self.imagenet = host(self.model.init(jax.random.key(1), jnp.zeros((1, *HW, 3), jnp.uint8)))
+        self.labels = {"stem": {"kernel": "backbone", "bias": "backbone"}, "bn": {"scale": "backbone", "bias": "backbone"},
+                       "head": {"kernel": "head", "bias": "head"}}
+        self.tx = train.make_optimizer(self.labels, optimizer="adam", weight_decay=0.01)
+        self.config = online_step.OnlineConfig(
+            num_classes=K, policy=policy, window_batches=2, train_bn=True, fd_weight=fd_weight, fd_layer=("stem",),
+            fd_classes=(1, 3), ignore_top=3, ignore_bottom=4, tau=0.3)
+        self.mesh = make_mesh(jax.devices()[:devices])
+        self.init = online_step.online_state_initializer(self.tx, self.mesh, self.config, (B, *HW))
+        self.step_fn = online_step.make_online_step(self.model, self.tx, self.config, self.mesh, self.labels)
+        self.prior = np.random.default_rng(3).uniform(0.5, 1.5, (40, 40, K)).astype(np.float32)
+
+    def state(self):
+        return self.init(self.variables, 0)
+
+    def step(self, state, k, lr=1e-2, portion=0.4):
+        return self.step_fn(state, to_global(_batch(k), self.mesh), lr, portion, prior=self.prior,
+                            imagenet=self.imagenet)
+
+
+@pytest.fixture(scope="module")
+def run8():
+    return Run(8)
+
+
+@pytest.fixture(scope="module")
+def after_one(run8):
+    state = run8.state()
+    before = host(state)
+    state, metrics = run8.step(state, 0)
+    return before, state, host(metrics)
+
+
+def test_step_wiring(run8, after_one):
+    """Teacher prediction -> window -> thresholds -> the EMA, and the source CE / FD terms."""
+    before, state, m = after_one
+    assert m["finite"] and int(state.step) == 1
+    assert state.window.conf.sharding.spec == jax.sharding.PartitionSpec(None, "data")  # split like the batch
+    assert len(state.window.conf.sharding.device_set) == 8 and state.params["head"]["kernel"].sharding.is_fully_replicated
+    batch = _batch(0)
+    model, v = run8.model, run8.variables
+    # the window holds the initial teacher's confidences (CBST-SP: prior-weighted) of the target batch
+    logits = model.apply(v, batch["target_image"], train=False)
+    probs = jax.nn.softmax(losses.resize_bilinear_align_corners(logits, HW), -1)
+    prior = np.stack([run8.prior[y:y + HW[0], x:x + HW[1]] for y, x in batch["target_origin"]])
+    conf, pred = (np.asarray(x) for x in selection.confidence(probs, prior))
+    w_conf, w_pred = host(state.window.conf)[0], host(state.window.pred)[0]
+    np.testing.assert_allclose(w_conf, conf, rtol=1e-5)
+    assert np.mean(w_pred == pred) > 0.99
+    assert not np.any(host(state.window.filled)[1:])
+    # the thresholds are the offline ones of the window's contents, bit for bit
+    np.testing.assert_array_equal(m["thresholds"], selection.thresholds_from_confidence(w_conf, w_pred, K, 0.4))
+    # teacher = 0.5 * teacher_0 + 0.5 * student_1 (t = 1), BN statistics likewise (trained BN)
+    half = lambda t, t0, s: np.testing.assert_array_max_ulp(t, (0.5 * t0 + 0.5 * s).astype(np.float32), 1)
+    jax.tree.map(half, host(state.teacher_params), before.teacher_params, host(state.params))
+    jax.tree.map(half, host(state.teacher_batch_stats), before.teacher_batch_stats, host(state.batch_stats))
+    assert float(m["alpha"]) == 0.5
+    # source CE over all pixels of the batch, and the feature distance, of the initial student
+    (logits, mutated) = model.apply(v, batch["source_image"], train=True, mutable=["batch_stats", "intermediates"],
+                                    capture_intermediates=feature_distance.capture_filter(("stem",)))
+    aligned = losses.resize_bilinear_align_corners(logits, HW)
+    total = losses.weighted_cross_entropy(aligned, batch["source_label"], np.ones((B, *HW), np.float32))
+    np.testing.assert_allclose(m["ce_source"], float(total) / (B * HW[0] * HW[1]), rtol=1e-5)
+    imnet = run8.model.apply(run8.imagenet, batch["source_image"], train=False, mutable=["intermediates"],
+                             capture_intermediates=feature_distance.capture_filter(("stem",)))[1]
+    fd, _ = feature_distance.feature_distance(mutated["intermediates"]["stem"]["__call__"][0],
+                                              imnet["intermediates"]["stem"]["__call__"][0], batch["source_label"],
+                                              K, (1, 3), 0.75)
+    np.testing.assert_allclose(m["feature_distance"], float(fd), rtol=1e-5)
+    assert 0 < m["pseudo_share"] < 1 and m["pseudo_share"] == m["pseudo_weight"]
+
+
+def test_step_is_deterministic_and_resumes_from_a_host_copy(run8):
+    state = run8.state()
+    state, _ = run8.step(state, 0)
+    copy = host(state)
+    shardings = online_step.state_shardings(run8.mesh, run8.config)
+    straight, seen = state, []
+    for k in (1, 2):
+        straight, m = run8.step(straight, k)
+        seen.append(host(m))
+    straight = host(straight)
+    for _ in range(2):  # twice from the same host copy: bit-identical each time
+        resumed = jax.device_put(copy, shardings)
+        for k in (1, 2):
+            resumed, m = run8.step(resumed, k)
+            jax.tree.map(np.testing.assert_array_equal, host(m), seen[k - 1])
+        jax.tree.map(np.testing.assert_array_equal, host(resumed), straight)
+    assert bool(np.all(straight.window.filled)) and int(straight.window.cursor) == 1
+
+
+def test_one_device_equals_eight_devices(run8):
+    run1 = Run(1)
+    results = []
+    for run in (run1, run8):
+        state, seen = run.state(), []
+        for k in range(3):
+            state, m = run.step(state, k, portion=(0.3, 0.4, 0.5)[k])
+            seen.append(host(m))
+        results.append((host(state), seen))
+    (s1, m1), (s8, m8) = results
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    for key in ("loss", "ce_source", "ce_mix", "feature_distance", "pseudo_share", "thresholds"):
+        close([m[key] for m in m1], [m[key] for m in m8])
+    for name in ("params", "batch_stats", "teacher_params", "teacher_batch_stats"):
+        jax.tree.map(close, getattr(s1, name), getattr(s8, name))
+    close(s1.window.conf, s8.window.conf)
+    assert np.mean(s1.window.pred == s8.window.pred) > 0.999
+
+
+def test_non_finite_step_returns_the_old_state(run8, after_one):
+    _, state, _ = after_one
+    state = jax.device_put(host(state), online_step.state_shardings(run8.mesh, run8.config))
+    before = host(state)
+    state, m = run8.step(state, 1, lr=np.float32(np.inf))  # the update overflows
+    assert not bool(m["finite"]) and np.isfinite(float(m["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, host(state), before)  # window and teacher included
+    state, m = run8.step(state, 1)
+    assert bool(m["finite"]) and int(state.step) == 2
+
+
+def test_fixed_policy_step():
+    run = Run(8, policy="fixed", fd_weight=0.0)
+    state = run.state()
+    assert state.window is None
+    state, m = run.step(state, 0)
+    batch = _batch(0)
+    logits = run.model.apply(run.variables, batch["target_image"], train=False)
+    probs = np.asarray(jax.nn.softmax(losses.resize_bilinear_align_corners(logits, HW), -1))
+    share = np.float32(np.sum(probs.max(-1) >= np.float32(0.3)) / probs[..., 0].size)
+    rows = HW[0] - 3 - 4  # rows 3 .. 27 keep the weight
+    np.testing.assert_allclose(float(m["pseudo_weight"]), share * rows / HW[0], rtol=1e-5)
+    assert bool(m["finite"]) and "thresholds" not in m and float(m["feature_distance"]) == 0
+
+
+def test_online_config_is_validated():
+    with pytest.raises(ValueError, match="policy"):
+        online_step.OnlineConfig(num_classes=K, policy="cbst")
+    with pytest.raises(ValueError, match="fd_layer"):
+        online_step.OnlineConfig(num_classes=K, fd_weight=0.005)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        online_thresholds.Window.empty(2 ** 12, (8, 512, 512), 19)

@@ -42,6 +42,19 @@ def cross_entropy(logits, labels, *, ignore_label: int = IGNORE_INDEX, where=Non
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 
+def weighted_cross_entropy(logits, labels, weights, *, ignore_label: int = IGNORE_INDEX):
+    """Pixel-weighted hard-label CE of online self-training: ``Σ_valid w · (−log p_y)``
+    (float32), valid meaning ``label != ignore_label``. The references divide this sum by all
+    pixels of the batch, ignored ones included (vikolss/DACS ``utils/loss.py``:
+    ``torch.mean(loss * pixelWiseWeight)``; lhoyer/DAFormer ``mmseg/models/losses/utils.py``:
+    ``weight_reduce_loss`` with ``reduction='mean'``), so the caller divides by ``labels.size``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    labels = labels.astype(jnp.int32)
+    valid = labels != ignore_label
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll * weights.astype(jnp.float32), 0.0))
+
+
 def soft_cross_entropy(logits, soft_labels, *, where=None):
     """Soft-label CE of CRST's LR* modes: ``(Σ_valid Σ_k −ŷ_k log p_k, #valid)``. A pixel whose
     soft label is all zeros (the ŷ = 0 "ignore" option) is not valid."""
@@ -174,7 +187,7 @@ def segmentation_loss(logits, labels, is_target, soft_labels=None, *, resolution
 
 
 __all__ = [
-    "REGULARIZERS", "RESOLUTIONS", "cross_entropy", "soft_cross_entropy",
+    "REGULARIZERS", "RESOLUTIONS", "cross_entropy", "weighted_cross_entropy", "soft_cross_entropy",
     "model_regularizer", "regularizer_sum", "subsample_labels", "resize_bilinear_align_corners",
     "align_logits_and_labels", "segmentation_loss",
 ]

@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 
 from cbst_jax import config_lib
@@ -32,6 +33,9 @@ EXIT_USAGE = 2
 RUN_MARKER = "cbst_jax_run.json"  # marks a workdir as ours: only such a folder is resumed or replaced
 LOCK_FILE = "cbst_jax_run.lock"  # held (flock) by the run working in the folder: pid and host inside
 MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
+# Seconds a run stopped by a signal may take to unwind (close its files, data workers and
+# checkpoint manager) before it is ended as it stands (:class:`StopRequest`).
+STOP_GRACE_S = 60
 
 
 class Stopped(BaseException):
@@ -43,10 +47,44 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def _stop(signum, frame) -> None:
-    for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the unwinding
-        signal.signal(s, signal.SIG_IGN)
-    raise Stopped(signum)
+class StopRequest:
+    """The handler of SIGINT and SIGTERM. The first signal raises :class:`Stopped` in the main
+    thread, so the run unwinds and closes what it holds, and arms a watchdog that ends the process
+    ``STOP_GRACE_S`` later whatever it is doing; a second signal ends it at once. The watchdog is
+    needed: the exception lands wherever the main thread is, so it can be swallowed (raised inside
+    a garbage-collection callback, which Python reports as "Exception ignored" and drops), stop a
+    library half-way (a thread pool's worker started but not yet registered for shutdown, which
+    the interpreter's exit then waits for), or wait for a long compilation to end. Every file of a
+    run is written atomically, so ending the process at any point loses nothing. Every way out is
+    the same one line and exit status 128 + signum (:func:`_end_stopped`)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self) -> "StopRequest":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.end()
+        self.signum = signum
+        watchdog = threading.Timer(STOP_GRACE_S, self.end)
+        watchdog.daemon = True
+        watchdog.start()
+        raise Stopped(signum)
+
+    def end(self) -> None:
+        _end_stopped(Stopped(self.signum))
+
+
+def _end_stopped(e: BaseException) -> None:
+    """The one line of a stopped run, then the process ends at once (``os._exit``), so nothing
+    the signal interrupted can hold the exit up."""
+    status = _stopped(e)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
@@ -106,8 +144,7 @@ def launch(default_config: str | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, _stop)
+    stop = StopRequest().install()
     argv = list(sys.argv)
     try:
         if any(a in HELP_FLAGS for a in argv[1:]):
@@ -144,12 +181,15 @@ def launch(default_config: str | None = None) -> None:
             _fail(e)
         print(f"workdir: {os.path.abspath(workdir)}"
               + ("" if flags.FLAGS.workdir else " (the embedded pair's default; --workdir=DIR to choose)"), flush=True)
-        return run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh, flags.FLAGS.debug)
+        status = run_command(flags.FLAGS.config, workdir, flags.FLAGS.seeds, flags.FLAGS.fresh, flags.FLAGS.debug)
+        if stop.signum is not None:  # a stop whose exception was swallowed on the way, the run done meanwhile
+            stop.end()
+        return status
 
     try:
         app.run(main, flags_parser=parse)
     except (Stopped, KeyboardInterrupt) as e:  # before run_command: while parsing or importing
-        sys.exit(_stopped(e))
+        _end_stopped(e)
 
 
 def default_workdir(config, name: str) -> str:
@@ -290,7 +330,9 @@ def run_command(config, workdir: str, seeds_text: str | None, fresh: bool, debug
     except (Stopped, KeyboardInterrupt) as e:
         if debug:
             raise
-        return _stopped(e)
+        if lock is not None:
+            lock.release()
+        _end_stopped(e)
     except user_errors as e:
         if debug:
             raise

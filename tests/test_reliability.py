@@ -482,3 +482,43 @@ def test_workdir_lock_and_stale_temporaries(tmp_path):
     removed = remove_stale_temporaries(str(tmp_path))
     assert removed == [str(tmp_path / "sub" / n) for n in ("a.npz.tmp123", "results.md.tmp7")]
     assert sorted(os.listdir(tmp_path / "sub")) == ["keep.tmp", "keep.tmp12x", "new.json", "results.md", "tmp42"]
+
+
+@pytest.mark.parametrize("stuck", ["thread", "swallowed", "unwinding", "unwinding, signalled again"])
+def test_a_stopped_run_ends_whatever_the_signal_interrupted(tmp_path, stuck):
+    """Issue 22 item 6, the hang found under load: a signal's exception can stop a library half-way
+    (a thread pool's worker started but never registered for shutdown: the interpreter's exit then
+    waits for it for ever), be swallowed (raised inside a garbage-collection callback), or the
+    unwinding itself can block. The stopped run still ends with its one line and 128 + the signal's
+    number: at once in the first case, ``STOP_GRACE_S`` (1 s here) after the signal in the next
+    two, at once on a second signal."""
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from cbst_jax import main\n"
+        "main.STOP_GRACE_S = 1.0 if sys.argv[2] != 'unwinding, signalled again' else 600\n"
+        "main.StopRequest().install()\n"
+        "threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n"
+        "except main.Stopped as e:\n"
+        "    if sys.argv[2] == 'swallowed':\n"
+        "        time.sleep(600)  # the run goes on\n"
+        "    if sys.argv[2].startswith('unwinding'):\n"
+        "        print('unwinding', flush=True)\n"
+        "        threading.Event().wait()  # a close that never returns\n"
+        "    main._end_stopped(e)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, ROOT, stuck], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    if stuck == "unwinding, signalled again":
+        assert proc.stdout.readline().strip() == "unwinding"
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["stopped by SIGTERM: everything finished so far is kept; rerun the same "
+                                        "command to resume"], err
+    assert time.time() - t0 < 30

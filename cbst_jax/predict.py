@@ -8,8 +8,9 @@ averaged over scales and flips. Everything the self-training needs is reduced on
 from there:
 
 * the two histogram passes of the exact class-wise thresholds (``cbst_jax.selection``),
-* pseudo-labels (uint8) with per-class selected / correct pixel counts, and for CRST's LR*
-  modes the soft labels' uint8 encoding (``cbst_jax.soft_labels``),
+* pseudo-labels (uint8) with per-class selected / correct pixel counts and the summed
+  prediction entropy (for ``cbst_jax.collapse_guard``), and for CRST's LR* modes the soft
+  labels' uint8 encoding (``cbst_jax.soft_labels``),
 * a confusion matrix for evaluation,
 
 so full-resolution float probability maps never reach the host (the reference wrote 152 MiB
@@ -55,23 +56,34 @@ def _selection_counts(labels, gt, valid, num_classes: int):
     return picked, correct, jnp.sum(valid.astype(jnp.int32))
 
 
+def _entropy_sum(probs, valid):
+    """Σ over the valid pixels of the per-pixel entropy −Σ_c p_c ln p_c (nats), float32: summed
+    per image first, then over the batch (the collapse guard's prediction entropy)."""
+    probs = probs.astype(jnp.float32)
+    plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0)
+    per_pixel = jnp.where(valid, -jnp.sum(plogp, axis=-1), 0.0)
+    return jnp.sum(jnp.sum(per_pixel, axis=(1, 2)))
+
+
 class LabelledBatch(NamedTuple):
     """Hard pseudo-labels of one batch: ``labels`` uint8 (B, H, W), batch-sharded, 255 where
     ignored or padded; ``selected`` (C,) int32 labelled pixels per class; ``correct`` (C,) int32
     labelled pixels equal to the batch's ground truth (0 without one); ``valid`` () int32 valid
-    pixels of the batch."""
+    pixels of the batch; ``entropy`` () float32 the sum of the valid pixels' prediction entropy
+    (nats, of the probabilities the labels come from)."""
 
     labels: jax.Array
     selected: jax.Array
     correct: jax.Array
     valid: jax.Array
+    entropy: jax.Array
 
 
 class SoftLabelledBatch(NamedTuple):
     """CRST LR* pseudo-labels of one batch in ``cbst_jax.soft_labels``' encoding: ``labels``
     uint8 (B, H, W) (argmax of ŷ, 255 where ŷ = 0), ``top`` uint8 (B, H, W) (the top mass),
     ``cells`` uint8 (B, ⌈H/s⌉, ⌈W/s⌉, C) (the residual cells), then ``selected``, ``correct``,
-    ``valid`` as in :class:`LabelledBatch`."""
+    ``valid``, ``entropy`` as in :class:`LabelledBatch`."""
 
     labels: jax.Array
     top: jax.Array
@@ -79,6 +91,7 @@ class SoftLabelledBatch(NamedTuple):
     selected: jax.Array
     correct: jax.Array
     valid: jax.Array
+    entropy: jax.Array
 
 
 class SoftLabelling(NamedTuple):
@@ -126,7 +139,9 @@ class CacheReport(NamedTuple):
 class LabellingResult(NamedTuple):
     """One round of pseudo-labelling over a split: ``thresholds`` λ (C,) float32 and
     ``class_counts`` (C,) int64 (pass 1), ``selected`` / ``correct`` (C,) int64 and
-    ``valid_pixels`` summed over the labelled batches, and the :class:`CacheReport`."""
+    ``valid_pixels`` summed over the labelled batches, the :class:`CacheReport`, and
+    ``mean_entropy``: the mean prediction entropy per valid pixel (nats; the batches' float32
+    sums added in float64; NaN without a valid pixel)."""
 
     thresholds: np.ndarray
     class_counts: np.ndarray
@@ -134,6 +149,7 @@ class LabellingResult(NamedTuple):
     correct: np.ndarray
     valid_pixels: int
     cache: CacheReport
+    mean_entropy: float = float("nan")
 
 
 class PassPrograms(NamedTuple):
@@ -305,11 +321,12 @@ class Predictor:
 
         if soft is None:
             def label(logits, valid, gt, lam, prior):
-                lab = selection.select_pseudo_labels(self.probs_from_logits(logits), lam, prior)
+                probs = self.probs_from_logits(logits)
+                lab = selection.select_pseudo_labels(probs, lam, prior)
                 lab = jnp.where(valid, lab, IGNORE_INDEX).astype(jnp.uint8)
-                return LabelledBatch(lab, *_selection_counts(lab, gt, valid, c))
+                return LabelledBatch(lab, *_selection_counts(lab, gt, valid, c), _entropy_sum(probs, valid))
 
-            labels = self._jit(("labels",), label, out_shardings=LabelledBatch(self._data, *[self._rep] * 3))
+            labels = self._jit(("labels",), label, out_shardings=LabelledBatch(self._data, *[self._rep] * 4))
         else:
             kind, alpha, stride, keep = soft.kind, float(soft.alpha), int(soft.stride), soft.keep
 
@@ -318,10 +335,11 @@ class Predictor:
                 probs = self.probs_from_logits(logits)
                 y = crst.soft_pseudo_labels(probs, lam, kind=kind, alpha=alpha, keep=keep)
                 lab, top, cells = soft_labels.encode(jnp.where(valid[..., None], y, 0.0), stride)
-                return SoftLabelledBatch(lab, top, cells, *_selection_counts(lab, gt, valid, c))
+                return SoftLabelledBatch(lab, top, cells, *_selection_counts(lab, gt, valid, c),
+                                         _entropy_sum(probs, valid))
 
             labels = self._jit(("soft", kind, alpha, stride, keep), label,
-                               out_shardings=SoftLabelledBatch(*[self._data] * 3, *[self._rep] * 3))
+                               out_shardings=SoftLabelledBatch(*[self._data] * 3, *[self._rep] * 4))
         return PassPrograms(forward, histogram(False), histogram(True), labels)
 
     # ------------------------------------------------------------------ one round, one network pass
@@ -396,7 +414,7 @@ class Predictor:
         lam, class_counts = selection.two_pass_thresholds(run_pass, portion, policy)
         lam_dev = jax.device_put(lam, self._rep)
         c = self.num_classes
-        picked, correct, valid_n = np.zeros(c, np.int64), np.zeros(c, np.int64), 0
+        picked, correct, valid_n, entropy = np.zeros(c, np.int64), np.zeros(c, np.int64), 0, 0.0
         for logits, batch, host in batches("labels"):
             out = progs.labels(logits, batch["valid"], batch["label"], lam_dev, prior)
             if write_fn is not None:
@@ -404,10 +422,12 @@ class Predictor:
             picked += np.asarray(out.selected, np.int64)
             correct += np.asarray(out.correct, np.int64)
             valid_n += int(out.valid)
+            entropy += float(out.entropy)
         report = CacheReport(cache.count("device"), cache.count("host"), cache.count("recompute"),
                              cache.device_bytes, cache.host_bytes, cache.device_budget, cache.host_budget,
                              state["calls"])
-        return LabellingResult(lam, class_counts, picked, correct, valid_n, report)
+        return LabellingResult(lam, class_counts, picked, correct, valid_n, report,
+                               mean_entropy=entropy / valid_n if valid_n else float("nan"))
 
     # ------------------------------------------------------------------ per-pass pieces (three-pass path)
     def threshold_statistics(self, variables, batches_fn, prior=None, bins=None, subsample: int = 1):

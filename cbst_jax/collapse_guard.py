@@ -117,9 +117,10 @@ def predicted_shares(predicted: Sequence[int]) -> np.ndarray:
 
 def unselected_classes(predicted: Sequence[int], share: Sequence[float], min_share: float) -> list:
     """[(class, predicted share)] of the classes predicted on at least ``min_share`` of the
-    pixels of which no pixel was selected (``share`` 0)."""
+    pixels (and on one at least) of which no pixel was selected (``share`` 0)."""
     shares = predicted_shares(predicted)
-    return [(c, float(shares[c])) for c in range(len(shares)) if shares[c] >= min_share and share[c] <= 0]
+    return [(c, float(shares[c])) for c in range(len(shares))
+            if shares[c] >= min_share and shares[c] > 0 and share[c] <= 0]
 
 
 def share_ratios(share: Sequence[float], previous: Sequence[float], min_share: float) -> dict:
@@ -212,8 +213,10 @@ def warning_line(stage_key: str, health: Health, class_names: Sequence[str]) -> 
             f"{class_names[c]} {100 * prev:.2f} % -> {100 * now:.2f} % of the pseudo-labels" for c, prev, now in
             health.share_drops) + f" (< {s.share_fraction:g} x round {health.round - 1})")
     if "loss_rise" in health.fired:
+        peak = health.loss.peak
         parts.append(f"loss_rise: {health.loss.stretch} consecutive loss windows above (1 + {s.loss_rise:g}) x "
-                     f"the best earlier window (peak +{100 * health.loss.peak:.0f} %)")
+                     f"the best earlier window (peak " + (f"+{100 * peak:.0f} %" if peak < 10 else f"{1 + peak:.3g} x")
+                     + ")")
     if "entropy_drop" in health.fired:
         parts.append(f"entropy_drop: mean prediction entropy {health.mean_entropy:.4f} nats = "
                      f"{health.entropy_ratio:.3f} x round 0's (< {s.entropy_fraction:g})")

@@ -211,7 +211,9 @@ def health_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:
         if r["loss_windows"] is None:
             loss = "n/a"
         else:
-            loss = f"{r['loss_stretch']} of {r['loss_windows']}, peak +{100 * _nan(r['loss_peak_rise']):.0f} %"
+            peak = _nan(r["loss_peak_rise"])
+            peak = f"+{100 * peak:.0f} %" if peak < 10 else f"{1 + peak:.3g} x"
+            loss = f"{r['loss_stretch']} of {r['loss_windows']}, peak {peak}"
         if r["mean_entropy"] is None:
             entropy = "n/a"
         else:

@@ -6,7 +6,9 @@ Users of the peer implementations report runs that collapse silently (CRST's CBS
 split to notice. A round r of a method is judged on:
 
 * ``unselected``: classes the model still predicts on the target (their share of the labelling
-  pass's argmax pixel counts, ``predicted``, at least ``min_share``) of which no pixel was selected;
+  pass's argmax pixel counts, ``predicted``, at least ``min_share``; the argmax of the scores the
+  thresholds rank: q·p for the -SP methods, every ``select_subsample``-th pixel of each class) of
+  which no pixel was selected;
 * ``share_drop``: classes whose share of the selected pixels fell below ``share_fraction`` times
   their share in round r-1 of the same method (classes with a share of at least ``min_share`` in
   round r-1; round 0 has no previous round);

@@ -438,7 +438,7 @@ def check_workdir_config(config, workdir: str) -> str | None:
         return config.resume_from_stage
     raise RunError(f"{workdir} holds a run with another configuration (differs in {', '.join(diff[:4])}); "
                    f"use another --workdir, --fresh, or --config.resume_from_stage=<stage> to change "
-                   f"optimiser settings after a finished stage")
+                   f"optimiser, logging or collapse-guard settings after a finished stage")
 
 
 def _flat(d, prefix=""):

@@ -69,21 +69,19 @@ class LabelledBatch(NamedTuple):
     """Hard pseudo-labels of one batch: ``labels`` uint8 (B, H, W), batch-sharded, 255 where
     ignored or padded; ``selected`` (C,) int32 labelled pixels per class; ``correct`` (C,) int32
     labelled pixels equal to the batch's ground truth (0 without one); ``valid`` () int32 valid
-    pixels of the batch; ``entropy`` () float32 the sum of the valid pixels' prediction entropy
-    (nats, of the probabilities the labels come from)."""
+    pixels of the batch."""
 
     labels: jax.Array
     selected: jax.Array
     correct: jax.Array
     valid: jax.Array
-    entropy: jax.Array
 
 
 class SoftLabelledBatch(NamedTuple):
     """CRST LR* pseudo-labels of one batch in ``cbst_jax.soft_labels``' encoding: ``labels``
     uint8 (B, H, W) (argmax of ŷ, 255 where ŷ = 0), ``top`` uint8 (B, H, W) (the top mass),
     ``cells`` uint8 (B, ⌈H/s⌉, ⌈W/s⌉, C) (the residual cells), then ``selected``, ``correct``,
-    ``valid``, ``entropy`` as in :class:`LabelledBatch`."""
+    ``valid`` as in :class:`LabelledBatch`."""
 
     labels: jax.Array
     top: jax.Array
@@ -91,7 +89,6 @@ class SoftLabelledBatch(NamedTuple):
     selected: jax.Array
     correct: jax.Array
     valid: jax.Array
-    entropy: jax.Array
 
 
 class SoftLabelling(NamedTuple):
@@ -156,7 +153,8 @@ class PassPrograms(NamedTuple):
     """The jitted programs of a pseudo-labelling round (shared by every path; for AOT cost
     analysis): ``forward(variables, images) -> logits`` (a tuple, one per scale and flip);
     ``coarse`` / ``fine(acc, bins, logits, valid, prior) -> acc``; ``labels(logits, valid, gt,
-    lam, prior)`` -> :class:`LabelledBatch` or :class:`SoftLabelledBatch`."""
+    lam, prior)`` -> (:class:`LabelledBatch` or :class:`SoftLabelledBatch`, () float32 the sum of
+    the valid pixels' prediction entropy in nats, of the probabilities the labels come from)."""
 
     forward: Callable
     coarse: Callable
@@ -324,9 +322,10 @@ class Predictor:
                 probs = self.probs_from_logits(logits)
                 lab = selection.select_pseudo_labels(probs, lam, prior)
                 lab = jnp.where(valid, lab, IGNORE_INDEX).astype(jnp.uint8)
-                return LabelledBatch(lab, *_selection_counts(lab, gt, valid, c), _entropy_sum(probs, valid))
+                return LabelledBatch(lab, *_selection_counts(lab, gt, valid, c)), _entropy_sum(probs, valid)
 
-            labels = self._jit(("labels",), label, out_shardings=LabelledBatch(self._data, *[self._rep] * 4))
+            labels = self._jit(("labels",), label,
+                               out_shardings=(LabelledBatch(self._data, *[self._rep] * 3), self._rep))
         else:
             kind, alpha, stride, keep = soft.kind, float(soft.alpha), int(soft.stride), soft.keep
 
@@ -335,11 +334,11 @@ class Predictor:
                 probs = self.probs_from_logits(logits)
                 y = crst.soft_pseudo_labels(probs, lam, kind=kind, alpha=alpha, keep=keep)
                 lab, top, cells = soft_labels.encode(jnp.where(valid[..., None], y, 0.0), stride)
-                return SoftLabelledBatch(lab, top, cells, *_selection_counts(lab, gt, valid, c),
-                                         _entropy_sum(probs, valid))
+                return SoftLabelledBatch(lab, top, cells, *_selection_counts(lab, gt, valid, c)), _entropy_sum(
+                    probs, valid)
 
             labels = self._jit(("soft", kind, alpha, stride, keep), label,
-                               out_shardings=SoftLabelledBatch(*[self._data] * 3, *[self._rep] * 4))
+                               out_shardings=(SoftLabelledBatch(*[self._data] * 3, *[self._rep] * 3), self._rep))
         return PassPrograms(forward, histogram(False), histogram(True), labels)
 
     # ------------------------------------------------------------------ one round, one network pass
@@ -416,13 +415,13 @@ class Predictor:
         c = self.num_classes
         picked, correct, valid_n, entropy = np.zeros(c, np.int64), np.zeros(c, np.int64), 0, 0.0
         for logits, batch, host in batches("labels"):
-            out = progs.labels(logits, batch["valid"], batch["label"], lam_dev, prior)
+            out, entropy_sum = progs.labels(logits, batch["valid"], batch["label"], lam_dev, prior)
             if write_fn is not None:
                 write_fn(host, out)
             picked += np.asarray(out.selected, np.int64)
             correct += np.asarray(out.correct, np.int64)
             valid_n += int(out.valid)
-            entropy += float(out.entropy)
+            entropy += float(entropy_sum)
         report = CacheReport(cache.count("device"), cache.count("host"), cache.count("recompute"),
                              cache.device_bytes, cache.host_bytes, cache.device_budget, cache.host_budget,
                              state["calls"])
@@ -450,7 +449,7 @@ class Predictor:
         """CBST hard pseudo-labels of one global batch (:class:`LabelledBatch`)."""
         progs = self.programs()
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
-        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, prior)
+        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, prior)[0]
 
     def soft_pseudo_labels(self, variables, batch, thresholds, *, kind: str, alpha: float, stride: int,
                            keep: str = "objective") -> SoftLabelledBatch:
@@ -458,7 +457,7 @@ class Predictor:
         ``stride``); ``keep``: which pixels are kept (``cbst_jax.crst.soft_pseudo_labels``)."""
         progs = self.programs(SoftLabelling(kind, alpha, stride, keep))
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
-        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, None)
+        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, None)[0]
 
     # ------------------------------------------------------------------ evaluation
     def confusion(self, variables, batch, return_pred: bool = False):

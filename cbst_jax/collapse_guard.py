@@ -36,10 +36,6 @@ import numpy as np
 
 from cbst_jax.errors import RunError
 
-SIGNALS = ("unselected", "share_drop", "loss_rise", "entropy_drop")
-ACTIONS = ("warn", "stop")
-
-
 class CollapseStop(RunError):
     """The run stopped after a round whose checks fired (``self_training.on_collapse=stop``)."""
 

@@ -133,6 +133,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.self_training.label_reg_keep = ml_collections.ConfigDict(dict(lrent="objective", lrl2="cbst", lrkld="cbst"))
     c.self_training.soft_label_stride = 8       # LR* soft labels kept as cells of this many pixels
     c.self_training.mine_rare = True            # rare-class mining from the pseudo-label statistics
+    # the collapse guard (cbst_jax.collapse_guard, docs/reliability.md): after each round, training-side
+    # signals only; a fired check warns, and with "stop" the run stops after that round is recorded
+    c.self_training.on_collapse = "warn"
+    c.self_training.collapse_guard = ml_collections.ConfigDict(dict(
+        min_share=1e-4,        # classes below this share of the target's pixels are too small to judge
+        share_fraction=0.25,   # share_drop: a class's pseudo-label share < this x its share in round r-1
+        loss_rise=0.5,         # loss_rise: a loss window > (1 + this) x the best earlier window of the round ...
+        loss_windows=3,        # ... for this many consecutive windows (0: off)
+        entropy_fraction=0.25,  # entropy_drop: mean prediction entropy < this x round 0's (0: off)
+    ))
 
     # scales (relative to input.eval_size) and flip of pseudo-labelling (predict) and of evaluation
     c.predict = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
@@ -246,6 +256,18 @@ KEY_HELP = {
     "self_training.label_reg_keep.lrkld": "pixels LRKLD labels: objective or cbst",
     "self_training.soft_label_stride": "LR* soft labels stored as cells of this many pixels",
     "self_training.mine_rare": "rare-class crops from the pseudo-label statistics",
+    "self_training.on_collapse": "a fired collapse-guard check: warn, or stop after the round is recorded "
+                                 "(resumable with resume_from_stage)",
+    "self_training.collapse_guard.min_share": "collapse guard: classes below this share of the target's pixels "
+                                              "are not judged",
+    "self_training.collapse_guard.share_fraction": "collapse guard: fires when a class's pseudo-label share falls "
+                                                   "below this x its share in the previous round (0: off)",
+    "self_training.collapse_guard.loss_rise": "collapse guard: a loss window counts as risen above (1 + this) x "
+                                              "the round's best earlier window",
+    "self_training.collapse_guard.loss_windows": "collapse guard: fires after this many consecutive risen loss "
+                                                 "windows (0: off)",
+    "self_training.collapse_guard.entropy_fraction": "collapse guard: fires when the mean prediction entropy on "
+                                                     "the target falls below this x round 0's (0: off)",
     "predict.scales": "pseudo-labelling scales, relative to input.eval_size",
     "predict.flip": "pseudo-labelling averages with the flipped image",
     "evaluate.scales": "evaluation scales, relative to input.eval_size",
@@ -449,6 +471,13 @@ def validate(config, *, need_roots: bool = True) -> None:
         _fail("self_training.soft_label_stride", config.self_training.soft_label_stride, "an integer >= 1")
     if config.self_training.select_subsample < 1:
         _fail("self_training.select_subsample", config.self_training.select_subsample, "an integer >= 1")
+    _check_choice(config, "self_training.on_collapse", ("warn", "stop"))
+    guard = "self_training.collapse_guard"
+    _check_number(config, f"{guard}.min_share", lambda v: 0 <= v < 1, "a share in [0, 1)")
+    _check_number(config, f"{guard}.share_fraction", lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0: off)")
+    _check_number(config, f"{guard}.loss_rise", lambda v: v > 0, "a relative rise > 0 (0.5: 50 %)")
+    _check_count(config, f"{guard}.loss_windows", 0, "a number of loss windows >= 0 (0: off)")
+    _check_number(config, f"{guard}.entropy_fraction", lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0: off)")
     _check_count(config, "log_every", 1, "a positive number of training steps")
     _check_count(config, "checkpoint_every", 1, "a positive number of training steps")
     if config.source.lanemarking_as_road and config.source.name != "synthia":

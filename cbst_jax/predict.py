@@ -8,8 +8,9 @@ averaged over scales and flips. Everything the self-training needs is reduced on
 from there:
 
 * the two histogram passes of the exact class-wise thresholds (``cbst_jax.selection``),
-* pseudo-labels (uint8) with per-class selected / correct pixel counts, and for CRST's LR*
-  modes the soft labels' uint8 encoding (``cbst_jax.soft_labels``),
+* pseudo-labels (uint8) with per-class selected / correct pixel counts and the summed
+  prediction entropy (for ``cbst_jax.collapse_guard``), and for CRST's LR* modes the soft
+  labels' uint8 encoding (``cbst_jax.soft_labels``),
 * a confusion matrix for evaluation,
 
 so full-resolution float probability maps never reach the host (the reference wrote 152 MiB
@@ -53,6 +54,15 @@ def _selection_counts(labels, gt, valid, num_classes: int):
     hit = jnp.where(li == gt.astype(jnp.int32), li, c)
     correct = jnp.zeros(c + 1, jnp.int32).at[jnp.minimum(hit, c).reshape(-1)].add(1)[:c]
     return picked, correct, jnp.sum(valid.astype(jnp.int32))
+
+
+def _entropy_sum(probs, valid):
+    """Σ over the valid pixels of the per-pixel entropy −Σ_c p_c ln p_c (nats), float32: summed
+    per image first, then over the batch (the collapse guard's prediction entropy)."""
+    probs = probs.astype(jnp.float32)
+    plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0)
+    per_pixel = jnp.where(valid, -jnp.sum(plogp, axis=-1), 0.0)
+    return jnp.sum(jnp.sum(per_pixel, axis=(1, 2)))
 
 
 class LabelledBatch(NamedTuple):
@@ -126,7 +136,9 @@ class CacheReport(NamedTuple):
 class LabellingResult(NamedTuple):
     """One round of pseudo-labelling over a split: ``thresholds`` λ (C,) float32 and
     ``class_counts`` (C,) int64 (pass 1), ``selected`` / ``correct`` (C,) int64 and
-    ``valid_pixels`` summed over the labelled batches, and the :class:`CacheReport`."""
+    ``valid_pixels`` summed over the labelled batches, the :class:`CacheReport`, and
+    ``mean_entropy``: the mean prediction entropy per valid pixel (nats; the batches' float32
+    sums added in float64; NaN without a valid pixel)."""
 
     thresholds: np.ndarray
     class_counts: np.ndarray
@@ -134,13 +146,15 @@ class LabellingResult(NamedTuple):
     correct: np.ndarray
     valid_pixels: int
     cache: CacheReport
+    mean_entropy: float = float("nan")
 
 
 class PassPrograms(NamedTuple):
     """The jitted programs of a pseudo-labelling round (shared by every path; for AOT cost
     analysis): ``forward(variables, images) -> logits`` (a tuple, one per scale and flip);
     ``coarse`` / ``fine(acc, bins, logits, valid, prior) -> acc``; ``labels(logits, valid, gt,
-    lam, prior)`` -> :class:`LabelledBatch` or :class:`SoftLabelledBatch`."""
+    lam, prior)`` -> (:class:`LabelledBatch` or :class:`SoftLabelledBatch`, () float32 the sum of
+    the valid pixels' prediction entropy in nats, of the probabilities the labels come from)."""
 
     forward: Callable
     coarse: Callable
@@ -305,11 +319,13 @@ class Predictor:
 
         if soft is None:
             def label(logits, valid, gt, lam, prior):
-                lab = selection.select_pseudo_labels(self.probs_from_logits(logits), lam, prior)
+                probs = self.probs_from_logits(logits)
+                lab = selection.select_pseudo_labels(probs, lam, prior)
                 lab = jnp.where(valid, lab, IGNORE_INDEX).astype(jnp.uint8)
-                return LabelledBatch(lab, *_selection_counts(lab, gt, valid, c))
+                return LabelledBatch(lab, *_selection_counts(lab, gt, valid, c)), _entropy_sum(probs, valid)
 
-            labels = self._jit(("labels",), label, out_shardings=LabelledBatch(self._data, *[self._rep] * 3))
+            labels = self._jit(("labels",), label,
+                               out_shardings=(LabelledBatch(self._data, *[self._rep] * 3), self._rep))
         else:
             kind, alpha, stride, keep = soft.kind, float(soft.alpha), int(soft.stride), soft.keep
 
@@ -318,10 +334,11 @@ class Predictor:
                 probs = self.probs_from_logits(logits)
                 y = crst.soft_pseudo_labels(probs, lam, kind=kind, alpha=alpha, keep=keep)
                 lab, top, cells = soft_labels.encode(jnp.where(valid[..., None], y, 0.0), stride)
-                return SoftLabelledBatch(lab, top, cells, *_selection_counts(lab, gt, valid, c))
+                return SoftLabelledBatch(lab, top, cells, *_selection_counts(lab, gt, valid, c)), _entropy_sum(
+                    probs, valid)
 
             labels = self._jit(("soft", kind, alpha, stride, keep), label,
-                               out_shardings=SoftLabelledBatch(*[self._data] * 3, *[self._rep] * 3))
+                               out_shardings=(SoftLabelledBatch(*[self._data] * 3, *[self._rep] * 3), self._rep))
         return PassPrograms(forward, histogram(False), histogram(True), labels)
 
     # ------------------------------------------------------------------ one round, one network pass
@@ -396,18 +413,20 @@ class Predictor:
         lam, class_counts = selection.two_pass_thresholds(run_pass, portion, policy)
         lam_dev = jax.device_put(lam, self._rep)
         c = self.num_classes
-        picked, correct, valid_n = np.zeros(c, np.int64), np.zeros(c, np.int64), 0
+        picked, correct, valid_n, entropy = np.zeros(c, np.int64), np.zeros(c, np.int64), 0, 0.0
         for logits, batch, host in batches("labels"):
-            out = progs.labels(logits, batch["valid"], batch["label"], lam_dev, prior)
+            out, entropy_sum = progs.labels(logits, batch["valid"], batch["label"], lam_dev, prior)
             if write_fn is not None:
                 write_fn(host, out)
             picked += np.asarray(out.selected, np.int64)
             correct += np.asarray(out.correct, np.int64)
             valid_n += int(out.valid)
+            entropy += float(entropy_sum)
         report = CacheReport(cache.count("device"), cache.count("host"), cache.count("recompute"),
                              cache.device_bytes, cache.host_bytes, cache.device_budget, cache.host_budget,
                              state["calls"])
-        return LabellingResult(lam, class_counts, picked, correct, valid_n, report)
+        return LabellingResult(lam, class_counts, picked, correct, valid_n, report,
+                               mean_entropy=entropy / valid_n if valid_n else float("nan"))
 
     # ------------------------------------------------------------------ per-pass pieces (three-pass path)
     def threshold_statistics(self, variables, batches_fn, prior=None, bins=None, subsample: int = 1):
@@ -430,7 +449,7 @@ class Predictor:
         """CBST hard pseudo-labels of one global batch (:class:`LabelledBatch`)."""
         progs = self.programs()
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
-        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, prior)
+        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, prior)[0]
 
     def soft_pseudo_labels(self, variables, batch, thresholds, *, kind: str, alpha: float, stride: int,
                            keep: str = "objective") -> SoftLabelledBatch:
@@ -438,7 +457,7 @@ class Predictor:
         ``stride``); ``keep``: which pixels are kept (``cbst_jax.crst.soft_pseudo_labels``)."""
         progs = self.programs(SoftLabelling(kind, alpha, stride, keep))
         lam = jax.device_put(np.asarray(thresholds, np.float32), self._rep)
-        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, None)
+        return progs.labels(progs.forward(variables, batch["image"]), batch["valid"], batch["label"], lam, None)[0]
 
     # ------------------------------------------------------------------ evaluation
     def confusion(self, variables, batch, return_pred: bool = False):

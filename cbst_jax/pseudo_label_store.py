@@ -37,7 +37,9 @@ class Manifest:
     the thresholds λ, per class the pixels predicted (``class_counts``) / selected / selected
     and correct (``correct``, where the target has hidden labels), the valid pixel count, the
     classes chosen for rare-class mining, (LR* rounds) the soft labels' cell stride, where the
-    network's logits were kept, and the sha256 of every file of the store (``files``, by name)."""
+    network's logits were kept, the mean prediction entropy per valid pixel (``mean_entropy``,
+    nats; None in manifests written before it existed, which stay readable), and the sha256 of
+    every file of the store (``files``, by name)."""
     method: str
     round: int
     portion: float
@@ -52,6 +54,7 @@ class Manifest:
     has_ground_truth: bool
     soft_label_stride: int | None
     logits: str = ""   # where the labelling pass kept the network's logits (Predictor.label_split)
+    mean_entropy: float | None = None
     files: dict = dataclasses.field(default_factory=dict)
 
 

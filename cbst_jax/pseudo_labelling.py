@@ -7,7 +7,8 @@ for the later passes: ``cbst_jax.predict.Predictor.label_split``) give the thres
 ŷ = argmax q·p/λ where that ratio is ≥ 1, else ignored (for CRST's LR* methods the soft
 minimisers of the label-regularised objective at the same λ), written to the stage's
 :class:`~cbst_jax.pseudo_label_store.PseudoLabelStore` with a manifest of the round's
-statistics. Only host-sized uint8 maps leave the devices.
+statistics (with the pass's mean prediction entropy, for ``cbst_jax.collapse_guard``). Only
+host-sized uint8 maps leave the devices.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def label_target(exp, variables, method: Method, stage: Stage, portion: float, s
                         correct=np.asarray(res.correct, np.int64).tolist(), valid_pixels=int(res.valid_pixels),
                         mine_classes=mining_classes(res.class_counts, c), num_records=len(target),
                         has_ground_truth=hidden is not None, soft_label_stride=stride if kind else None,
-                        logits=res.cache.path)
+                        logits=res.cache.path,
+                        mean_entropy=float(res.mean_entropy) if np.isfinite(res.mean_entropy) else None)
     if show:
         store.finish(manifest)
     shd.barrier("pl-done")

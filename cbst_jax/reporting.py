@@ -192,6 +192,53 @@ def pseudo_label_table(rows: Sequence[dict], class_names: Sequence[str], classes
               f"selected the class; – none did).")
 
 
+def health_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:
+    """The collapse guard's rows (``cbst_jax.collapse_guard``), one per round: each signal's
+    value and which checks fired, with the thresholds used. Empty when there are no rows."""
+    body = []
+    for r in rows:
+        if r["unselected"] is None:
+            unselected = "n/a"
+        else:
+            unselected = ", ".join(f"{class_names[c]} ({100 * p:.2f} %)" for c, p in r["unselected"]) or "–"
+        if r["share_drops"]:
+            share = ", ".join(f"{class_names[c]} {now / prev:.2f}" for c, prev, now in r["share_drops"])
+        elif r["lowest_share_ratio"] is not None:
+            c, ratio = r["lowest_share_ratio"]
+            share = f"{class_names[int(c)]} {ratio:.2f}"
+        else:
+            share = "n/a"
+        if r["loss_windows"] is None:
+            loss = "n/a"
+        else:
+            peak = _nan(r["loss_peak_rise"])
+            peak = f"+{100 * peak:.0f} %" if peak < 10 else f"{1 + peak:.3g} x"
+            loss = f"{r['loss_stretch']} of {r['loss_windows']}, peak {peak}"
+        if r["mean_entropy"] is None:
+            entropy = "n/a"
+        else:
+            ratio = "baseline" if r["round"] == 0 else ("n/a" if r["entropy_ratio"] is None
+                                                          else f"{r['entropy_ratio']:.2f}")
+            entropy = f"{r['mean_entropy']:.4f} ({ratio})"
+        body.append([_stage_name(r["method"], r["round"]), unselected, share, loss, entropy,
+                     ", ".join(r["fired"]) or "–"])
+    if not body:
+        return ""
+    s = rows[-1]["settings"]
+    varied = "" if all(r["settings"] == s for r in rows) else " (the last row's; earlier rows used others)"
+    return (_markdown(["round", "predicted, none selected", "share / previous round (lowest)",
+                       "risen loss windows", "mean entropy, nats (/ round 0)", "fired"], body)
+            + f"\n\nTraining-side signals only (cbst_jax.collapse_guard; round r's labels come from the model "
+              f"before it). unselected: classes predicted on ≥ {s['min_share']:g} of the target pixels with no "
+              f"pixel selected (their predicted share); share_drop: a class's pseudo-label share < "
+              f"{s['share_fraction']:g} x its share in the previous round (classes with ≥ {s['min_share']:g} "
+              f"there; the lowest ratio, or every class that fell); loss_rise: ≥ {s['loss_windows']} consecutive "
+              f"logged loss windows above (1 + {s['loss_rise']:g}) x the best earlier window of the round (the "
+              f"longest such run of the round's windows and the largest excess); entropy_drop: mean prediction "
+              f"entropy < {s['entropy_fraction']:g} x round 0's. Thresholds{varied}: "
+              f"self_training.collapse_guard.")
+
+
 def city_table(by_city: dict[str, Sequence[dict]], class_names: Sequence[str], last_round: int | None) -> str:
     """The seed's cross-city table: per city one row per method (source-only, and each
     self-training method at round ``last_round``), IoU per class and their mean, each the mean

@@ -18,8 +18,8 @@ method's rounds). For each stage the ledger knows whether it is *trained*, *labe
 * ``pseudo_labels/<method>/round_<r>/``: each round's pseudo-label store, complete once its
   manifest (with every file's sha256) is written;
 * ``config.json``: the configuration that wrote the workdir; another configuration is refused
-  (launch keys aside), except for the optimiser settings a ``resume_from_stage`` restart may
-  change.
+  (launch keys aside), except for the optimiser, logging and collapse-guard settings a
+  ``resume_from_stage`` restart may change.
 
 ``metrics.jsonl`` and TensorBoard events (:attr:`log`) are the append-only log a user reads; the
 ledger never reads them back. Everything read back is verified first: a weights file or a
@@ -58,21 +58,28 @@ CONFIG_FILE = "config.json"
 # between the processes of one run (process_id) and between launches (the coordinator's port).
 LAUNCH_KEYS = ("process_id", "coordinator_address")
 # What a restart from a finished stage (``resume_from_stage``) may change: how the stages after
-# it are optimised and logged, never what they learn from.
+# it are optimised and logged, and what the collapse guard does about them (after a stop: go on
+# with on_collapse=warn, or other thresholds), never what they learn from.
 REWIND_KEYS = ("resume_from_stage", "self_training.lr", "self_training.lr_round_decay", "self_training.schedule",
                "self_training.optimizer", "self_training.power", "self_training.warmup_steps",
                "self_training.warmup_ratio", "self_training.epochs_per_round", "self_training.steps_per_round",
                "self_training.reg_weight", "optim.momentum", "optim.weight_decay", "optim.head_lr_mult",
-               "checkpoint_every", "log_every", "input.workers", "input.eval_batch_size")
+               "checkpoint_every", "log_every", "input.workers", "input.eval_batch_size",
+               "self_training.on_collapse", "self_training.collapse_guard.min_share",
+               "self_training.collapse_guard.share_fraction", "self_training.collapse_guard.loss_rise",
+               "self_training.collapse_guard.loss_windows", "self_training.collapse_guard.entropy_fraction")
 
 
 @dataclasses.dataclass
 class Progress:
-    """A stage's training, part done: resume at ``step`` with the iterator at ``iterator``."""
+    """A stage's training, part done: resume at ``step`` with the iterator at ``iterator``, the
+    last ``log_every`` losses and the logged loss-window means so far (``loss_windows``: empty
+    in checkpoints written before they were kept)."""
     state: object
     step: int
     iterator: dict
     recent_losses: list
+    loss_windows: list = dataclasses.field(default_factory=list)
 
 
 def file_sha256(path: str) -> str:
@@ -150,6 +157,12 @@ class RunLedger:
         """``{"steps", "train_loss"}`` of a trained stage."""
         return {k: self._stage_doc(stage)["trained"].get(k) for k in ("steps", "train_loss")}
 
+    def loss_windows(self, stage: Stage) -> list[float] | None:
+        """The logged loss-window means of a trained stage (None: a ledger written before they
+        were recorded)."""
+        windows = self._stage_doc(stage)["trained"].get("loss_windows")
+        return None if windows is None else [float(w) for w in windows]
+
     def pseudo_labels(self, stage: Stage) -> PseudoLabelStore:
         return PseudoLabelStore(os.path.join(self.workdir, "pseudo_labels", stage.method, f"round_{stage.round}"))
 
@@ -172,7 +185,8 @@ class RunLedger:
             except checkpointing.CheckpointError as e:
                 notice(f"{e}; trying an older one")
                 continue
-            return Progress(state, int(meta["step"]), meta["iterator"], list(meta.get("recent_losses", [])))
+            return Progress(state, int(meta["step"]), meta["iterator"], list(meta.get("recent_losses", [])),
+                            list(meta.get("loss_windows", [])))
         return None
 
     def last_trained(self) -> Stage | None:
@@ -190,9 +204,11 @@ class RunLedger:
                 f"--config.resume_from_stage={last.key} and the changed keys (e.g. --config.self_training.lr=...)")
 
     # ------------------------------------------------------------------ what happened
-    def save_progress(self, stage: Stage, state, step: int, iterator: dict, recent_losses: list) -> None:
+    def save_progress(self, stage: Stage, state, step: int, iterator: dict, recent_losses: list,
+                      loss_windows=()) -> None:
         index = max([int(i) for i in self._doc["checkpoints"]] + self._checkpoints.indices() + [0]) + 1
-        meta = {"stage": stage.key, "step": int(step), "iterator": iterator, "recent_losses": list(recent_losses)}
+        meta = {"stage": stage.key, "step": int(step), "iterator": iterator, "recent_losses": list(recent_losses),
+                "loss_windows": list(loss_windows)}
         labels = self.labels_digest(stage) if jax.process_index() == 0 else None
         digest = self._checkpoints.save(index, state, meta)
         kept = set(self._checkpoints.indices())
@@ -202,9 +218,11 @@ class RunLedger:
         self._write()
 
     def stage_trained(self, stage: Stage, variables, metadata: dict, steps: int | None = None,
-                      train_loss: float | None = None) -> None:
+                      train_loss: float | None = None, loss_windows=None) -> None:
         """Writes the stage's weights file (``metadata``: its weights-file metadata) and records
-        it, which makes the stage trained; its training checkpoints are then dropped."""
+        it, with its steps, final loss and logged loss-window means (``loss_windows``, for
+        the collapse guard), which makes the stage trained; its training checkpoints are then
+        dropped."""
         from cbst_jax import models
 
         path = self.stage_weights(stage)
@@ -222,7 +240,8 @@ class RunLedger:
             self._verified[path] = digest
         failpoint("ledger.weights_written")
         self._stage_doc(stage)["trained"] = {"weights": os.path.relpath(path, self.workdir), "sha256": digest,
-                                             "steps": steps, "train_loss": train_loss}
+                                             "steps": steps, "train_loss": train_loss,
+                                             "loss_windows": None if loss_windows is None else list(loss_windows)}
         self._write()
         shd.barrier("stage-trained")
         self._checkpoints.delete_all_but(set())
@@ -415,12 +434,12 @@ def check_workdir_config(config, workdir: str) -> str | None:
     if config.get("resume_from_stage"):
         fixed = [k for k in diff if k not in REWIND_KEYS]
         if fixed:
-            raise RunError(f"{workdir}: resume_from_stage may change only optimiser and logging settings "
-                           f"({', '.join(REWIND_KEYS[1:])}), not {', '.join(fixed[:4])}")
+            raise RunError(f"{workdir}: resume_from_stage may change only optimiser, logging and collapse-guard "
+                           f"settings ({', '.join(REWIND_KEYS[1:])}), not {', '.join(fixed[:4])}")
         return config.resume_from_stage
     raise RunError(f"{workdir} holds a run with another configuration (differs in {', '.join(diff[:4])}); "
                    f"use another --workdir, --fresh, or --config.resume_from_stage=<stage> to change "
-                   f"optimiser settings after a finished stage")
+                   f"optimiser, logging or collapse-guard settings after a finished stage")
 
 
 def _flat(d, prefix=""):

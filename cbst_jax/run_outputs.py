@@ -30,12 +30,15 @@ def eval_row(exp, stage: Stage, cm, extra=None) -> dict:
 
 def pseudo_label_row(seed, manifest) -> dict:
     """A round's pseudo-labels: portion, thresholds, each class's share of the selected pixels,
-    the selected fraction, and (where the target has hidden labels) per-class precision."""
+    the selected fraction, the pixels predicted as each class (argmax of the labelling pass) and
+    the pass's mean prediction entropy (the collapse guard's inputs), and (where the target has
+    hidden labels) per-class precision."""
     sel = np.asarray(manifest.selected, np.float64)
     share = sel / max(sel.sum(), 1)
     row = {"kind": "pseudo_labels", "seed": seed, "method": manifest.method, "round": manifest.round,
            "portion": manifest.portion, "thresholds": manifest.thresholds, "share": share.tolist(),
-           "selected_fraction": float(sel.sum() / max(manifest.valid_pixels, 1))}
+           "selected_fraction": float(sel.sum() / max(manifest.valid_pixels, 1)),
+           "predicted": [int(n) for n in manifest.class_counts], "mean_entropy": manifest.mean_entropy}
     if manifest.has_ground_truth:
         with np.errstate(invalid="ignore", divide="ignore"):
             row["precision"] = np.where(sel > 0, np.asarray(manifest.correct) / np.maximum(sel, 1),
@@ -90,8 +93,9 @@ def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> str:
 
 
 # ---------------------------------------------------------------------------- per seed
-def write_seed_report(exp, rows, pl_rows) -> None:
-    """Table, curves and the prediction grid (image, GT, source-only, each method's last round)."""
+def write_seed_report(exp, rows, pl_rows, health_rows=()) -> None:
+    """Table, curves, the prediction grid (image, GT, source-only, each method's last round) and
+    the collapse guard's per-round health table (``health_rows``)."""
     cfg = exp.config
     names = labels_lib.class_names(cfg.num_classes)
     table_classes, subset = exp.data.table_classes, exp.data.subset_classes
@@ -124,6 +128,9 @@ def write_seed_report(exp, rows, pl_rows) -> None:
     note += f"\n{config_lib.source_model_origin(cfg)}\n"
     note += "\nCompute path: " + ", ".join(f"{k}={v}" for k, v in compute_path(exp.model).items()) + "\n"
     atomic_write_json(os.path.join(exp.workdir, "eval_overlap.json"), exp.data.overlap)
+    health = reporting.health_table(health_rows, names)
+    if health:
+        note += f"\n## Collapse guard\n\n{health}\n"
     text = f"# Results, seed {cfg.seed}\n\n{table}\n{note}"
     atomic_write_bytes(os.path.join(exp.workdir, "results.md"), text.encode())
     print(f"\n{table}{note}", flush=True)

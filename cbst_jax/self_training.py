@@ -8,6 +8,8 @@
             retrain on the round's source subset + pseudo-labelled target (cbst_jax.trainer)
             evaluate on the target evaluation split (cbst_jax.evaluate)
             record the round (cbst_jax.run_ledger, cbst_jax.run_outputs)
+            judge its health from training-side signals only (cbst_jax.collapse_guard):
+            warn, or stop after the recorded round (self_training.on_collapse)
 
 A round's pseudo-labels always come from the model that finished the stage before it (the
 source model or round r-1: at hand, or read from its verified weights file), made before any
@@ -26,11 +28,14 @@ split unless ``config.select_by_eval`` asks for it (the report then says so).
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import time
 
 import jax
 
-from cbst_jax import checkpointing, experiment, preflight, run_outputs
+from cbst_jax import checkpointing, collapse_guard, experiment, preflight, run_outputs
+from cbst_jax import labels as labels_lib
 from cbst_jax.evaluate import evaluate
 from cbst_jax.methods import SOURCE, Stage, parse as parse_methods, portion_at, stages
 from cbst_jax.pseudo_labelling import label_target
@@ -70,6 +75,7 @@ def _run(config, ledger: RunLedger, on_started):
             portion = portion_at(config.self_training.portion, r)    # p_r
             if ledger.trained(stage):                                # finished before a restart
                 model = loop.complete(stage, method)
+                loop.guard(stage)
                 continue
             if model is None:
                 model = ledger.trained_variables(previous_stage(stage))
@@ -77,14 +83,13 @@ def _run(config, ledger: RunLedger, on_started):
             state, progress = loop.start(stage, model)               # then its optimiser state (or a checkpoint's)
             state, steps = loop.retrain(stage, method, state, store, progress)
             model = variables_of(state)
-            ledger.stage_trained(stage, model, loop.metadata, steps, trainer.last_loss)
+            ledger.stage_trained(stage, model, loop.metadata, steps, trainer.last_loss, trainer.loss_windows)
+            loop.health(stage)                                       # training-side signals, before evaluation
             loop.evaluate_and_record(stage, method, model, store, portion=portion, steps=steps,
                                      train_loss=trainer.last_loss)
+            loop.guard(stage)                                        # on_collapse=stop: after the recorded round
 
-    rows, pl_rows = ledger.rows("eval"), ledger.rows("pseudo_labels")
-    if jax.process_index() == 0:
-        run_outputs.write_seed_report(exp, rows, pl_rows)
-    return rows, pl_rows
+    return loop.report()
 
 
 def previous_stage(stage: Stage) -> Stage:
@@ -102,7 +107,42 @@ class _Loop:
         self.like_source = checkpointing.abstract_like(self.initial)
         self.like_round = trainer.like(variables, rng, config.self_training.optimizer)
         self.metadata = experiment.weights_metadata(config, exp.model, seed=config.seed)
+        self.guard_settings = collapse_guard.Settings.of(config)
         self.t_start = time.time()
+
+    def report(self) -> tuple[list[dict], list[dict]]:
+        """Writes the seed's report (process 0) from the recorded rows; returns its evaluation
+        and pseudo-label rows."""
+        ledger = self.ledger
+        rows, pl_rows = ledger.rows("eval"), ledger.rows("pseudo_labels")
+        if jax.process_index() == 0:
+            run_outputs.write_seed_report(self.exp, rows, pl_rows, ledger.rows("health"))
+        return rows, pl_rows
+
+    def health(self, stage: Stage) -> dict:
+        """The round's health row: recorded once, from the recorded pseudo-label rows and the
+        stage's loss windows only (``collapse_guard.verdict``); a fired check is one warning
+        line on stderr, also in the row (metrics.jsonl)."""
+        ledger = self.ledger
+        if not ledger.recorded(stage, "health"):
+            health = collapse_guard.verdict(ledger.rows("pseudo_labels"), stage.method, stage.round,
+                                            ledger.loss_windows(stage), self.guard_settings)
+            names = labels_lib.class_names(self.exp.config.num_classes)
+            warning = collapse_guard.warning_line(stage.key, health, names)
+            if warning and jax.process_index() == 0:
+                print(warning, file=sys.stderr, flush=True)
+            ledger.record(stage, collapse_guard.health_row(self.exp.config.seed, health, warning), slot="health")
+        return next(r for r in ledger.rows("health") if (r["method"], r["round"]) == (stage.method, stage.round))
+
+    def guard(self, stage: Stage) -> None:
+        """With ``self_training.on_collapse=stop``, a round whose checks fired ends the run once
+        it is recorded: the seed's report is written, then one line (CollapseStop: exit 2)."""
+        fired = self.health(stage)["fired"]
+        if fired and self.exp.config.self_training.on_collapse == "stop":
+            self.report()
+            results = os.path.join(self.exp.workdir, "results.md")
+            raise collapse_guard.CollapseStop(collapse_guard.stop_message(stage.key, previous_stage(stage).key,
+                                                                          fired, results))
 
     def source_model(self):
         """Round 0: trained on the source here (resuming its progress), or the imported
@@ -121,9 +161,10 @@ class _Loop:
                         state, SOURCE, None, steps=cfg.source_training.steps, lr=cfg.source_training.lr,
                         schedule=cfg.source_training.schedule, iterator=it,
                         start_step=progress.step if progress else 0,
-                        recent_losses=progress.recent_losses if progress else ())
+                        recent_losses=progress.recent_losses if progress else (),
+                        loss_windows=progress.loss_windows if progress else ())
             ledger.stage_trained(SOURCE, variables_of(state), self.metadata, cfg.source_training.steps,
-                                 self.trainer.last_loss)
+                                 self.trainer.last_loss, self.trainer.loss_windows)
         source = ledger.trained_variables(SOURCE)
         self.evaluate_and_record(SOURCE, None, source)
         return source
@@ -180,7 +221,8 @@ class _Loop:
             state = self.trainer.train(state, stage, method.model_regularizer, steps=steps,
                                        lr=round_lr(cfg, stage.round), schedule=cfg.self_training.schedule,
                                        iterator=it, start_step=progress.step if progress else 0,
-                                       recent_losses=progress.recent_losses if progress else ())
+                                       recent_losses=progress.recent_losses if progress else (),
+                                       loss_windows=progress.loss_windows if progress else ())
         return state, steps
 
     def eval_slots(self, stage: Stage) -> list[str]:

@@ -31,6 +31,7 @@ class Trainer:
         self.labels = models.param_groups(exp.model, variables["params"], train_bn=exp.config.model.train_bn)
         self._tx, self._init, self._steps = {}, {}, {}
         self.last_loss = None
+        self.loss_windows: list[float] = []
 
     # ------------------------------------------------------------------ optimisers and states
     def optimizer(self, kind: str):
@@ -76,14 +77,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ a phase
     def train(self, state, stage: Stage, regularizer: str | None, *, steps: int, lr: float, schedule: str,
-              iterator: pipeline.MixedIterator, start_step: int = 0, recent_losses=()):
-        """Trains steps ``start_step .. steps-1``; returns the state (``last_loss``: the mean
-        loss of the last ``log_every`` steps)."""
+              iterator: pipeline.MixedIterator, start_step: int = 0, recent_losses=(), loss_windows=()):
+        """Trains steps ``start_step .. steps-1``; returns the state. ``loss_windows``: the
+        phase's logged window means before ``start_step`` (a resumed phase). Afterwards
+        ``loss_windows`` holds every logged window mean of the phase (the mean loss of the last
+        ``log_every`` steps at each multiple of ``log_every`` and at the last step, as logged)
+        and ``last_loss`` the last of them."""
         cfg = self.exp.config
         phase = cfg.source_training if stage == SOURCE else cfg.self_training  # the schedule's shape
         step_fn = self.step_for(self.kind(stage), regularizer)
         log = self.ledger.log
-        pending, losses_seen = None, list(recent_losses)
+        pending, losses_seen, windows = None, list(recent_losses), list(loss_windows)
         bar = tqdm(range(start_step, steps), desc=f"{stage.key} train", disable=jax.process_index() != 0,
                    leave=False, initial=start_step, total=steps)
         for k in bar:
@@ -102,16 +106,19 @@ class Trainer:
                 self._check(stage, *pending, losses_seen)
                 pending = None
                 mean = float(np.mean(losses_seen[-cfg.log_every:]))
+                windows.append(mean)
                 bar.set_postfix(loss=f"{mean:.4f}")
                 log.scalars(f"train/{stage.key}", k + 1, {"loss": mean, "lr": float(lr_k)})
             if (k + 1) % cfg.checkpoint_every == 0 and k + 1 < steps:
                 if pending is not None:
                     self._check(stage, *pending, losses_seen)
                     pending = None
-                self.ledger.save_progress(stage, state, k + 1, iterator.get_state(), losses_seen[-cfg.log_every:])
+                self.ledger.save_progress(stage, state, k + 1, iterator.get_state(), losses_seen[-cfg.log_every:],
+                                          windows)
         if pending is not None:
             self._check(stage, *pending, losses_seen)
         self.last_loss = float(np.mean(losses_seen[-cfg.log_every:])) if losses_seen else None
+        self.loss_windows = windows
         return state
 
     def _check(self, stage: Stage, k, m, losses_seen):

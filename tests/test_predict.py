@@ -324,3 +324,31 @@ def test_default_device_budget_reads_memory_stats():
     assert _free_device_bytes(gpus) == 45  # the fullest device bounds the batch-sharded cache
     assert _free_device_bytes(gpus + [Device(None)]) == 0  # no statistics (CPU): no device budget
     assert _free_device_bytes(jax.devices()) == 0
+
+
+@pytest.mark.parametrize("soft", [None, SoftLabelling("lrent", 0.25, 4)])
+def test_labelling_pass_mean_entropy_against_scipy(soft):
+    """The labelling pass's mean prediction entropy (collapse guard): the labels program's
+    float32 sum over a batch's valid pixels, and the split's mean per valid pixel, against
+    scipy.stats.entropy of the numpy probabilities (multi-scale + flip, padded rows and a partly
+    padded batch left out)."""
+    from scipy.stats import entropy
+
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(7)
+    globals_, hosts = split_batches(rng, mesh)
+    model = PixelNet()
+    variables = model.init(jax.random.key(7), hosts[0]["image"][:1], train=False)
+    scales = (1.0, 0.75)
+    pred = Predictor(model, 4, mesh, (16, 24), scales=scales, flip=True)
+    res = pred.label_split(variables, lambda: iter(zip(globals_, hosts)), 0.3, "cbst", soft=soft)
+    want = [entropy(reference_probs(variables["params"], h["image"], scales, True, (16, 24))[h["valid"]], axis=-1)
+            for h in hosts]
+    progs = pred.programs(soft)
+    lam = jax.device_put(res.thresholds, sharding.replicated(mesh))
+    for g, w in zip(globals_, want):
+        _, total = progs.labels(progs.forward(variables, g["image"]), g["valid"], g["label"], lam, None)
+        assert total.dtype == np.float32
+        np.testing.assert_allclose(float(total), w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(res.mean_entropy, np.concatenate(want).mean(), rtol=1e-5)
+    assert res.valid_pixels == sum(len(w) for w in want)

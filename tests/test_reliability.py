@@ -142,9 +142,12 @@ def tree_hashes(path, exclude=()):
 
 def assert_same_results(seed_dir, reference):
     """Every row, pseudo-label file, weights file, kept prediction and figure of the seed as the
-    unbroken reference's (rows without their wall time; .npz files by their arrays)."""
+    unbroken reference's (rows without their wall time; .npz files by their arrays). The
+    collapse guard's health rows hold the rounds' loss windows, so a round resumed from a
+    checkpoint must have kept those logged before it."""
     assert rows(seed_dir, "eval") == rows(reference, "eval")
     assert rows(seed_dir, "pseudo_labels") == rows(reference, "pseudo_labels")
+    assert rows(seed_dir, "health") == rows(reference, "health") and len(rows(reference, "health")) == 2
     assert label_files(seed_dir) == label_files(reference)
     for folder in ("models", "predictions"):
         got, want = npz_arrays(seed_dir, folder), npz_arrays(reference, folder)

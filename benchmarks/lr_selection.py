@@ -30,13 +30,15 @@ def _config(workdir: str):
 def measure(workdir: str, alphas, kinds=("lrent", "lrl2", "lrkld"), keeps=("objective", "cbst")):
     from cbst_jax import experiment
     from cbst_jax.methods import SOURCE, parse, portion_at, stages
+    from cbst_jax.config_lib import seed_record
     from cbst_jax.run_ledger import RunLedger
+    from cbst_jax.workdir import SeedDir
 
     cfg = _config(workdir)
-    ledger = RunLedger(workdir, cfg, stages(parse(cfg.methods), cfg.self_training.rounds))
+    ledger = RunLedger(SeedDir(workdir), seed_record(cfg), stages(parse(cfg.methods), cfg.self_training.rounds))
     if not ledger.trained(SOURCE):
         raise SystemExit(f"{workdir}: no trained source model (run the experiment first)")
-    exp = experiment.build(cfg, workdir)
+    exp = experiment.build(cfg, SeedDir(workdir))
     variables = ledger.trained_variables(SOURCE)
     portion = portion_at(cfg.self_training.portion, 0)
     hidden = exp.data.hidden_label_key

@@ -6,6 +6,7 @@ key and what was expected.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -548,6 +549,17 @@ def nthu_cities(config) -> list[str] | None:
     if config.target.name == "nthu" and str(config.target.city).lower() in ("", "all"):
         return list(CITIES)
     return None
+
+
+def seed_record(config, seed: int | None = None, city: str | None = None) -> dict:
+    """The configuration of one seed's run as its folder records it (``config.json``): ``config``
+    with ``seed`` (None: config.seed) and, over all NTHU cities, the ``city`` it runs on."""
+    record = json.loads(config.to_json(sort_keys=True))
+    if seed is not None:
+        record["seed"] = int(seed)
+    if city is not None:
+        record["target"]["city"] = city
+    return record
 
 
 def parse_seeds(text: str) -> list[int]:

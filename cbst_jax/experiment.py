@@ -18,12 +18,13 @@ from cbst_jax.data import pipeline
 from cbst_jax.data.experiment_data import ExperimentData, open_experiment_data
 from cbst_jax.errors import RunError
 from cbst_jax.predict import Predictor
+from cbst_jax.workdir import SeedDir
 
 
 @dataclasses.dataclass
 class Experiment:
     config: object
-    workdir: str
+    seed_dir: SeedDir        # where the seed's run lives (cbst_jax.workdir)
     mesh: object
     data: ExperimentData
     methods: list            # cbst_jax.methods.Method, in the order they run
@@ -62,7 +63,7 @@ def eval_workers(config) -> int:
     return default_workers() if config.input.workers < 0 else max(1, config.input.workers)
 
 
-def build(config, workdir: str) -> Experiment:
+def build(config, seed_dir: SeedDir) -> Experiment:
     mesh = shd.make_mesh()
     data = open_experiment_data(config)
     model = build_model(config)
@@ -76,7 +77,7 @@ def build(config, workdir: str) -> Experiment:
     mst_methods = tuple(m.strip() for m in str(config.evaluate.mst_methods).split(",") if m.strip())
     mst = (Predictor(model, config.num_classes, mesh, canvas, config.evaluate.mst_scales, config.evaluate.mst_flip)
            if mst_methods else None)
-    exp = Experiment(config, workdir, mesh, data, methods_lib.parse(config.methods), model, predictor, canvas,
+    exp = Experiment(config, seed_dir, mesh, data, methods_lib.parse(config.methods), model, predictor, canvas,
                      eval_predictor=eval_predictor, mst_predictor=mst, mst_methods=mst_methods)
     if any(m.spatial_prior for m in exp.methods):
         exp.prior = spatial_prior(exp)
@@ -208,10 +209,10 @@ def merge_variables(init, loaded, path, keep_classes=None):
 
 
 def spatial_prior(exp: Experiment):
-    """The spatial prior q at the canvas size, replicated on the mesh (built once per workdir
-    from the source label maps, or read from ``self_training.prior``)."""
+    """The spatial prior q at the canvas size, replicated on the mesh (built once per seed's
+    folder from the source label maps, or read from ``self_training.prior``)."""
     cfg = exp.config.self_training
-    path = cfg.prior or os.path.join(exp.workdir, "spatial_prior.npz")
+    path = cfg.prior or exp.seed_dir.spatial_prior
     if shd.agree(not os.path.exists(path)):
         source = exp.data.source
         maps = (source[i]["label"] for i in tqdm(range(len(source)), desc="spatial prior",

@@ -18,20 +18,19 @@ from cbst_jax.atomic_files import atomic_write
 
 
 class MetricsLog:
-    """Append-only JSON lines + optional TensorBoard events in a workdir (the events file is
-    opened on the first scalars written)."""
+    """Append-only JSON lines at ``path`` + optional TensorBoard events in the folder
+    ``tensorboard`` (its events file is opened on the first scalars written)."""
 
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
-        self.workdir = workdir
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, path: str, tensorboard: str | None, enabled: bool = True):
+        self.path, self.tensorboard = path, tensorboard
         self.enabled = enabled
-        self._tensorboard = enabled and tensorboard
+        self._tensorboard = enabled and tensorboard is not None
         self._tb = None
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        os.makedirs(self.workdir, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(jsonable(row)) + "\n")
             f.flush()
@@ -41,7 +40,7 @@ class MetricsLog:
         if self._tensorboard and self._tb is None:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+                self._tb = SummaryWriter(self.tensorboard)
             except ImportError:  # the lent GPU image has no tensorboardX: jsonl only
                 self._tensorboard = False
         if self._tb is not None:

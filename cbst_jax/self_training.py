@@ -28,27 +28,29 @@ split unless ``config.select_by_eval`` asks for it (the report then says so).
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 
 import jax
 
-from cbst_jax import checkpointing, collapse_guard, experiment, preflight, run_outputs
+from cbst_jax import checkpointing, collapse_guard, config_lib, experiment, preflight, run_outputs
 from cbst_jax import labels as labels_lib
 from cbst_jax.evaluate import evaluate
 from cbst_jax.methods import SOURCE, Stage, parse as parse_methods, portion_at, stages
 from cbst_jax.pseudo_labelling import label_target
-from cbst_jax.run_ledger import RunLedger, notice
+from cbst_jax.errors import notice
+from cbst_jax.run_ledger import RunLedger
 from cbst_jax.trainer import Trainer, mixed_iterator, round_lr, round_steps, variables_of
+from cbst_jax.workdir import SeedDir
 
 
-def run(config, workdir: str, on_started=None) -> tuple[list[dict], list[dict]]:
-    """One seed: the source model, then every method's rounds; resumes from ``workdir``.
+def run(config, seed_dir: SeedDir, on_started=None) -> tuple[list[dict], list[dict]]:
+    """One seed: the source model, then every method's rounds; resumes from ``seed_dir``.
     Returns the seed's evaluation rows and pseudo-label rows. ``on_started()`` is called once
     the source model exists."""
     config = copy.deepcopy(config)
-    ledger = RunLedger(workdir, config, stages(parse_methods(config.methods), config.self_training.rounds))
+    ledger = RunLedger(seed_dir, config_lib.seed_record(config),
+                       stages(parse_methods(config.methods), config.self_training.rounds))
     try:
         return _run(config, ledger, on_started)
     finally:
@@ -56,7 +58,7 @@ def run(config, workdir: str, on_started=None) -> tuple[list[dict], list[dict]]:
 
 
 def _run(config, ledger: RunLedger, on_started):
-    exp = experiment.build(config, ledger.workdir)
+    exp = experiment.build(config, ledger.seed_dir)
     preflight.check_adaptation_split(config, exp.data)  # the counts after leaving out evaluation images
     rng = jax.random.key(config.seed)
     variables = experiment.init_variables(config, exp.model, rng, tuple(config.input.crop))
@@ -140,7 +142,7 @@ class _Loop:
         fired = self.health(stage)["fired"]
         if fired and self.exp.config.self_training.on_collapse == "stop":
             self.report()
-            results = os.path.join(self.exp.workdir, "results.md")
+            results = self.exp.seed_dir.results
             raise collapse_guard.CollapseStop(collapse_guard.stop_message(stage.key, previous_stage(stage).key,
                                                                           fired, results))
 
@@ -232,9 +234,9 @@ class _Loop:
     def owned(self, stage: Stage) -> dict:
         """The files a stage owns besides its weights, by kind: its kept predictions and, for a
         round, its pseudo-label figure."""
-        files = {"predictions": run_outputs.predictions_path(self.exp, stage)}
+        files = {"predictions": self.exp.seed_dir.predictions(stage)}
         if stage.round is not None:
-            files["figure"] = run_outputs.pseudo_label_figure_path(self.exp, stage)
+            files["figure"] = self.exp.seed_dir.pseudo_label_figure(stage)
         return files
 
     def lacks(self, stage: Stage) -> bool:

@@ -51,6 +51,7 @@ def one_error_line(res):
 
 def test_weights_to_adapted_model(tmp_path, capsys):
     from cbst_jax import evaluate, experiment, export, infer, models
+    from cbst_jax.workdir import SeedDir
     from cbst_jax.labels import CITYSCAPES_ID_TO_TRAINID
 
     # ---- a CRST-style source model: Res_Deeplab's keys, trained on ImageNet-normalised RGB input
@@ -76,7 +77,7 @@ def test_weights_to_adapted_model(tmp_path, capsys):
     seed = work / "seed_0"
     ledger = json.loads((seed / "ledger.json").read_text())["stages"]
     assert set(ledger) == {"source", "cbst/r0"} and "cbst r0" in (seed / "results.md").read_text()
-    run_config = export.read_run_config(str(seed))
+    run_config = export.read_run_config(SeedDir(str(seed)))
     assert tuple(run_config.predict.scales) == (0.9,) and tuple(run_config.evaluate.scales) == (0.9, 1.0, 1.2)
 
     # ---- round-0 logits: the run's source model, built as the run built it, against torch

@@ -59,8 +59,12 @@ NAMES = tuple(BY_NAME)
 
 
 def parse(text: str) -> list[Method]:
-    """``"source_only,st,cbst"`` -> the methods, in order; KeyError names an unknown one."""
+    """``"source_only,st,cbst"`` -> the methods, in order; ValueError whose argument is the first
+    unknown name."""
     names = [m.strip() for m in str(text).split(",") if m.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ValueError(unknown[0])
     return [BY_NAME[n] for n in names]
 
 

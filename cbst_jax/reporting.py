@@ -15,6 +15,7 @@ import numpy as np
 from cbst_jax import labels as labels_lib
 from cbst_jax import metrics
 from cbst_jax.atomic_files import atomic_write
+from cbst_jax.methods import Stage
 
 
 class MetricsLog:
@@ -105,10 +106,6 @@ def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
-def _stage_name(method: str, rnd) -> str:
-    return method if rnd is None else f"{method} r{rnd}"
-
-
 def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str], subset: Sequence[int] | None = None,
                          subset_name: str = "mIoU*") -> str:
     """mean ± std over seeds of every (method, round): per class, mIoU and (``subset`` given,
@@ -121,7 +118,7 @@ def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str], subse
     header = ["method"] + list(class_names) + ["mIoU"] + ([subset_name] if subset is not None else [])
     body = []
     for (method, rnd), rs in groups.items():
-        name = _stage_name(method, rnd) + (f" (n={len(rs)})" if len(rs) != len(seeds) else "")
+        name = Stage(method, rnd).label + (f" (n={len(rs)})" if len(rs) != len(seeds) else "")
         cells = [name] + [_cell(*_mean_std([r["iou"][c] for r in rs])) for c in range(len(class_names))]
         cells.append(_cell(*_mean_std([r["miou"] for r in rs])))
         if subset is not None:
@@ -174,7 +171,7 @@ def pseudo_label_table(rows: Sequence[dict], class_names: Sequence[str], classes
     body = []
     for (method, rnd), rs in groups.items():
         share = np.mean([[r["share"][c] for c in classes] for r in rs], axis=0)
-        cells = [_stage_name(method, rnd), f"{np.mean([r['portion'] for r in rs]):.2f}",
+        cells = [Stage(method, rnd).label, f"{np.mean([r['portion'] for r in rs]):.2f}",
                  f"{100 * np.mean([r['selected_fraction'] for r in rs]):.1f}"]
         for j, c in enumerate(classes):
             prec = [_nan(r["precision"][c]) for r in rs if "precision" in r]
@@ -219,7 +216,7 @@ def health_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:
             ratio = "baseline" if r["round"] == 0 else ("n/a" if r["entropy_ratio"] is None
                                                           else f"{r['entropy_ratio']:.2f}")
             entropy = f"{r['mean_entropy']:.4f} ({ratio})"
-        body.append([_stage_name(r["method"], r["round"]), unselected, share, loss, entropy,
+        body.append([Stage(r["method"], r["round"]).label, unselected, share, loss, entropy,
                      ", ".join(r["fired"]) or "–"])
     if not body:
         return ""
@@ -248,7 +245,7 @@ def city_table(by_city: dict[str, Sequence[dict]], class_names: Sequence[str], l
         groups: dict = {}
         for r in rows:
             if r.get("round") is None or r.get("round") == last_round:
-                groups.setdefault(_stage_name(r["method"], r.get("round")), []).append(r)
+                groups.setdefault(Stage(r["method"], r.get("round")).label, []).append(r)
         for name, rs in groups.items():
             iou = [_mean_std([r["iou"][c] for r in rs])[0] for c in range(len(class_names))]
             miou = _mean_std([r["miou"] for r in rs])[0]

@@ -56,7 +56,7 @@ from cbst_jax.errors import RunError, notice
 from cbst_jax.failpoints import failpoint
 from cbst_jax.methods import Stage
 from cbst_jax.pseudo_label_store import PseudoLabelStore
-from cbst_jax.workdir import LAYOUT, LayoutError, SeedDir, WorkdirError
+from cbst_jax.workdir import LAYOUT, LayoutError, RunDir, SeedDir, WorkdirError
 
 # Keys that say how this process joins a multi-host run, not what the run computes: they differ
 # between the processes of one run (process_id) and between launches (the coordinator's port).
@@ -215,12 +215,11 @@ class RunLedger:
                                                 "labels": labels}
         self._write()
 
-    def stage_trained(self, stage: Stage, variables, metadata: dict, steps: int | None = None,
-                      train_loss: float | None = None, loss_windows=None) -> None:
+    def stage_trained(self, stage: Stage, variables, metadata: dict, summary) -> None:
         """Writes the stage's weights file (``metadata``: its weights-file metadata) and records
-        it, with its steps, final loss and logged loss-window means (``loss_windows``, for
-        the collapse guard), which makes the stage trained; its training checkpoints are then
-        dropped."""
+        it with what its training did (``summary``: a ``cbst_jax.trainer.TrainingSummary``, its
+        steps, final loss and logged loss-window means, the collapse guard's signal), which makes
+        the stage trained; its training checkpoints are then dropped."""
         from cbst_jax import models
 
         path = self.seed_dir.weights(stage)
@@ -238,8 +237,8 @@ class RunLedger:
             self._verified[path] = digest
         failpoint("ledger.weights_written")
         self._stage_doc(stage)["trained"] = {"weights": self.seed_dir.relative(path), "sha256": digest,
-                                             "steps": steps, "train_loss": train_loss,
-                                             "loss_windows": None if loss_windows is None else list(loss_windows)}
+                                             "steps": summary.steps, "train_loss": summary.loss,
+                                             "loss_windows": list(summary.loss_windows)}
         self._write()
         shd.barrier("stage-trained")
         self._checkpoints.delete_all_but(set())
@@ -411,6 +410,22 @@ def stage_weights_problem(seed_dir: SeedDir, stage: Stage) -> str | None:
     if file_sha256(path) != trained["sha256"]:
         return f"{path} does not match the sha256 recorded when it was written (damaged)"
     return None
+
+
+def find_trained_stage(workdir: str, stage: Stage, seed: int | None = None) -> SeedDir:
+    """The seed's folder under ``workdir`` (``RunDir.find_seed``) in which ``stage`` is trained,
+    its weights file verified against the ledger; WorkdirError (one line) otherwise, naming the
+    stages that are trained."""
+    run = RunDir(workdir).find_seed(seed)
+    path = run.weights(stage)
+    if not os.path.isfile(path):
+        trained = ", ".join(s.key for s in run.weights_stages())
+        raise WorkdirError(f"{run.path}: stage {stage.key} is not trained (no {run.relative(path)}); trained "
+                           f"stages: {trained or 'none yet'}")
+    problem = stage_weights_problem(run, stage)
+    if problem:
+        raise WorkdirError(problem)
+    return run
 
 
 def recorded_eval(seed_dir: SeedDir, stage: Stage) -> dict | None:

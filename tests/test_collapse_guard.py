@@ -238,7 +238,7 @@ def test_a_restart_may_change_every_guard_key():
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_reliability import SMALL, one_line_error, tree_hashes  # noqa: E402
 
-LAUNCH = "\nfrom cbst_jax.main import launch\nlaunch({config!r})\n"
+LAUNCH = "\nfrom cbst_jax.cli.run import launch\nlaunch({config!r})\n"
 # Every pixel a round >= FROM selects is labelled class 0 (road), its statistics saying so: an
 # all-one-class pseudo-label store, made in the run's own process.
 FORCE_ONE_CLASS = """

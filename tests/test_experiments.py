@@ -42,7 +42,7 @@ def test_synthetic_configs_validate(variant):
 def test_recipes_default_to_the_platforms_compute_path(module):
     """Every recipe leaves dtype and atrous to the platform; on this CPU the network is built in
     float32 with dilated convolutions (the references' numerics); bad values are refused."""
-    from cbst_jax import experiment
+    from cbst_jax import experiment, model_init
     from cbst_jax.models.registry import resolve_compute
 
     c = module.get_config()
@@ -50,7 +50,7 @@ def test_recipes_default_to_the_platforms_compute_path(module):
     assert resolve_compute(c.model.name, c.model.dtype, c.model.atrous, "gpu")[0] == "bfloat16"
     if jax.default_backend() == "cpu":
         c.model.init = ""
-        model = experiment.build_model(c)
+        model = model_init.build_model(c)
         path = experiment.compute_path(model)
         assert (path["dtype"], path["atrous"], path["platform"]) == ("float32", "dilated", "cpu")
     for key, bad in (("dtype", "float16"), ("atrous", "winograd")):
@@ -382,6 +382,7 @@ def test_source_phase_uses_source_training_batch_crop_and_scales():
 
     import numpy as np
 
+    from cbst_jax import settings
     from cbst_jax.data import pipeline
     from cbst_jax.data.experiment_data import open_side
     from cbst_jax.trainer import mixed_iterator
@@ -393,17 +394,17 @@ def test_source_phase_uses_source_training_batch_crop_and_scales():
     c.source_training.scale_range = (0.5, 0.5)
     c.input.mine_domains = "target"
     data = types.SimpleNamespace(source=open_side(c, "source", "train"), target_train=open_side(c, "target", "train"))
-    exp = types.SimpleNamespace(config=c, data=data)
-    with mixed_iterator(exp, None) as it:
+    with mixed_iterator(data, settings.source_phase(c, c.seed)) as it:
         batch = next(it)
         assert batch["image"].shape == (4, 40, 40, 3) and it.scale_range == (0.5, 0.5)
         assert np.all(batch["domain"] == pipeline.SOURCE)
-    with mixed_iterator(exp, 0, target_labels=lambda i: np.zeros((64, 128), np.uint8)) as it:
+    with mixed_iterator(data, settings.round_phase(c, c.seed), 0,
+                        target_labels=lambda i: np.zeros((64, 128), np.uint8)) as it:
         assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
         assert it.mine_domains == (pipeline.TARGET,)
     c.source_training.batch_size, c.source_training.crop, c.source_training.scale_range = 0, (), ()
     c.input.mine_domains = "both"
-    with mixed_iterator(exp, None) as it:
+    with mixed_iterator(data, settings.source_phase(c, c.seed)) as it:
         assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
         assert it.mine_domains == (pipeline.SOURCE, pipeline.TARGET)
 
@@ -513,7 +514,7 @@ def test_nthu13_class_map_gives_the_19_class_logits_at_the_nthu_classes(tmp_path
     convs, FCN-8s' score convs mixed by per-class upsampling kernels."""
     import jax
 
-    from cbst_jax import experiment, models
+    from cbst_jax import model_init, models
 
     nthu_trainids = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]  # road ... bicycle, written out
     path = tmp_path / "src19.npz"
@@ -524,11 +525,11 @@ def test_nthu13_class_map_gives_the_19_class_logits_at_the_nthu_classes(tmp_path
     c.model.name, c.model.init, c.model.init_is_source_model = name, str(path), True
     c.model.init_class_map = "nthu13"
     config_lib.validate(c, need_roots=False)
-    model13 = experiment.build_model(c)
+    model13 = model_init.build_model(c)
     shapes13 = jax.eval_shape(lambda: model13.init(jax.random.key(0), np.zeros((1, 32, 64, 3), np.float32),
                                                    train=False))
-    variables13 = experiment.merge_variables(shapes13, models.load_variables(path), str(path),
-                                             keep_classes=experiment.class_map(c.model.init_class_map))
+    variables13 = model_init.merge_variables(shapes13, models.load_variables(path), str(path),
+                                             keep_classes=model_init.class_map(c.model.init_class_map))
     x = np.random.default_rng(2).integers(0, 256, (2, 32, 64, 3)).astype(np.uint8)
     want = np.asarray(jax.jit(lambda v: module19.apply(v, x, train=False))(variables19))[..., nthu_trainids]
     got = np.asarray(jax.jit(lambda v: model13.apply(v, x, train=False))(variables13))
@@ -539,7 +540,7 @@ def test_nthu13_class_map_gives_the_19_class_logits_at_the_nthu_classes(tmp_path
 def test_nthu13_class_map_refuses_a_classifier_that_mixes_classes(tmp_path):
     import jax
 
-    from cbst_jax import experiment, models
+    from cbst_jax import model_init, models
     from cbst_jax.errors import RunError
 
     path = tmp_path / "fcn19.npz"
@@ -551,8 +552,8 @@ def test_nthu13_class_map_refuses_a_classifier_that_mixes_classes(tmp_path):
                                                     train=False))
     with pytest.raises(RunError, match=r"fcn19.npz: cannot keep 13 of the classes of params/upscore\w*/kernel: it "
                                        r"mixes them with the dropped ones"):
-        experiment.merge_variables(shapes13, models.load_variables(path), str(path),
-                                   keep_classes=experiment.class_map("nthu13"))
+        model_init.merge_variables(shapes13, models.load_variables(path), str(path),
+                                   keep_classes=model_init.class_map("nthu13"))
 
 
 @pytest.mark.parametrize("bad, message", [

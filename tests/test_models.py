@@ -216,7 +216,7 @@ def test_files_that_are_not_weights_files_give_one_line_errors(tmp_path):
     (tmp_path / "empty.npz").write_bytes(b"")
     cases = {
         "missing.npz": "weights file not found",
-        "notes.txt": r"not a converted-weights .npz \(a text file\); convert it with: python -m cbst_jax.convert_weights",
+        "notes.txt": r"not a converted-weights .npz \(a text file\); convert it with: python -m cbst_jax.cli.convert_weights",
         "plain.npz": r"not a converted-weights .npz \(a zip archive without cbst_jax weights metadata\)",
         "model.pth": r"not a converted-weights .npz \(a Python pickle, e.g. a PyTorch .pth\)",
         "truncated.npz": r"not a converted-weights .npz \(a damaged or truncated zip archive\)",
@@ -253,7 +253,7 @@ def test_resolve_normalization():
 
 
 def test_importing_models_pulls_no_torch_or_tensorflow():
-    code = ("import sys, cbst_jax, cbst_jax.models, cbst_jax.convert_weights; "
+    code = ("import sys, cbst_jax, cbst_jax.models, cbst_jax.models.conversion, cbst_jax.cli.convert_weights; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'mxnet') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

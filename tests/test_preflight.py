@@ -155,7 +155,7 @@ def test_no_image_left_after_the_overlap_exclusion():
 
 
 def test_seed_lists():
-    from cbst_jax.main import parse_seeds
+    from cbst_jax.config_lib import parse_seeds
 
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(str(2**63 - 1)) == [2**63 - 1]
     for text, message in (("-1", "-1 is not a seed"), (str(2**63), f"{2**63} is not a seed"),

@@ -302,7 +302,7 @@ def test_st_sp_round_end_to_end(tmp_path):
     import ml_collections
     from PIL import Image
 
-    from cbst_jax import experiment, priors, selection
+    from cbst_jax import model_init, priors, selection
     from cbst_jax.data.experiment_data import open_experiment_data
     from cbst_jax.predict import Predictor
     from cbst_jax.sharding import make_mesh
@@ -314,8 +314,8 @@ def test_st_sp_round_end_to_end(tmp_path):
     seed_dir = os.path.join(workdir, "seed_0")
     with open(os.path.join(seed_dir, "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    model = experiment.build_model(cfg)
-    variables = experiment.init_variables(cfg, model, jax.random.key(cfg.seed), tuple(cfg.input.crop))
+    model = model_init.build_model(cfg)
+    variables = model_init.init_variables(cfg, model, jax.random.key(cfg.seed), tuple(cfg.input.crop))
     canvas = tuple(cfg.input.eval_size)
     prior = priors.resize_prior(priors.load_prior(os.path.join(seed_dir, "spatial_prior.npz"), 19), canvas)
     target = open_experiment_data(cfg).target_train

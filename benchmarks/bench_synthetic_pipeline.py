@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--variant", default="gpu", help="the synthetic recipe's variant")
     args = parser.parse_args(argv)
     from cbst_jax import settings
-    from cbst_jax.data.experiment_data import ExperimentData, open_side
+    from cbst_jax.data.splits import Splits, open_side
     from cbst_jax.data.synthetic import RenderedSource
     from cbst_jax.trainer import mixed_iterator
     from experiments.configs import synthetic
@@ -39,7 +39,7 @@ def main(argv=None):
     render_s = time.perf_counter() - t0
     streams = {}
     for name, source in (("rendered per batch", on_the_fly), ("rendered once", rendered)):
-        data = ExperimentData(source, source, None, [], None, None, {})
+        data = Splits(source, source, None, [], None, None, {})
         it = mixed_iterator(data, settings.source_phase(config, config.seed))
         next(it)  # the workers' start
         streams[name] = (it, [])

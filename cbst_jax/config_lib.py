@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.worker_kind = "auto"                # auto (processes when grain is installed) | processes | threads
 
     # batch_size 0, crop () and scale_range (): those of c.input. power: of the poly schedule;
-    # warmup_steps > 0: mmcv's linear warm-up from warmup_ratio x the rate (cbst_jax.train.learning_rate)
+    # warmup_steps > 0: mmcv's linear warm-up from warmup_ratio x the rate (cbst_jax.train_step.learning_rate)
     c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd",
                                                        batch_size=0, crop=(), scale_range=(), power=0.9,
                                                        warmup_steps=0, warmup_ratio=1e-6))

@@ -70,14 +70,14 @@ def evaluate_weights(weights: str, config, *, split: str | None = None, name: st
     import jax
 
     from cbst_jax import labels as labels_lib
-    from cbst_jax import models, reporting, run_outputs
+    from cbst_jax import metrics_log, models, run_report, tables
     from cbst_jax import sharding as shd
     from cbst_jax.data import DatasetError
-    from cbst_jax.data.experiment_data import class_lists, open_side
+    from cbst_jax.data.splits import class_lists, open_side
     from cbst_jax.data.pipeline import global_eval_batch
     from cbst_jax.experiment import eval_batches, eval_workers
     from cbst_jax.methods import Stage
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     meta = models.read_metadata(weights)
     if meta["num_classes"] != config.num_classes:
@@ -99,10 +99,10 @@ def evaluate_weights(weights: str, config, *, split: str | None = None, name: st
     batches = eval_batches(target, mesh, canvas, global_eval_batch(config.input.eval_batch_size, mesh.devices.size),
                            eval_workers(config), desc=f"evaluate {name}" if progress else None)
     cm, _ = predictor.evaluate(variables, batches, 0)
-    row = run_outputs.eval_row(Stage(name), cm, seed=config.seed, table_classes=table_classes, subset_classes=subset,
+    row = run_report.eval_row(Stage(name), cm, seed=config.seed, table_classes=table_classes, subset_classes=subset,
                                extra={"split": split, "images": len(target), "scales": list(predictor.scales),
                                       "flip": predictor.flip, "eval_size": list(canvas), "weights": weights})
     names = labels_lib.class_names(config.num_classes)
     shown = dict(row, iou=[row["iou"][c] for c in table_classes])
-    table = reporting.eval_table([shown], [names[c] for c in table_classes], subset, subset_name="mIoU*")
-    return {"row": reporting.jsonable(row), "table": table, "confusion_matrix": cm.tolist()}
+    table = tables.eval_table([shown], [names[c] for c in table_classes], subset, subset_name="mIoU*")
+    return {"row": metrics_log.jsonable(row), "table": table, "confusion_matrix": cm.tolist()}

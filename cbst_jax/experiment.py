@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from cbst_jax import model_init, preflight, priors, settings
 from cbst_jax import sharding as shd
 from cbst_jax.data import pipeline
-from cbst_jax.data.experiment_data import ExperimentData, open_experiment_data
-from cbst_jax.predict import Predictor
+from cbst_jax.data.splits import Splits, open_splits
+from cbst_jax.predictor import Predictor
 from cbst_jax.workdir import SeedDir
 
 
@@ -24,8 +24,8 @@ class Experiment:
     seed: int
     seed_dir: SeedDir        # where the seed's run lives (cbst_jax.workdir)
     mesh: object
-    data: ExperimentData
-    model: object            # the network (a flax Module, applied as a function of its variables)
+    data: Splits
+    network: object          # the flax Module, applied as a pure function of a model's variables
     predictor: Predictor     # pseudo-labelling: predict.scales / predict.flip
     canvas: tuple            # (H, W) of evaluation and pseudo-labelling batches
     eval_batch_size: int     # global, a multiple of the device count
@@ -81,19 +81,19 @@ def build(config, seed_dir: SeedDir, seed: int, city: str | None = None, methods
     every image is hashed), then the initial variables made."""
     methods = settings.methods(config) if methods is None else tuple(methods)
     mesh = shd.make_mesh()
-    data = open_experiment_data(config, city)
-    model = model_init.build_model(config)
+    data = open_splits(config, city)
+    network = model_init.build_model(config)
     canvas = tuple(config.input.eval_size)
-    predictor = Predictor(model, config.num_classes, mesh, canvas, config.predict.scales, config.predict.flip)
+    predictor = Predictor(network, config.num_classes, mesh, canvas, config.predict.scales, config.predict.flip)
     eval_predictor = predictor
     if (tuple(float(s) for s in config.evaluate.scales), bool(config.evaluate.flip)) != (predictor.scales,
                                                                                            predictor.flip):
-        eval_predictor = Predictor(model, config.num_classes, mesh, canvas, config.evaluate.scales,
+        eval_predictor = Predictor(network, config.num_classes, mesh, canvas, config.evaluate.scales,
                                    config.evaluate.flip)
     evaluation = settings.evaluation(config)
-    mst = (Predictor(model, config.num_classes, mesh, canvas, config.evaluate.mst_scales, config.evaluate.mst_flip)
+    mst = (Predictor(network, config.num_classes, mesh, canvas, config.evaluate.mst_scales, config.evaluate.mst_flip)
            if evaluation.mst_methods else None)
-    exp = Experiment(seed, seed_dir, mesh, data, model, predictor, canvas,
+    exp = Experiment(seed, seed_dir, mesh, data, network, predictor, canvas,
                      eval_batch_size=pipeline.global_eval_batch(config.input.eval_batch_size, mesh.devices.size),
                      eval_workers=eval_workers(config), methods=methods,
                      source_phase=settings.source_phase(config, seed), round_phase=settings.round_phase(config, seed),
@@ -103,8 +103,8 @@ def build(config, seed_dir: SeedDir, seed: int, city: str | None = None, methods
     if any(m.spatial_prior for m in exp.methods):
         exp.prior = spatial_prior(config, exp)
     preflight.check_adaptation_split(config, data, city)
-    exp.initial_variables = model_init.init_variables(config, model, exp.rng, tuple(config.input.crop))
-    exp.weights_metadata = weights_metadata(config, model, seed=seed)
+    exp.initial_variables = model_init.init_variables(config, network, exp.rng, tuple(config.input.crop))
+    exp.weights_metadata = weights_metadata(config, network, seed=seed)
     return exp
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 
 from cbst_jax import config_lib
-from cbst_jax.data.experiment_data import open_side
+from cbst_jax.data.splits import open_side
 from cbst_jax.data.io import DatasetError
 
 SIZE_SAMPLES = 8
@@ -59,7 +59,8 @@ def check_model_init(config) -> None:
         raise config_lib.ConfigError(
             f"config.model.init is empty: {config.model.name} would start from random weights "
             f"({config.source_training.steps} source-training steps); pass --config.model.init=<weights.npz> (an "
-            f"ImageNet init converted with python -m cbst_jax.cli.convert_weights {' or '.join(kinds)} ..., or a source "
+            f"ImageNet init converted with python -m cbst_jax.cli.convert_weights {' or '.join(kinds)} ..., or a "
+            f"source "
             f"model with --config.model.init_is_source_model=True), or --config.model.init={config_lib.NO_INIT} to "
             f"train from random weights on purpose")
     if not init:
@@ -144,7 +145,7 @@ def check_phase_sizes(config, num_source: int, num_target: int, note: str = "", 
 
 
 def check_adaptation_split(config, data, city: str | None = None) -> None:
-    """:func:`check_phase_sizes` on the splits a run adapts on (``ExperimentData``: the target
+    """:func:`check_phase_sizes` on the splits a run adapts on (``Splits``: the target
     train split without the evaluation images, ``cbst_jax.data.overlap``), known only once
     every image is hashed, inside the run."""
     excluded = data.overlap.get("excluded_train_images", 0)

@@ -2,7 +2,7 @@
 
 At the round's portion p the current model's predictions on the whole target train split
 (the network run once per image, scale and flip, its logits kept on the devices or in host RAM
-for the later passes: ``cbst_jax.predict.Predictor.label_split``) give the thresholds λ (one per class for CBST, one pooled for ST, over prior-weighted scores for the
+for the later passes: ``cbst_jax.predictor.Predictor.label_split``) give the thresholds λ (one per class for CBST, one pooled for ST, over prior-weighted scores for the
 -SP variants: ``cbst_jax.selection``, streamed and exact), then every image's pseudo-labels
 ŷ = argmax q·p/λ where that ratio is ≥ 1, else ignored (for CRST's LR* methods the soft
 minimisers of the label-regularised objective at the same λ), written to the stage's
@@ -17,7 +17,7 @@ import numpy as np
 
 from cbst_jax import sharding as shd
 from cbst_jax.methods import Method, Stage
-from cbst_jax.predict import local_rows
+from cbst_jax.predictor import local_rows
 from cbst_jax.pseudo_label_store import Manifest, PseudoLabelStore
 
 

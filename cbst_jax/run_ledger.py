@@ -49,7 +49,7 @@ import time
 
 import jax
 
-from cbst_jax import checkpointing, reporting
+from cbst_jax import checkpointing, metrics_log
 from cbst_jax import sharding as shd
 from cbst_jax.atomic_files import atomic_write_bytes, atomic_write_json
 from cbst_jax.errors import RunError, notice
@@ -102,7 +102,7 @@ class RunLedger:
         self.seed_dir, self.order = seed_dir, list(stage_order)
         self._doc = self._read()
         rewind_to = check_workdir_config(record, seed_dir)
-        self.log = reporting.MetricsLog(seed_dir.metrics, seed_dir.tensorboard, enabled=jax.process_index() == 0)
+        self.log = metrics_log.MetricsLog(seed_dir.metrics, seed_dir.tensorboard, enabled=jax.process_index() == 0)
         self._checkpoints = checkpointing.RunCheckpoints(seed_dir.checkpoints, max_to_keep=2)
         self._verified: dict = {}
         if rewind_to:
@@ -254,7 +254,7 @@ class RunLedger:
         self.log.write(row)
         failpoint("ledger.row_logged")
         self._note_outputs(stage, outputs)
-        self._stage_doc(stage)[slot or row["kind"]] = reporting.jsonable(row)
+        self._stage_doc(stage)[slot or row["kind"]] = metrics_log.jsonable(row)
         self._write()
 
     def record_outputs(self, stage: Stage, outputs) -> None:

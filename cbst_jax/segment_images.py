@@ -10,7 +10,7 @@ builds it, for reports too).
 
 Fixed shapes: every image is resized (aspect kept, bilinear) to fit the canvas and padded at the
 bottom/right; portrait images use the transposed canvas. So at most two programs are compiled per
-model, whatever the image sizes. The forward pass is ``cbst_jax.predict.Predictor.probs``
+model, whatever the image sizes. The forward pass is ``cbst_jax.predictor.Predictor.probs``
 (scales relative to the canvas, flip) on a ``('data',)`` mesh over all devices; labels are the
 argmax at the canvas resolution, cropped and resized back to the image by nearest neighbour. The
 canvas, scales and flip default to the ones the weights files record (:func:`run_settings`). An
@@ -181,7 +181,7 @@ def segment(model: Model, images: np.ndarray, mesh, scales, flip: bool) -> np.nd
     import jax.numpy as jnp
 
     from cbst_jax import sharding as shd
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     canvas = images.shape[1:3]
     if canvas not in model._fns:

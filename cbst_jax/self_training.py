@@ -7,7 +7,7 @@
             label the target: λ at p_r, ŷ = argmax q·p/λ where ≥ 1 (cbst_jax.pseudo_labelling)
             retrain on the round's source subset + pseudo-labelled target (cbst_jax.trainer)
             evaluate on the target evaluation split (cbst_jax.evaluation)
-            record the round (cbst_jax.run_ledger, cbst_jax.run_outputs)
+            record the round (cbst_jax.run_ledger, cbst_jax.run_report)
             judge its health from training-side signals only (cbst_jax.collapse_guard):
             warn, or stop after the recorded round (self_training.on_collapse)
 
@@ -35,7 +35,7 @@ import time
 
 import jax
 
-from cbst_jax import collapse_guard, config_lib, experiment, run_outputs, settings
+from cbst_jax import collapse_guard, config_lib, experiment, run_report, settings
 from cbst_jax import labels as labels_lib
 from cbst_jax.errors import notice
 from cbst_jax.evaluation import evaluate
@@ -63,7 +63,7 @@ def run_experiment(config, run_dir: RunDir, seeds, on_started=None) -> None:
     for city in cities:
         rows_by_city[city] = run_seeds(config, report, run_dir.city(city), seeds, city, started)
     if jax.process_index() == 0:
-        run_outputs.write_city_table(report, run_dir, seeds, rows_by_city, time.time() - t0)
+        run_report.write_city_table(report, run_dir, seeds, rows_by_city, time.time() - t0)
 
 
 def run_seeds(config, report: settings.Reporting, run_dir: RunDir, seeds, city: str | None, started: list):
@@ -77,7 +77,7 @@ def run_seeds(config, report: settings.Reporting, run_dir: RunDir, seeds, city: 
         rows += seed_rows
         pl_rows += seed_pl_rows
     if jax.process_index() == 0:
-        run_outputs.write_aggregate(report, run_dir, seeds, rows, pl_rows, time.time() - t0)
+        run_report.write_aggregate(report, run_dir, seeds, rows, pl_rows, time.time() - t0)
     return rows
 
 
@@ -104,22 +104,22 @@ def self_train(exp, ledger: RunLedger, on_started=None) -> tuple[list, list]:
     for method in exp.methods:
         if not method.self_trains:
             continue
-        model = source                                               # each method from the source model
+        variables = source                                           # each method from the source model
         for r in range(exp.round_phase.rounds):
             stage = Stage(method.name, r)
             portion = exp.labelling.portion_at(r)                    # p_r
             if ledger.trained(stage):                                # finished before a restart
-                model = loop.complete(stage, method)
+                variables = loop.complete(stage, method)
                 loop.guard(stage)
                 continue
-            if model is None:
-                model = ledger.trained_variables(previous_stage(stage))
-            store = loop.label(stage, method, model, portion)        # pseudo-labels at p_r, by the previous model
-            state, summary = loop.retrain(stage, method, model, store)  # then its optimiser state (or a checkpoint's)
-            model = variables_of(state)
-            ledger.stage_trained(stage, model, exp.weights_metadata, summary)
+            if variables is None:
+                variables = ledger.trained_variables(previous_stage(stage))
+            store = loop.label(stage, method, variables, portion)    # pseudo-labels at p_r, by the previous model
+            state, summary = loop.retrain(stage, method, variables, store)  # then its optimiser state
+            variables = variables_of(state)
+            ledger.stage_trained(stage, variables, exp.weights_metadata, summary)
             loop.health(stage)                                       # training-side signals, before evaluation
-            loop.evaluate_and_record(stage, method, model, store, portion=portion, steps=summary.steps,
+            loop.evaluate_and_record(stage, method, variables, store, portion=portion, steps=summary.steps,
                                      train_loss=summary.loss)
             loop.guard(stage)                                        # on_collapse=stop: after the recorded round
     return loop.report()
@@ -145,7 +145,7 @@ class RoundLoop:
         ledger = self.ledger
         rows, pl_rows = ledger.rows("eval"), ledger.rows("pseudo_labels")
         if jax.process_index() == 0:
-            run_outputs.write_seed_report(self.exp, rows, pl_rows, ledger.rows("health"))
+            run_report.write_seed_report(self.exp, rows, pl_rows, ledger.rows("health"))
         return rows, pl_rows
 
     def health(self, stage: Stage) -> dict:
@@ -193,10 +193,10 @@ class RoundLoop:
         later if needed)."""
         if not self.lacks(stage):
             return None
-        model = self.ledger.trained_variables(stage)
-        self.evaluate_and_record(stage, method, model, portion=self.exp.labelling.portion_at(stage.round),
+        variables = self.ledger.trained_variables(stage)
+        self.evaluate_and_record(stage, method, variables, portion=self.exp.labelling.portion_at(stage.round),
                                  **self.ledger.training_summary(stage))
-        return model
+        return variables
 
     def label(self, stage: Stage, method, previous, portion: float):
         """The round's pseudo-labels (complete from before a restart, or made now with
@@ -211,7 +211,7 @@ class RoundLoop:
                 previous = ledger.trained_variables(previous_stage(stage))
             manifest = label_target(self.exp, previous, method, stage, portion, store)
         if not ledger.recorded(stage, "pseudo_labels"):
-            ledger.record(stage, run_outputs.pseudo_label_row(self.exp.seed, manifest))
+            ledger.record(stage, run_report.pseudo_label_row(self.exp.seed, manifest))
         return store
 
     def retrain(self, stage: Stage, method, previous, store):
@@ -247,7 +247,7 @@ class RoundLoop:
     def row(self, stage: Stage, cm, extra: dict) -> dict:
         """The stage's evaluation row, with the run's wall time so far."""
         data = self.exp.data
-        return run_outputs.eval_row(stage, cm, seed=self.exp.seed, table_classes=data.table_classes,
+        return run_report.eval_row(stage, cm, seed=self.exp.seed, table_classes=data.table_classes,
                                     subset_classes=data.subset_classes,
                                     extra=dict(extra, wall_s=time.time() - self.t_start))
 
@@ -268,11 +268,11 @@ class RoundLoop:
         written, cm = [], None
         if "predictions" in redo:
             cm, preds = evaluate(exp, variables, desc=f"{stage.key} eval")
-            written.append(run_outputs.save_predictions(exp, stage, preds))
+            written.append(run_report.save_predictions(exp, stage, preds))
         if "figure" in redo:
             if store is None:
                 store = self.label(stage, method, None, exp.labelling.portion_at(stage.round))
-            written.append(run_outputs.pseudo_label_figure(exp, stage, store))
+            written.append(run_report.pseudo_label_figure(exp, stage, store))
         if not recorded:
             ledger.record(stage, self.row(stage, cm, extra), outputs=written)
         elif written:

@@ -2,7 +2,7 @@
 frozen records, one per part of the round loop: the source phase, the rounds' training phase, labelling, evaluation,
 what every training phase shares, the collapse guard and the report. The loop and its leaves
 (``cbst_jax.trainer``, ``cbst_jax.pseudo_labelling``, ``cbst_jax.evaluation``,
-``cbst_jax.run_outputs``, ``cbst_jax.collapse_guard``) take these records, never the
+``cbst_jax.run_report``, ``cbst_jax.collapse_guard``) take these records, never the
 configuration; the seed and the NTHU city a run is for are arguments, never written into it.
 
 An online phase (``docs/online.md``) would add its record here, beside :class:`SourcePhase` and
@@ -17,8 +17,8 @@ import numpy as np
 from cbst_jax import methods as methods_lib
 from cbst_jax.collapse_guard import Settings as GuardSettings
 from cbst_jax.data import pipeline
-from cbst_jax.predict import SoftLabelling
-from cbst_jax.train import learning_rate
+from cbst_jax.predictor import SoftLabelling
+from cbst_jax.train_step import learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Schedule:
 
     def rate(self, step: int, steps: int) -> np.float32:
         """The rate of step ``step`` (0-based) of a phase of ``steps`` steps
-        (``cbst_jax.train.learning_rate``)."""
+        (``cbst_jax.train_step.learning_rate``)."""
         return learning_rate(self.lr, self.kind, step, steps, self.power, self.warmup_steps, self.warmup_ratio)
 
 
@@ -212,7 +212,7 @@ def round_phase(config, seed: int) -> RoundPhase:
 def reporting(config, methods) -> Reporting:
     """The reports of ``config``'s runs of ``methods`` (:func:`methods`)."""
     from cbst_jax.config_lib import source_model_origin
-    from cbst_jax.data.experiment_data import class_lists
+    from cbst_jax.data.splits import class_lists
 
     table, subset = class_lists(config)
     return Reporting(num_classes=config.num_classes, table_classes=tuple(table),

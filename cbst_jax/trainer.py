@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cbst_jax import settings
 from cbst_jax import sharding as shd
-from cbst_jax import train as train_lib
+from cbst_jax import train_step as train_lib
 from cbst_jax.data import pipeline
 from cbst_jax.errors import RunError
 from cbst_jax.failpoints import failpoint
@@ -60,7 +60,7 @@ class Trainer:
         from cbst_jax import models
 
         self.exp, self.ledger = exp, ledger
-        self.labels = models.param_groups(exp.model, exp.initial_variables["params"], train_bn=exp.training.train_bn)
+        self.labels = models.param_groups(exp.network, exp.initial_variables["params"], train_bn=exp.training.train_bn)
         self._tx, self._init, self._steps = {}, {}, {}
 
     # ------------------------------------------------------------------ optimisers and states
@@ -103,8 +103,8 @@ class Trainer:
         key = (kind, regularizer)
         if key not in self._steps:
             t = self.exp.training
-            self._steps[key] = train_lib.make_train_step(self.exp.model, self.optimizer(kind), train_lib.TrainConfig(
-                loss_resolution=t.loss_resolution, stride=self.exp.model.output_stride,
+            self._steps[key] = train_lib.make_train_step(self.exp.network, self.optimizer(kind), train_lib.TrainConfig(
+                loss_resolution=t.loss_resolution, stride=self.exp.network.output_stride,
                 regularizer=regularizer or "none", reg_weight=t.reg_weight if regularizer else 0.0,
                 train_bn=t.train_bn), self.exp.mesh, self.labels)
         return self._steps[key]

@@ -251,7 +251,8 @@ class RunDir:
 
     def seeds(self) -> list[int]:
         """The seeds with a run in the folder (a ``seed_<s>/`` holding its configuration)."""
-        found = [int(m[1]) for m in map(_SEED.fullmatch, os.listdir(self.path)) if m] if os.path.isdir(self.path) else []
+        names = os.listdir(self.path) if os.path.isdir(self.path) else []
+        found = [int(m[1]) for m in map(_SEED.fullmatch, names) if m]
         return sorted(s for s in found if self.seed(s).is_run())
 
     def find_seed(self, seed: int | None = None) -> SeedDir:

@@ -291,7 +291,7 @@ def test_gta5_cityscapes_daformer_variant_on_fixture_folders(tmp_path):
 def test_synthia_cityscapes_on_fixture_folders(tmp_path):
     """16 classes, mIoU and mIoU* in the seed's table and in the table over seeds; CRST's
     lanemarking-as-road reaches the SYNTHIA reader."""
-    from cbst_jax.data.experiment_data import open_side
+    from cbst_jax.data.splits import open_side
     from fixtures_layouts import make_synthia
 
     make_synthia(tmp_path / "synthia", n=8, size=(32, 64))
@@ -384,7 +384,7 @@ def test_source_phase_uses_source_training_batch_crop_and_scales():
 
     from cbst_jax import settings
     from cbst_jax.data import pipeline
-    from cbst_jax.data.experiment_data import open_side
+    from cbst_jax.data.splits import open_side
     from cbst_jax.trainer import mixed_iterator
 
     c = synthetic.get_config("quick")
@@ -430,7 +430,7 @@ def test_multi_seed_table_has_sample_std_and_miou_star():
 
     import numpy as np
 
-    from cbst_jax import reporting
+    from cbst_jax import tables
 
     rng = np.random.default_rng(0)
     subset = [0, 2, 3]
@@ -440,7 +440,7 @@ def test_multi_seed_table_has_sample_std_and_miou_star():
         iou = rng.uniform(0, 1, 4)
         iou[1] = np.nan if seed == 0 else iou[1]  # a class absent in one seed
         rows.append(_eval_row(seed, "cbst", 0, iou, subset))
-    table = reporting.seed_aggregate_table(rows, ["a", "b", "c", "d"], subset, subset_name="mIoU*")
+    table = tables.seed_aggregate_table(rows, ["a", "b", "c", "d"], subset, subset_name="mIoU*")
     assert "| method | a | b | c | d | mIoU | mIoU* |" in table
     assert "sample standard deviation (ddof=1)" in table
     cbst = [r for r in rows if r["method"] == "cbst"]
@@ -451,21 +451,21 @@ def test_multi_seed_table_has_sample_std_and_miou_star():
     for key, cell in (("miou", cells[5]), ("miou_subset", cells[6])):
         vals = [r[key] for r in cbst]
         assert cell == f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
-    one = reporting.seed_aggregate_table(rows[:2], ["a", "b", "c", "d"], subset)
+    one = tables.seed_aggregate_table(rows[:2], ["a", "b", "c", "d"], subset)
     assert "one seed: no standard deviation" in one and "±" not in _cells(one, "source_only")[1]
 
 
 def test_city_table_is_per_city_plus_mean_over_cities():
     import numpy as np
 
-    from cbst_jax import reporting
+    from cbst_jax import tables
 
     rng = np.random.default_rng(1)
     by_city = {}
     for city in ("Rome", "Rio", "Tokyo", "Taipei"):
         by_city[city] = [_eval_row(s, m, r, rng.uniform(0, 1, 3)) for s in (0, 1)
                          for m, r in (("source_only", None), ("cbst", 0), ("cbst", 1))]
-    table = reporting.city_table(by_city, ["road", "sw", "bus"], last_round=1)
+    table = tables.city_table(by_city, ["road", "sw", "bus"], last_round=1)
     lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [ln.split("|")[1].strip() for ln in lines] == [c for c in by_city for _ in range(2)] + ["mean"] * 2
     assert "cbst r0" not in table  # only the last round, as the seed's table

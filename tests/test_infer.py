@@ -1,4 +1,5 @@
-"""cbst-infer (cbst_jax.cli.infer, cbst_jax.segment_images) on image files of varied sizes: fixed-shape batches (two compiled programs),
+"""cbst-infer (cbst_jax.cli.infer over cbst_jax.segment_images) on image files of varied sizes: fixed-shape
+batches (two compiled programs),
 outputs equal to a direct model call on the same fitted input, unreadable files skipped and
 counted, atomic outputs, the comparison figure, and one-line errors."""
 import json

@@ -494,7 +494,7 @@ def test_sharded_multi_scale_flip_inference():
     multiples of 4 run, the probabilities are distributions, and flip averaging makes the result
     flip-equivariant (a property of the averaging, whatever the network)."""
     from cbst_jax import sharding
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     module = models.get_model("daformer_mit_b0", 5, widths=(8, 16, 40, 64), depths=(1, 1, 1, 1), embed_dim=16)
     variables = random_variables(module, (64, 96), seed=3)
@@ -524,7 +524,8 @@ def test_converted_hf_checkpoint_segments_a_full_size_image(hf_b0, tmp_path):
     Image.fromarray(img[0]).save(tmp_path / "frame.png")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    res = subprocess.run([sys.executable, "-m", "cbst_jax.cli.infer", "--weights", str(out), "--out", str(tmp_path / "seg"),
+    res = subprocess.run([sys.executable, "-m", "cbst_jax.cli.infer", "--weights", str(out),
+                          "--out", str(tmp_path / "seg"),
                           "--canvas", "1024,2048", str(tmp_path / "frame.png")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

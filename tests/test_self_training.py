@@ -303,8 +303,8 @@ def test_st_sp_round_end_to_end(tmp_path):
     from PIL import Image
 
     from cbst_jax import model_init, priors, selection
-    from cbst_jax.data.experiment_data import open_experiment_data
-    from cbst_jax.predict import Predictor
+    from cbst_jax.data.splits import open_splits
+    from cbst_jax.predictor import Predictor
     from cbst_jax.sharding import make_mesh
 
     workdir = str(tmp_path / "stsp")
@@ -318,7 +318,7 @@ def test_st_sp_round_end_to_end(tmp_path):
     variables = model_init.init_variables(cfg, model, jax.random.key(cfg.seed), tuple(cfg.input.crop))
     canvas = tuple(cfg.input.eval_size)
     prior = priors.resize_prior(priors.load_prior(os.path.join(seed_dir, "spatial_prior.npz"), 19), canvas)
-    target = open_experiment_data(cfg).target_train
+    target = open_splits(cfg).target_train
     images = np.stack([target[i]["image"] for i in range(len(target))])
     mesh = make_mesh(jax.devices()[:8])
     predictor = Predictor(model, 19, mesh, canvas, cfg.predict.scales, cfg.predict.flip)

@@ -21,7 +21,7 @@ _UNLABELLED_OPTION = ("cityscapes", "bdd100k", "nthu")
 
 
 @dataclasses.dataclass
-class ExperimentData:
+class Splits:
     source: object
     target_train: object
     target_eval: object
@@ -79,7 +79,7 @@ def class_lists(config) -> tuple[list, list | None]:
     return list(range(config.num_classes)), None
 
 
-def open_experiment_data(config, city: str | None = None) -> ExperimentData:
+def open_splits(config, city: str | None = None) -> Splits:
     """The splits of ``config`` (NTHU: of ``city``, default ``target.city``). The target
     evaluation split must be labelled; target train images that are also evaluation images (by
     content) are left out of the split adapted on, unless ``target.allow_eval_overlap`` keeps
@@ -96,4 +96,4 @@ def open_experiment_data(config, city: str | None = None) -> ExperimentData:
                                                  allow_overlap=config.target.allow_eval_overlap)
     table, subset = class_lists(config)
     hidden = HIDDEN_LABEL if HIDDEN_LABEL in target_train[0] else None
-    return ExperimentData(source, target_train, target_eval, table, subset, hidden, overlap)
+    return Splits(source, target_train, target_eval, table, subset, hidden, overlap)

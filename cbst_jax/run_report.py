@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from cbst_jax import metrics, reporting
+from cbst_jax import figures, metrics, metrics_log, tables
 from cbst_jax import labels as labels_lib
 from cbst_jax.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
 from cbst_jax.experiment import compute_path
@@ -80,7 +80,7 @@ def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> str:
         cols["ground truth"] = [rec[hidden] for rec in recs]
     cols[f"{stage.label} pseudo-labels"] = [store.read(i) for i in idx]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    reporting.prediction_grid(cols, path, exp.num_classes)
+    figures.prediction_grid(cols, path, exp.num_classes)
     return path
 
 
@@ -92,12 +92,12 @@ def write_seed_report(exp, rows, pl_rows, health_rows=()) -> None:
     names = labels_lib.class_names(report.num_classes)
     table_classes, subset = exp.data.table_classes, exp.data.subset_classes
     sub_rows = [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
-    table = reporting.eval_table(sub_rows, [names[c] for c in table_classes], subset, subset_name="mIoU*")
+    table = tables.eval_table(sub_rows, [names[c] for c in table_classes], subset, subset_name="mIoU*")
     seed_dir = exp.seed_dir
     os.makedirs(os.path.dirname(seed_dir.figure("miou_per_round")), exist_ok=True)
-    reporting.plot_miou_curves(rows, seed_dir.figure("miou_per_round"))
+    figures.plot_miou_curves(rows, seed_dir.figure("miou_per_round"))
     adapted = list(report.adapted)
-    reporting.plot_pseudo_label_stats(pl_rows, names, seed_dir.figure("pseudo_label_stats"), methods=adapted)
+    figures.plot_pseudo_label_stats(pl_rows, names, seed_dir.figure("pseudo_label_stats"), methods=adapted)
     k = 4
     recs = [exp.data.target_eval[i] for i in range(min(k, len(exp.data.target_eval)))]
     cols = {"image": [rec["image"] for rec in recs], "ground truth": [rec["label"] for rec in recs]}
@@ -109,7 +109,7 @@ def write_seed_report(exp, rows, pl_rows, health_rows=()) -> None:
             p = load_predictions(exp, Stage(name, report.rounds - 1))
             if p:
                 cols[name] = p[:len(recs)]
-    reporting.prediction_grid(cols, seed_dir.figure("predictions"), report.num_classes)
+    figures.prediction_grid(cols, seed_dir.figure("predictions"), report.num_classes)
     note = ""
     if report.select_by_eval:
         best = max((r for r in rows if r.get("round") is not None), key=lambda r: r["miou"], default=None)
@@ -118,9 +118,9 @@ def write_seed_report(exp, rows, pl_rows, health_rows=()) -> None:
                     f"{Stage(best['method'], best['round']).label} mIoU {100 * best['miou']:.1f}.\n")
     note += overlap_note(exp.data.overlap)
     note += f"\n{report.source_origin}\n"
-    note += "\nCompute path: " + ", ".join(f"{k}={v}" for k, v in compute_path(exp.model).items()) + "\n"
+    note += "\nCompute path: " + ", ".join(f"{k}={v}" for k, v in compute_path(exp.network).items()) + "\n"
     atomic_write_json(seed_dir.eval_overlap, exp.data.overlap)
-    health = reporting.health_table(health_rows, names)
+    health = tables.health_table(health_rows, names)
     if health:
         note += f"\n## Collapse guard\n\n{health}\n"
     text = f"# Results, seed {exp.seed}\n\n{table}\n{note}"
@@ -148,19 +148,19 @@ def write_aggregate(report, run_dir: RunDir, seeds, rows, pl_rows, wall_s) -> No
     names = labels_lib.class_names(report.num_classes)
     table_classes, subset = report.table_classes, report.subset_classes
     sub = [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
-    table = reporting.seed_aggregate_table(sub, [names[c] for c in table_classes], subset, subset_name="mIoU*")
+    table = tables.seed_aggregate_table(sub, [names[c] for c in table_classes], subset, subset_name="mIoU*")
     os.makedirs(os.path.dirname(run_dir.figure("miou_per_round")), exist_ok=True)
-    reporting.plot_miou_curves(rows, run_dir.figure("miou_per_round"))
-    reporting.plot_pseudo_label_stats(pl_rows, names, run_dir.figure("pseudo_label_stats"),
+    figures.plot_miou_curves(rows, run_dir.figure("miou_per_round"))
+    figures.plot_pseudo_label_stats(pl_rows, names, run_dir.figure("pseudo_label_stats"),
                                       methods=list(report.adapted))
-    paired = reporting.paired_differences_table(rows) if len(seeds) > 1 else ""
-    labels = reporting.pseudo_label_table(pl_rows, names, table_classes)
+    paired = tables.paired_differences_table(rows) if len(seeds) > 1 else ""
+    labels = tables.pseudo_label_table(pl_rows, names, table_classes)
     text = (f"# Results over seeds {list(seeds)}\n\n{table}\n"
             + (f"\n## Paired differences\n\n{paired}\n" if paired else "")
             + (f"\n## Pseudo-labels\n\n{labels}\n" if labels else "")
             + f"\nwall time {wall_s / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
     atomic_write_bytes(run_dir.results, text.encode())
-    atomic_write_json(run_dir.summary, reporting.jsonable({"seeds": list(seeds), "wall_s": wall_s, "rows": rows}))
+    atomic_write_json(run_dir.summary, metrics_log.jsonable({"seeds": list(seeds), "wall_s": wall_s, "rows": rows}))
     if len(seeds) > 1:
         print(f"\n{text}", flush=True)
 
@@ -175,15 +175,16 @@ def write_city_table(report, run_dir: RunDir, seeds, rows_by_city: dict, wall_s)
     sub = {city: [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
            for city, rows in rows_by_city.items()}
     rounds = report.rounds
-    table = reporting.city_table(sub, [names[c] for c in table_classes], rounds - 1 if rounds > 0 else None)
+    table = tables.city_table(sub, [names[c] for c in table_classes], rounds - 1 if rounds > 0 else None)
     cities = list(rows_by_city)
     text = (f"# Results per city ({', '.join(cities)}), seeds {list(seeds)}\n\n{table}\n\n"
             f"Self-training methods at their last round (r{max(rounds - 1, 0)}); every round of each city, with "
-            f"mean ± std over seeds: {', '.join(os.path.relpath(run_dir.city(c).results, run_dir.path) for c in cities)}"
+            f"mean ± std over seeds: "
+            f"{', '.join(os.path.relpath(run_dir.city(c).results, run_dir.path) for c in cities)}"
             f".\n\nwall time "
             f"{wall_s / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
     atomic_write_bytes(run_dir.results, text.encode())
     atomic_write_json(run_dir.summary,
-                      reporting.jsonable({"cities": cities, "seeds": list(seeds), "wall_s": wall_s,
+                      metrics_log.jsonable({"cities": cities, "seeds": list(seeds), "wall_s": wall_s,
                                           "rows": {city: rows for city, rows in rows_by_city.items()}}))
     print(f"\n{text}", flush=True)

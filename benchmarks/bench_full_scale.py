@@ -19,7 +19,7 @@ in-process, with instruments installed first):
     so each execution adds the image rows its program pushes through the network (scales and flips
     included) to the round-loop stage on the Python stack;
   * compilations per stage (as ``benchmarks.count_compiles``) and wall time per stage (the
-    ``cbst_jax.self_training._Loop`` methods and ``cbst_jax.experiment.build``, timed, nested time
+    ``cbst_jax.self_training.RoundLoop`` methods and ``cbst_jax.experiment.build``, timed, nested time
     subtracted), the time each training stage waited for host batches (``MixedIterator.__next__``)
     and the device's peak memory where the backend reports it.
 One JSON summary on stdout (last line) and in ``$OUT/full_scale.json``.
@@ -154,7 +154,7 @@ def time_stages(events):
             events.append(dict(method="build", stage="set-up", start=t0, end=time.time(), vm_hwm_mib=vm_hwm_mib()))
 
     experiment.build = build
-    loop = getattr(self_training, "_Loop", None)
+    loop = getattr(self_training, "RoundLoop", None)
     for name in STAGE_METHODS:
         method = getattr(loop, name, None)
         if method is None:

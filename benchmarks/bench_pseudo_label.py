@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--recompute", action="store_true", help="keep no logits: the three-pass path")
     args = ap.parse_args()
     from cbst_jax import models, sharding
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     name, canvas = ("deeplabv2_resnet_small", (64, 128)) if args.smoke else ("deeplabv2_resnet101", (1024, 2048))
     model = models.get_model(name, 19, dtype=args.dtype)

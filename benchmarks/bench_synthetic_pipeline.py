@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import time
-import types
 
 
 def main(argv=None):
@@ -25,7 +24,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="input.workers (threads, as the recipe)")
     parser.add_argument("--variant", default="gpu", help="the synthetic recipe's variant")
     args = parser.parse_args(argv)
-    from cbst_jax.data.experiment_data import ExperimentData, open_side
+    from cbst_jax import settings
+    from cbst_jax.data.splits import Splits, open_side
     from cbst_jax.data.synthetic import RenderedSource
     from cbst_jax.trainer import mixed_iterator
     from experiments.configs import synthetic
@@ -39,8 +39,8 @@ def main(argv=None):
     render_s = time.perf_counter() - t0
     streams = {}
     for name, source in (("rendered per batch", on_the_fly), ("rendered once", rendered)):
-        data = ExperimentData(source, source, None, [], None, None, {})
-        it = mixed_iterator(types.SimpleNamespace(config=config, data=data), None)
+        data = Splits(source, source, None, [], None, None, {})
+        it = mixed_iterator(data, settings.source_phase(config, config.seed))
         next(it)  # the workers' start
         streams[name] = (it, [])
     for _ in range(-(-args.batches // args.chunk)):

@@ -2,7 +2,7 @@
 /work/shared/bench/anchor_torch_deeplabv2.py (run both in one GPU call), and counts its work.
 
 Step: forward + backward + SGD (momentum 0.9, weight decay 5e-4; head 10x LR) with frozen
-BatchNorm. ``--step project`` (default) times the project's own ``cbst_jax.train.make_train_step``
+BatchNorm. ``--step project`` (default) times the project's own ``cbst_jax.train_step.make_train_step``
 (what the round loop runs: TrainState, parameter groups, the loss of ``--loss``, gradient norm,
 non-finite guard, batch sharded over a ('data',) mesh); ``--step minimal`` a bare step (loss on
 logits resized with ``jax.image.resize``); ``both`` one after the other.
@@ -87,7 +87,7 @@ class Variant:
 
     def __init__(self, step_kind, model, batch, dtype, hw, atrous, loss, num_classes=19, abstract=False,
                  optimizer="sgd", fold=True):
-        from cbst_jax import sharding as shd, train
+        from cbst_jax import sharding as shd, train_step
 
         self.row = dict(step=step_kind, model=model, batch=batch, hw=list(hw), dtype=dtype, atrous=atrous,
                         loss_resolution=loss if step_kind == "project" else "resize", bn="frozen", bn_folded=fold,
@@ -113,13 +113,13 @@ class Variant:
         elif step_kind == "project":
             mesh = shd.make_mesh()
             groups = models.param_groups(module, variables["params"])
-            tx = train.make_optimizer(groups, optimizer=optimizer)
-            config = train.TrainConfig(loss_resolution=loss, stride=module.output_stride)
-            step = train.make_train_step(module, tx, config, mesh, groups)
-            init_state = lambda v: train.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
+            tx = train_step.make_optimizer(groups, optimizer=optimizer)
+            config = train_step.TrainConfig(loss_resolution=loss, stride=module.output_stride)
+            step = train_step.make_train_step(module, tx, config, mesh, groups)
+            init_state = lambda v: train_step.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                                                     batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
                                                     rng=jax.random.key_data(jax.random.key(0)))
-            state = jax.eval_shape(init_state, variables) if abstract else train.create_train_state(variables, tx, 0, mesh)
+            state = jax.eval_shape(init_state, variables) if abstract else train_step.create_train_state(variables, tx, 0, mesh)
             data = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host) if abstract
                     else shd.to_global(host, mesh))
             lr = np.float32(2.5e-4)

@@ -2,7 +2,7 @@
 
 The same weights file is built twice (``dtype`` float32 and bfloat16; float32 parameters, logits,
 softmax and statistics either way) and pseudo-labels the embedded pair's target-train split the
-way a round does: ``cbst_jax.predict.Predictor`` probabilities (flip-averaged softmax of the
+way a round does: ``cbst_jax.predictor.Predictor`` probabilities (flip-averaged softmax of the
 upsampled logits), CBST class thresholds at portion ``--portion`` (``selection.class_thresholds``)
 and ``selection.select_pseudo_labels``. Reports the pixels whose pseudo-label differs (another
 class, or selected in one and ignored in the other), whose arg-max prediction differs, the
@@ -27,7 +27,7 @@ def pseudo_labels(weights, dtype, images, portion, scales, flip, batch):
     """(probabilities, thresholds, pseudo-labels) of ``weights`` built with activation ``dtype``."""
     from cbst_jax import models, selection
     from cbst_jax import sharding as shd
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     meta = models.read_metadata(weights)
     model = models.get_model(meta["architecture"], meta["num_classes"], dtype=dtype,

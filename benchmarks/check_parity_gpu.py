@@ -6,7 +6,7 @@ DeepLab-v2 reference: `Res_Deeplab` of the PyTorch UDA code, i.e. torchvision's 
 (`layer3.5.conv2.weight`, `layer1.0.downsample.1.running_var`) with the stride on each first 1x1
 conv (Caffe), layer3/4 dilated 2/4 in every block, a ceil-mode stem pool and the ASPP-v2 `layer5`.
 FCN-8s reference: torchvision's VGG16 layout (`features.N`, `classifier.{0,3,6}`) copied into
-pytorch-fcn's FCN8s (pad 100, fc6 7x7). Both are converted with `cbst_jax.convert_weights` (the
+pytorch-fcn's FCN8s (pad 100, fc6 7x7). Both are converted with `cbst_jax.models.conversion` (the
 `torchvision-resnet101` / `torchvision-vgg16` converters) and compared in float32 (torch with TF32
 off) at JAX's default matmul precision and at 'highest'; DeepLab-v2 in both atrous modes (dilated
 convolutions, and the same convolutions undilated on space-to-batch phase grids). torchvision is
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbst_jax import convert_weights, models
+from cbst_jax import models
+from cbst_jax.models import conversion
 
 
 def kaiming_init(module):
@@ -239,7 +240,7 @@ def main():
     torch.manual_seed(0)
     ref = randomize_bn(DeepLabV2Reference(19))
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    variables, _ = convert_weights.convert("torchvision-resnet101", state, 19)
+    variables, _ = conversion.convert("torchvision-resnet101", state, 19)
     # float32 (the references' numerics), both atrous modes with BN folded, and BN applied unfolded
     variants = (("dilated", True), ("space_to_batch", True), ("dilated", False))
     modules = [models.get_model("deeplabv2_resnet101", 19, normalization="imagenet", dtype="float32", atrous=a,
@@ -261,7 +262,7 @@ def main():
                      torchvision_check=torchvision_check("vgg16", vgg, torch_input(x[:, :64, :64])))
     ref = FCN8sReference(19, vgg).eval()
     state = {k: v.numpy() for k, v in vgg.state_dict().items()}
-    variables, _ = convert_weights.convert("torchvision-vgg16", state, 19)
+    variables, _ = conversion.convert("torchvision-vgg16", state, 19)
     params = variables["params"]
     head_rng = np.random.RandomState(1)  # random heads (the fresh ones are zero / bilinear)
     with torch.no_grad():

@@ -6,13 +6,16 @@ and the predictions, pseudo-label PNGs and weights files byte by byte (sha256).
     python -m benchmarks.compare_workdirs /tmp/before /tmp/after
 
 Prints what it compared and what differs; one JSON line last. Exit status 0 when the rows and the
-seed's results.md are identical.
+seed's results.md are identical. Files are matched by stage across workdir layouts: a layout-1
+workdir (``cbst_jax.workdir.LAYOUT`` before 2: ``predictions/source_only.npz``,
+``pseudo_labels/<method>/round_<r>/``) is compared under the names layout 2 gives the same files.
 """
 import argparse
 import glob
 import hashlib
 import json
 import os
+import re
 import sys
 
 TIMING_FIELDS = ("wall_s",)
@@ -31,8 +34,20 @@ def differing_lines(a, b):
     return out + [(f"{len(la)} lines", f"{len(lb)} lines")] if len(la) != len(lb) else out
 
 
+def layout(seed_dir):
+    with open(os.path.join(seed_dir, "ledger.json")) as f:
+        return json.load(f).get("version", 1)
+
+
+def layout_2_name(relative):
+    """A layout-1 file's name in layout 2 (every stage file named by the stage's slug)."""
+    relative = re.sub(r"^predictions/source_only\.npz$", "predictions/source.npz", relative)
+    return re.sub(r"^pseudo_labels/(\w+)/round_(\d+)/", r"pseudo_labels/\1_r\2/", relative)
+
+
 def digests(seed_dir, pattern):
-    return {os.path.relpath(p, seed_dir): hashlib.sha256(open(p, "rb").read()).hexdigest()
+    rename = layout_2_name if layout(seed_dir) == 1 else (lambda name: name)
+    return {rename(os.path.relpath(p, seed_dir)): hashlib.sha256(open(p, "rb").read()).hexdigest()
             for p in sorted(glob.glob(os.path.join(seed_dir, pattern), recursive=True))}
 
 

@@ -15,7 +15,7 @@ new temporary folder, so run 1 starts cold). In the child, before anything compi
 and two ``jax.monitoring`` listeners: every backend compilation request
 (``/jax/core/compile/backend_compile_duration``, which fires for programs compiled *and* for programs
 loaded from the persistent cache) is recorded with its function name and the round-loop stage on
-the Python stack (the innermost ``cbst_jax.self_training._Loop`` method and its ``stage``); a
+the Python stack (the innermost ``cbst_jax.self_training.RoundLoop`` method and its ``stage``); a
 ``/jax/compilation_cache/cache_hits`` event just before it on the same thread marks it loaded. A
 program is "compiled" when it was not a hit. Prints one table per run and a JSON summary (also
 ``$OUT/compiles.json``); exit status 1 when a run after the first compiled anything.
@@ -40,7 +40,7 @@ LOOP_FILE = os.path.join("cbst_jax", "self_training.py")
 
 def enable_cache(cache_dir: str) -> None:
     """jax's persistent compilation cache in ``cache_dir``, for every program (the calls
-    ``cbst_jax.main`` needs; must run before the first compilation of the process)."""
+    ``cbst_jax.cli.run`` needs; must run before the first compilation of the process)."""
     import jax
 
     jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -42,7 +42,7 @@ def flops(fn, *args) -> float:
 
 def measure(model, variables, canvas, scales, num_classes=19):
     from cbst_jax import selection, sharding
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     mesh = sharding.make_mesh(jax.devices()[:1])
     pred = Predictor(model, num_classes, mesh, canvas, scales=scales, flip=True)

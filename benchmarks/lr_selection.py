@@ -15,28 +15,23 @@ Both keep rules (``cbst_jax.crst.soft_pseudo_labels``) are measured, and how sof
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-import ml_collections
 import numpy as np
-
-
-def _config(workdir: str):
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def measure(workdir: str, alphas, kinds=("lrent", "lrl2", "lrkld"), keeps=("objective", "cbst")):
     from cbst_jax import experiment
     from cbst_jax.methods import SOURCE, parse, portion_at, stages
+    from cbst_jax.config_lib import seed_record
     from cbst_jax.run_ledger import RunLedger
+    from cbst_jax.workdir import SeedDir
 
-    cfg = _config(workdir)
-    ledger = RunLedger(workdir, cfg, stages(parse(cfg.methods), cfg.self_training.rounds))
+    cfg = SeedDir(workdir).read_config()
+    ledger = RunLedger(SeedDir(workdir), seed_record(cfg), stages(parse(cfg.methods), cfg.self_training.rounds))
     if not ledger.trained(SOURCE):
         raise SystemExit(f"{workdir}: no trained source model (run the experiment first)")
-    exp = experiment.build(cfg, workdir)
+    exp = experiment.build(cfg, SeedDir(workdir), cfg.seed)
     variables = ledger.trained_variables(SOURCE)
     portion = portion_at(cfg.self_training.portion, 0)
     hidden = exp.data.hidden_label_key

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import tempfile
 import time
 
@@ -52,16 +50,16 @@ def iou_of(cm):
 def demo_source_confusion(seed_dir: str) -> np.ndarray:
     """(19, 19) target-val confusion (rows: ground truth) of the source model that
     ``python -m experiments.synthetic`` saved in ``seed_dir`` (a ``<workdir>/seed_<s>`` folder)."""
-    import ml_collections
-
     from cbst_jax import experiment, models
-    from cbst_jax.evaluate import evaluate
+    from cbst_jax.evaluation import evaluate
+    from cbst_jax.methods import SOURCE
+    from cbst_jax.workdir import SeedDir
 
-    with open(os.path.join(seed_dir, "config.json")) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
-    variables = models.load_variables(os.path.join(seed_dir, "models", "source.npz"))
+    run = SeedDir(seed_dir)
+    cfg = run.read_config()
+    variables = models.load_variables(run.weights(SOURCE))
     with tempfile.TemporaryDirectory() as scratch:   # the run's own workdir stays untouched
-        cm, _ = evaluate(experiment.build(cfg, scratch), variables)
+        cm, _ = evaluate(experiment.build(cfg, SeedDir(scratch), cfg.seed), variables)
     return np.asarray(cm, np.int64)
 
 

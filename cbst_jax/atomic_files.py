@@ -39,6 +39,11 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one :func:`atomic_write` gives its temporary files."""
+    return bool(_TEMPORARY.search(name))
+
+
 def remove_stale_temporaries(root: str) -> list[str]:
     """Removes every file under ``root`` named as :func:`atomic_write` names its temporary files,
     left there by a process killed between a write and its rename; returns their paths. Only
@@ -46,7 +51,7 @@ def remove_stale_temporaries(root: str) -> list[str]:
     removed = []
     for folder, _, files in os.walk(root):
         for name in files:
-            if _TEMPORARY.search(name):
+            if is_temporary(name):
                 path = os.path.join(folder, name)
                 os.remove(path)
                 removed.append(path)

@@ -36,24 +36,20 @@ import numpy as np
 
 from cbst_jax.errors import RunError
 
+
 class CollapseStop(RunError):
     """The run stopped after a round whose checks fired (``self_training.on_collapse=stop``)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The guard's thresholds (``config.self_training.collapse_guard``; meanings above)."""
+    """The guard's thresholds (``config.self_training.collapse_guard``, read by
+    ``cbst_jax.settings.guard``; meanings above)."""
     min_share: float
     share_fraction: float
     loss_rise: float
     loss_windows: int
     entropy_fraction: float
-
-    @classmethod
-    def of(cls, config) -> "Settings":
-        g = config.self_training.collapse_guard
-        return cls(float(g.min_share), float(g.share_fraction), float(g.loss_rise), int(g.loss_windows),
-                   float(g.entropy_fraction))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Experiment configuration: the one ``ml_collections.ConfigDict`` schema shared by every
 experiment and its validation. The configs of the experiments (``experiments/configs/*.py``)
-start from :func:`base_config`; the command line (``cbst_jax.main``) locks them, so an unknown
+start from :func:`base_config`; the command line (``cbst_jax.cli.run``) locks them, so an unknown
 key is rejected, and :func:`validate` rejects invalid values before any work starts, naming the
 key and what was expected.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -100,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.worker_kind = "auto"                # auto (processes when grain is installed) | processes | threads
 
     # batch_size 0, crop () and scale_range (): those of c.input. power: of the poly schedule;
-    # warmup_steps > 0: mmcv's linear warm-up from warmup_ratio x the rate (cbst_jax.train.learning_rate)
+    # warmup_steps > 0: mmcv's linear warm-up from warmup_ratio x the rate (cbst_jax.train_step.learning_rate)
     c.source_training = ml_collections.ConfigDict(dict(steps=0, lr=2.5e-4, schedule="poly", optimizer="sgd",
                                                        batch_size=0, crop=(), scale_range=(), power=0.9,
                                                        warmup_steps=0, warmup_ratio=1e-6))
@@ -365,12 +366,12 @@ def validate(config, *, need_roots: bool = True) -> None:
     from cbst_jax.models.layers import NORMALIZATIONS
     from cbst_jax.models.registry import ATROUS_FAMILIES, MODELS
 
-    names = [m.strip() for m in str(config.methods).split(",") if m.strip()]
-    if not names:
+    try:
+        methods = methods_lib.parse(config.methods)
+    except ValueError as e:
+        _fail("methods", e.args[0], "one of " + ", ".join(methods_lib.NAMES))
+    if not methods:
         _fail("methods", config.methods, "a comma-separated list of " + ", ".join(methods_lib.NAMES))
-    for m in names:
-        if m not in methods_lib.BY_NAME:
-            _fail("methods", m, "one of " + ", ".join(methods_lib.NAMES))
     if config.num_classes not in (13, 16, 19):
         _fail("num_classes", config.num_classes, "19, 16 (SYNTHIA protocol) or 13 (NTHU)")
     _check_count(config, "seed", 0, "a non-negative integer")
@@ -455,9 +456,13 @@ def validate(config, *, need_roots: bool = True) -> None:
     for key in ("predict", "evaluate"):
         _check_scales(config, f"{key}.scales")
     _check_scales(config, "evaluate.mst_scales")
-    for m in [m.strip() for m in str(config.evaluate.mst_methods).split(",") if m.strip()]:
-        if m not in methods_lib.BY_NAME or not methods_lib.BY_NAME[m].self_trains:
-            _fail("evaluate.mst_methods", m, "self-training methods of config.methods, comma-separated")
+    try:
+        mst = methods_lib.parse(config.evaluate.mst_methods)
+    except ValueError as e:
+        _fail("evaluate.mst_methods", e.args[0], "self-training methods of config.methods, comma-separated")
+    for m in mst:
+        if not m.self_trains:
+            _fail("evaluate.mst_methods", m.name, "self-training methods of config.methods, comma-separated")
         _check_choice(config, f"{key}.flip", (True, False))
     for kind, rule in config.self_training.label_reg_keep.items():
         if rule not in ("objective", "cbst"):
@@ -550,13 +555,34 @@ def nthu_cities(config) -> list[str] | None:
     return None
 
 
+def seed_record(config, seed: int | None = None, city: str | None = None) -> dict:
+    """The configuration of one seed's run as its folder records it (``config.json``): ``config``
+    with ``seed`` (None: config.seed) and, over all NTHU cities, the ``city`` it runs on."""
+    record = json.loads(config.to_json(sort_keys=True))
+    if seed is not None:
+        record["seed"] = int(seed)
+    if city is not None:
+        record["target"]["city"] = city
+    return record
+
+
+MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
+
+
 def parse_seeds(text: str) -> list[int]:
+    """The ``--seeds`` list: distinct integers in [0, 2**63)."""
     try:
         seeds = [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds={text!r}: expected a comma-separated list of integers, e.g. 0,1,2") from None
     if not seeds:
         raise ConfigError(f"--seeds={text!r}: expected at least one seed")
+    for s in seeds:
+        if not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"--seeds={text}: {s} is not a seed; expected integers in [0, 2**63), e.g. 0,1,2")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ConfigError(f"--seeds={text}: seed {twice[0]} is listed twice; expected distinct seeds")
     return seeds
 
 

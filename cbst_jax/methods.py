@@ -14,11 +14,14 @@ Every method starts from the same source model (round 0) and runs the same round
   retraining loss (``cbst_jax.losses``).
 
 Stages: a run is the source stage, then ``(method, round)`` for every self-training method and
-round. :class:`Stage` names them; its ``key`` ("source", "cbst/r2") is what checkpoints record.
+round. :class:`Stage` names them, with one spelling for people and one for files: its ``key``
+("source", "cbst/r2") on the command line, in the run ledger and in messages, its ``slug``
+("source", "cbst_r2") in every file and folder name of a workdir (``cbst_jax.workdir``).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +59,12 @@ NAMES = tuple(BY_NAME)
 
 
 def parse(text: str) -> list[Method]:
-    """``"source_only,st,cbst"`` -> the methods, in order; KeyError names an unknown one."""
+    """``"source_only,st,cbst"`` -> the methods, in order; ValueError whose argument is the first
+    unknown name."""
     names = [m.strip() for m in str(text).split(",") if m.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ValueError(unknown[0])
     return [BY_NAME[n] for n in names]
 
 
@@ -76,12 +83,35 @@ class Stage:
 
     @property
     def key(self) -> str:
+        """The stage on the command line, in the run ledger and in messages: "source", "cbst/r2"
+        (also what a round's random stream is derived from)."""
         return "source" if self.round is None else f"{self.method}/r{self.round}"
 
     @property
+    def slug(self) -> str:
+        """The stage in file and folder names: "source", "cbst_r2"."""
+        return "source" if self.round is None else f"{self.method}_r{self.round}"
+
+    @property
     def label(self) -> str:
-        """How tables and figure names show the stage: "source_only", "cbst r2"."""
+        """How tables and figures name the stage's row: "source_only", "cbst r2"."""
         return self.method if self.round is None else f"{self.method} r{self.round}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Stage":
+        """The stage a user names: its key ("source", "cbst/r2"), or as a file or a table names it
+        ("cbst_r2", "cbst r2", "source_only"); ValueError (one line) for anything else, e.g. a
+        method that does not self-train."""
+        text = str(text).strip()
+        if text in (SOURCE.key, SOURCE.slug, SOURCE.label):
+            return SOURCE
+        m = re.fullmatch(r"(\w+?)(?:/r|_r| r)(\d+)", text)
+        method = BY_NAME.get(m[1]) if m else None
+        if method is None or not method.self_trains:
+            trainers = ", ".join(n for n, x in BY_NAME.items() if x.self_trains)
+            raise ValueError(f"{text!r}: expected 'source' or '<method>/r<round>' with a self-training method "
+                             f"({trainers}), e.g. cbst/r2")
+        return cls(method.name, int(m[2]))
 
 
 SOURCE = Stage("source_only", None)

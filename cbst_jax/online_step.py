@@ -16,7 +16,7 @@ A step (lhoyer/DAFormer ``mmseg/models/uda/dacs.py`` ``forward_train``):
    feature distance on thing classes (:mod:`cbst_jax.feature_distance`). Two forwards, source
    then mixed, as in DAFormer (with trained BatchNorm the running statistics see both in that
    order);
-5. the optimiser update at the step's learning rate (an argument, as in :mod:`cbst_jax.train`),
+5. the optimiser update at the step's learning rate (an argument, as in :mod:`cbst_jax.train_step`),
    then the teacher's EMA update with the new student.
 
 Everything is in :class:`OnlineTrainState` (student, teacher, optimiser state, window, RNG,
@@ -76,7 +76,7 @@ class OnlineConfig:
     window_batches: W, target batches in the class-balanced window.
     fd_weight: 0 disables the feature distance; DAFormer uses ``feature_distance.WEIGHT``.
     fd_layer: flax module path of the network's bottleneck features (needed when fd_weight > 0).
-    loss_resolution / stride / train_bn / ignore_label: as :class:`cbst_jax.train.TrainConfig`.
+    loss_resolution / stride / train_bn / ignore_label: as :class:`cbst_jax.train_step.TrainConfig`.
     """
     num_classes: int
     policy: str = "fixed"
@@ -150,7 +150,7 @@ def make_online_step(model, tx, config: OnlineConfig, mesh, param_labels=None):
     """The jitted ``step(state, batch, lr, portion=1.0, prior=None, imagenet=None) ->
     (state, metrics)``.
 
-    ``lr``: the step's learning rate (float32 argument; :func:`cbst_jax.train.learning_rate`);
+    ``lr``: the step's learning rate (float32 argument; :func:`cbst_jax.train_step.learning_rate`);
     ``portion``: the class-balanced policy's p for this step (a host float, passed as its
     float64 words so that the rank is the offline one; :func:`online_thresholds.portion_at_step`);
     ``prior``: the spatial prior (Hp, Wp, C) of CBST-SP or None; ``imagenet``: the frozen

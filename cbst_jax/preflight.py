@@ -5,13 +5,13 @@ the evaluation split has labels and is not the split adapted on, every image and
 ends as its format ends), each phase's split against its batch (the source phase, every
 round), the crop and the evaluation canvas against the images, and the labelling batch against
 the threshold histograms. A failure is the usual one-line error naming the key and the count;
-only after all of it passes does ``cbst_jax.main`` create, resume or replace a workdir."""
+only after all of it passes does ``cbst_jax.cli.run`` create, resume or replace a workdir."""
 from __future__ import annotations
 
 import importlib.util
 
 from cbst_jax import config_lib
-from cbst_jax.data.experiment_data import open_side
+from cbst_jax.data.splits import open_side
 from cbst_jax.data.io import DatasetError
 
 SIZE_SAMPLES = 8
@@ -27,37 +27,31 @@ def image_sizes(source, samples: int = SIZE_SAMPLES) -> list[tuple[int, int]]:
 def preflight(config) -> None:
     """Raises ConfigError / DatasetError / WeightMismatchError (one line) on the first problem;
     every city of a Cityscapes -> NTHU run over all four is checked."""
-    import copy
-
-    from cbst_jax import experiment
+    from cbst_jax import model_init
 
     config_lib.validate(config)
     # the network and the normalisation its weights need; its compute path is resolved for the run
     # (a multi-host run must not touch the backend before jax.distributed joins)
-    experiment.build_model(config, platform="cpu")
+    model_init.build_model(config, platform="cpu")
     check_model_init(config)
     if config.input.worker_kind == "processes" and importlib.util.find_spec("grain") is None:
         raise config_lib.ConfigError("config.input.worker_kind='processes': needs grain (pip install grain); "
                                      "expected 'threads' or 'auto' without it")
     for city in config_lib.nthu_cities(config) or [None]:
-        target = config
-        if city is not None:
-            target = copy.deepcopy(config)
-            target.target.city = city
-        _check_splits(target)
+        _check_splits(config, city)
 
 
 def check_model_init(config) -> None:
     """What the network starts from: a full-size network (one with published ImageNet weights,
-    ``cbst_jax.convert_weights.KINDS``) needs ``model.init``, or ``model.init="none"`` for a random
+    ``cbst_jax.models.conversion.KINDS``) needs ``model.init``, or ``model.init="none"`` for a random
     init on purpose; a file declared the source model must have the experiment's classes (19 of
     them with ``model.init_class_map="nthu13"``); and the file's variables must fit the network
     (with the class map applied), checked on shapes before anything is created."""
     import jax
     import numpy as np
 
-    from cbst_jax import experiment, models
-    from cbst_jax.convert_weights import KINDS
+    from cbst_jax import model_init, models
+    from cbst_jax.models.conversion import KINDS
 
     init = config_lib.init_file(config)
     kinds = [kind for kind, (model, _) in KINDS.items() if model == config.model.name]
@@ -65,7 +59,8 @@ def check_model_init(config) -> None:
         raise config_lib.ConfigError(
             f"config.model.init is empty: {config.model.name} would start from random weights "
             f"({config.source_training.steps} source-training steps); pass --config.model.init=<weights.npz> (an "
-            f"ImageNet init converted with python -m cbst_jax.convert_weights {' or '.join(kinds)} ..., or a source "
+            f"ImageNet init converted with python -m cbst_jax.cli.convert_weights {' or '.join(kinds)} ..., or a "
+            f"source "
             f"model with --config.model.init_is_source_model=True), or --config.model.init={config_lib.NO_INIT} to "
             f"train from random weights on purpose")
     if not init:
@@ -85,11 +80,11 @@ def check_model_init(config) -> None:
         raise config_lib.ConfigError(f"config.model.init={init}: a source model of {classes} classes, but this "
                                      f"experiment has num_classes={config.num_classes}; pass a source model of "
                                      f"{config.num_classes} classes{hint}")
-    model = experiment.build_model(config, platform="cpu")  # shapes only; the backend stays untouched
+    model = model_init.build_model(config, platform="cpu")  # shapes only; the backend stays untouched
     crop = tuple(config.input.crop)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *crop, 3), np.float32), train=False))
-    experiment.merge_variables(shapes, models.load_variables(init), init,
-                               keep_classes=experiment.class_map(config.model.init_class_map))
+    model_init.merge_variables(shapes, models.load_variables(init), init,
+                               keep_classes=model_init.class_map(config.model.init_class_map))
 
 
 def check_batches(config) -> None:
@@ -99,6 +94,7 @@ def check_batches(config) -> None:
     and the workdir's set-up come first there)."""
     import jax
 
+    from cbst_jax.data.pipeline import global_eval_batch
     from cbst_jax.selection import MAX_BATCH_PIXELS
 
     devices = jax.device_count()
@@ -110,7 +106,7 @@ def check_batches(config) -> None:
     if not _self_trains(config):
         return
     asked = config.input.eval_batch_size
-    batch = max(devices, -(-asked // devices) * devices)  # as Experiment.eval_batch_size
+    batch = global_eval_batch(asked, devices)
     h, w = config.input.eval_size
     if batch * h * w > MAX_BATCH_PIXELS:
         most = MAX_BATCH_PIXELS // (h * w) // devices * devices
@@ -121,38 +117,41 @@ def check_batches(config) -> None:
             + ("" if most else " (none fits: a smaller input.eval_size)"))
 
 
-def check_phase_sizes(config, num_source: int, num_target: int, note: str = "") -> None:
+def check_phase_sizes(config, num_source: int, num_target: int, note: str = "", city: str | None = None) -> None:
     """Every training phase can fill one batch: the source phase (when it runs) from the source
     split, every round from its source subset and the target train split (``num_target``
-    images); else ConfigError naming the key and the counts (``note``: appended to it)."""
-    from cbst_jax.trainer import phase_sampler, source_batch_size
+    images); else ConfigError naming the key and the counts (``note``: appended to it; ``city``:
+    the NTHU city the target is, over all cities)."""
+    from cbst_jax import settings
 
-    if config.source_training.steps > 0 and not config.model.init_is_source_model:
+    source, rounds = settings.source_phase(config, config.seed), settings.round_phase(config, config.seed)
+    if source.trains:
         try:
-            phase_sampler(config, num_source, num_target, None)
+            source.sampler(num_source)
         except ValueError:
             key = "source_training.batch_size" if config.source_training.batch_size else "input.batch_size"
-            b = source_batch_size(config)
+            b = source.batch_size
             raise config_lib.ConfigError(
                 f"config.{key}={b}: the source split of {config.source.name} holds {num_source} images, fewer than "
                 f"one batch of the source phase; expected at least {b} images, or a smaller batch{note}") from None
     if not _self_trains(config):
         return
-    for r in range(config.self_training.rounds):
+    for r in range(rounds.rounds):
         try:
-            phase_sampler(config, num_source, num_target, r)
+            rounds.sampler(num_source, num_target, r)
         except ValueError:
-            raise config_lib.ConfigError(_round_shortfall(config, num_source, num_target, r) + note) from None
+            raise config_lib.ConfigError(_round_shortfall(config, rounds, num_source, num_target, r, city)
+                                         + note) from None
 
 
-def check_adaptation_split(config, data) -> None:
-    """:func:`check_phase_sizes` on the splits a run adapts on (``ExperimentData``: the target
+def check_adaptation_split(config, data, city: str | None = None) -> None:
+    """:func:`check_phase_sizes` on the splits a run adapts on (``Splits``: the target
     train split without the evaluation images, ``cbst_jax.data.overlap``), known only once
     every image is hashed, inside the run."""
     excluded = data.overlap.get("excluded_train_images", 0)
     note = (f" (after leaving out the {excluded} target train images that are also evaluation images; "
             f"target.allow_eval_overlap=True keeps them)" if excluded else "")
-    check_phase_sizes(config, len(data.source), len(data.target_train), note)
+    check_phase_sizes(config, len(data.source), len(data.target_train), note, city)
 
 
 def _self_trains(config) -> bool:
@@ -161,36 +160,36 @@ def _self_trains(config) -> bool:
     return config.self_training.rounds > 0 and any(m.self_trains for m in parse(config.methods))
 
 
-def _target_name(config) -> str:
-    return config.target.name + (f" ({config.target.city})" if config.target.get("city") else "")
+def _target_name(config, city: str | None) -> str:
+    city = config.target.get("city") if city is None else city
+    return config.target.name + (f" ({city})" if city else "")
 
 
-def _round_shortfall(config, num_source: int, num_target: int, r: int) -> str:
+def _round_shortfall(config, rounds, num_source: int, num_target: int, r: int, city: str | None) -> str:
     """Why round ``r``'s sampler cannot fill one batch, in one line with the counts."""
     from cbst_jax.data.pipeline import source_subset
-    from cbst_jax.trainer import source_rows_per_batch
 
     b, inp = config.input.batch_size, config.input
     s0, ds, smax = inp.source_portion
     subset = len(source_subset(num_source, r, s0=s0, ds=ds, s_max=smax))
-    per_batch = source_rows_per_batch(config)
+    per_batch = rounds.source_per_batch
     head = f"config.input.batch_size={b}: "
     if per_batch is None:
         return (head + f"round {r} draws its batches from {subset} source images (input.source_portion of "
-                f"{num_source}) and the {num_target} target train images of {_target_name(config)}, "
+                f"{num_source}) and the {num_target} target train images of {_target_name(config, city)}, "
                 f"{subset + num_target} in all, fewer than one batch; expected at least {b}")
     paired = f"(input.sampler='paired', input.source_share={inp.source_share})"
     if b - per_batch > num_target:
         return (head + f"a round's batch takes {b - per_batch} target train images {paired}, but the target train "
-                f"split of {_target_name(config)} holds {num_target}; expected at least {b - per_batch}")
+                f"split of {_target_name(config, city)} holds {num_target}; expected at least {b - per_batch}")
     return (head + f"a round's batch takes {per_batch} source images {paired}, but round {r} uses {subset} "
             f"(input.source_portion of {num_source}); expected at least {per_batch}")
 
 
-def _check_splits(config) -> None:
+def _check_splits(config, city: str | None) -> None:
     source = open_side(config, "source", config.source.split)
-    target_train = open_side(config, "target", config.target.train_split, labelled=False)
-    target_eval = open_side(config, "target", config.target.eval_split)
+    target_train = open_side(config, "target", config.target.train_split, labelled=False, city=city)
+    target_eval = open_side(config, "target", config.target.eval_split, city=city)
     for name, split in (("source", source), ("target train", target_train), ("target evaluation", target_eval)):
         if len(split) == 0:
             raise DatasetError(f"the {name} split of {config.source.name if name == 'source' else config.target.name} "
@@ -203,7 +202,7 @@ def _check_splits(config) -> None:
             f"of its {len(target_train)} images is an evaluation image and would be left out of adaptation, leaving "
             f"none; expected another split, or target.allow_eval_overlap=True (adapt on the evaluation images, "
             f"the published protocol)")
-    check_phase_sizes(config, len(source), len(target_train))
+    check_phase_sizes(config, len(source), len(target_train), city=city)
     for split in (source, target_train, target_eval):
         problem = split.damaged_file() if hasattr(split, "damaged_file") else None
         if problem:

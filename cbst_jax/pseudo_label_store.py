@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -25,6 +26,7 @@ from cbst_jax.atomic_files import atomic_write_bytes, atomic_write_json
 from cbst_jax.failpoints import failpoint
 
 MANIFEST = "manifest.json"
+_FILE_NAME = re.compile(r"\d{7}(\.png|\.soft\.npz)")  # as _path and _soft_path name them
 
 
 class PseudoLabelError(RuntimeError):
@@ -131,6 +133,19 @@ class PseudoLabelStore:
         atomic_write_json(os.path.join(self.directory, MANIFEST), dataclasses.asdict(
             dataclasses.replace(manifest, files=files)))
         self._files = files
+
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` is a file of the store: its manifest or a file the manifest lists;
+        before the manifest is written (labelling under way, or stopped: redone on resume), a
+        file named as the store names its files."""
+        if name == MANIFEST:
+            return True
+        if not self.complete():
+            return bool(_FILE_NAME.fullmatch(name))
+        try:
+            return name in self.manifest().files
+        except PseudoLabelError:
+            return False
 
     def complete(self) -> bool:
         return os.path.exists(os.path.join(self.directory, MANIFEST))

@@ -2,7 +2,7 @@
 
 At the round's portion p the current model's predictions on the whole target train split
 (the network run once per image, scale and flip, its logits kept on the devices or in host RAM
-for the later passes: ``cbst_jax.predict.Predictor.label_split``) give the thresholds λ (one per class for CBST, one pooled for ST, over prior-weighted scores for the
+for the later passes: ``cbst_jax.predictor.Predictor.label_split``) give the thresholds λ (one per class for CBST, one pooled for ST, over prior-weighted scores for the
 -SP variants: ``cbst_jax.selection``, streamed and exact), then every image's pseudo-labels
 ŷ = argmax q·p/λ where that ratio is ≥ 1, else ignored (for CRST's LR* methods the soft
 minimisers of the label-regularised objective at the same λ), written to the stage's
@@ -17,7 +17,7 @@ import numpy as np
 
 from cbst_jax import sharding as shd
 from cbst_jax.methods import Method, Stage
-from cbst_jax.predict import SoftLabelling, local_rows
+from cbst_jax.predictor import local_rows
 from cbst_jax.pseudo_label_store import Manifest, PseudoLabelStore
 
 
@@ -25,13 +25,11 @@ def label_target(exp, variables, method: Method, stage: Stage, portion: float, s
     """Thresholds at ``portion``, then the pseudo-labels of the whole target train split, the
     network run once per image, scale and flip (``Predictor.label_split``); returns the
     manifest (also written, last, into ``store``)."""
-    cfg = exp.config
     target, hidden = exp.data.target_train, exp.data.hidden_label_key
     prior = exp.prior if method.spatial_prior else None
     kind = method.label_regularizer
-    stride = cfg.self_training.soft_label_stride
-    soft = (SoftLabelling(kind, cfg.self_training.label_reg_weight[kind], stride, cfg.self_training.label_reg_keep[kind])
-            if kind else None)
+    stride = exp.labelling.soft_label_stride
+    soft = exp.labelling.soft_labelling(kind)
     show = jax.process_index() == 0
     if show:
         store.begin()
@@ -45,8 +43,8 @@ def label_target(exp, variables, method: Method, stage: Stage, portion: float, s
             store.write(int(host["index"][row]), label)
 
     res = exp.predictor.label_split(variables, lambda: exp.batches(target, hidden), portion, method.policy, prior,
-                                    cfg.self_training.select_subsample, write, soft=soft, desc=f"{stage.key} labels",
-                                    total=-(-len(target) // exp.eval_batch_size()))
+                                    exp.labelling.select_subsample, write, soft=soft, desc=f"{stage.key} labels",
+                                    total=-(-len(target) // exp.eval_batch_size))
     shd.barrier("pl-written")
     c = exp.num_classes
     manifest = Manifest(method=method.name, round=stage.round, portion=portion, policy=method.policy,

@@ -2,24 +2,29 @@
 
 A run is a fixed sequence of stages (``cbst_jax.methods.stages``: the source model, then every
 method's rounds). For each stage the ledger knows whether it is *trained*, *labelled* and
-*evaluated*, and it owns everything on disk that says so:
+*evaluated*, and it owns everything in a seed's folder that says so (where each file lies:
+``cbst_jax.workdir``):
 
-* ``ledger.json``: the index (written atomically, by process 0 only): per stage the trained
+* the index ``ledger.json`` (written atomically, by process 0 only): per stage the trained
   network's weights file with its sha256, steps and final loss, the recorded rows (pseudo-label
-  statistics, evaluation) and the sha256 of the files the stage owns besides its weights (kept
-  predictions, the round's pseudo-label figure: ``outputs``); per training checkpoint its stage,
-  step and digest; the history of restarts with changed settings (``resume_from_stage``);
-* ``models/<stage>.npz``: each trained stage's network as a weights file with its metadata
-  (architecture, classes, normalisation: ``cbst_jax.models.save_variables``), for the next
-  round, evaluation, export and inference;
-* ``checkpoints/``: training progress inside the current stage (the last two checkpoints:
-  train state, data-iterator position, recent losses; ``cbst_jax.checkpointing``), each with
-  the digest of the pseudo-labels it trained on (a round's checkpoint is resumed only on those);
-* ``pseudo_labels/<method>/round_<r>/``: each round's pseudo-label store, complete once its
-  manifest (with every file's sha256) is written;
-* ``config.json``: the configuration that wrote the workdir; another configuration is refused
-  (launch keys aside), except for the optimiser, logging and collapse-guard settings a
-  ``resume_from_stage`` restart may change.
+  statistics, evaluation, health) and the sha256 of the files the stage owns besides its weights
+  (kept predictions, the round's pseudo-label figure: ``outputs``); per training checkpoint its
+  stage, step and digest; the history of restarts with changed settings (``resume_from_stage``);
+  the workdir layout it was written in (``version``: ``cbst_jax.workdir.LAYOUT``; another is
+  refused);
+* each trained stage's network as a weights file with its metadata (architecture, classes,
+  normalisation: ``cbst_jax.models.save_variables``), for the next round, evaluation, export and
+  inference;
+* the training checkpoints: progress inside the current stage (the last two: train state,
+  data-iterator position, recent losses, loss-window means; ``cbst_jax.checkpointing``), each
+  with the digest of the pseudo-labels it trained on (a round's checkpoint is resumed only on
+  those);
+* each round's pseudo-label store, complete once its manifest (with every file's sha256) is
+  written;
+* ``config.json``: the configuration that wrote the folder (the seed's, with its seed and
+  city: :func:`cbst_jax.config_lib.seed_record`); another configuration is refused (launch keys
+  aside), except for the optimiser, logging and collapse-guard settings a ``resume_from_stage``
+  restart may change.
 
 ``metrics.jsonl`` and TensorBoard events (:attr:`log`) are the append-only log a user reads; the
 ledger never reads them back. Everything read back is verified first: a weights file or a
@@ -30,7 +35,8 @@ against their manifest, a round's checkpoint is used only with the pseudo-labels
 and a stage's other files (``outputs``) against their recorded sha256 (a missing or damaged one
 is made again). Every file is written by process 0 only, and every question about
 files is answered by process 0 for all processes (``sharding.agree``). Paths stored on disk
-are relative to the workdir, so a workdir can be moved or copied and resumed from its new place.
+are relative to the seed's folder, so a workdir can be moved or copied and resumed from its new
+place.
 """
 from __future__ import annotations
 
@@ -39,21 +45,19 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 
 import jax
 
-from cbst_jax import checkpointing, reporting
+from cbst_jax import checkpointing, metrics_log
 from cbst_jax import sharding as shd
 from cbst_jax.atomic_files import atomic_write_bytes, atomic_write_json
-from cbst_jax.errors import RunError
+from cbst_jax.errors import RunError, notice
 from cbst_jax.failpoints import failpoint
-from cbst_jax.methods import SOURCE, Stage
+from cbst_jax.methods import Stage
 from cbst_jax.pseudo_label_store import PseudoLabelStore
+from cbst_jax.workdir import LAYOUT, LayoutError, RunDir, SeedDir, WorkdirError
 
-LEDGER_FILE = "ledger.json"
-CONFIG_FILE = "config.json"
 # Keys that say how this process joins a multi-host run, not what the run computes: they differ
 # between the processes of one run (process_id) and between launches (the coordinator's port).
 LAUNCH_KEYS = ("process_id", "coordinator_address")
@@ -90,23 +94,20 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def notice(message: str) -> None:
-    """A one-line note to the user (process 0 only) about something the run repaired."""
-    if jax.process_index() == 0:
-        print(f"note: {message}", file=sys.stderr, flush=True)
-
-
 class RunLedger:
-    def __init__(self, workdir: str, config, stage_order: list[Stage]):
-        self.workdir, self.order = workdir, list(stage_order)
+    """The ledger of one seed's folder ``seed_dir``, written by the configuration ``record``
+    (:func:`cbst_jax.config_lib.seed_record`) for the run's stages ``stage_order``."""
+
+    def __init__(self, seed_dir: SeedDir, record: dict, stage_order: list[Stage]):
+        self.seed_dir, self.order = seed_dir, list(stage_order)
         self._doc = self._read()
-        rewind_to = check_workdir_config(config, workdir)
-        self.log = reporting.MetricsLog(workdir, enabled=jax.process_index() == 0)
-        self._checkpoints = checkpointing.RunCheckpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+        rewind_to = check_workdir_config(record, seed_dir)
+        self.log = metrics_log.MetricsLog(seed_dir.metrics, seed_dir.tensorboard, enabled=jax.process_index() == 0)
+        self._checkpoints = checkpointing.RunCheckpoints(seed_dir.checkpoints, max_to_keep=2)
         self._verified: dict = {}
         if rewind_to:
             try:
-                self._rewind(rewind_to, config)
+                self._rewind(rewind_to, record)
             except BaseException:
                 self.close()
                 raise
@@ -142,16 +143,13 @@ class RunLedger:
         return [row for s in self.order for slot, row in docs.get(s.key, {}).items()
                 if slot not in ("trained", "outputs") and row.get("kind") == kind]
 
-    def stage_weights(self, stage: Stage) -> str:
-        return stage_weights_path(self.workdir, stage)
-
     def trained_variables(self, stage: Stage) -> dict:
         """The variables of a trained stage, read from its verified weights file."""
         from cbst_jax import models
 
         if not self.trained(stage):
-            raise RunError(f"stage {stage.key} is not trained in {self.workdir}")
-        return models.load_variables(self.stage_weights(stage))
+            raise RunError(f"stage {stage.key} is not trained in {self.seed_dir.path}")
+        return models.load_variables(self.seed_dir.weights(stage))
 
     def training_summary(self, stage: Stage) -> dict:
         """``{"steps", "train_loss"}`` of a trained stage."""
@@ -164,7 +162,7 @@ class RunLedger:
         return None if windows is None else [float(w) for w in windows]
 
     def pseudo_labels(self, stage: Stage) -> PseudoLabelStore:
-        return PseudoLabelStore(os.path.join(self.workdir, "pseudo_labels", stage.method, f"round_{stage.round}"))
+        return PseudoLabelStore(self.seed_dir.pseudo_labels(stage))
 
     def labels_digest(self, stage: Stage) -> str | None:
         """sha256 over the file digests of a round's pseudo-label manifest (None for the source
@@ -199,7 +197,7 @@ class RunLedger:
         last = self.last_trained()
         if last is None:
             return "no stage has finished yet: rerun with --fresh and other settings (e.g. a lower learning rate)"
-        return (f"the last finished stage is {last.key} ({os.path.relpath(self.stage_weights(last), self.workdir)}); "
+        return (f"the last finished stage is {last.key} ({self.seed_dir.relative(self.seed_dir.weights(last))}); "
                 f"to go on from it with other optimiser settings rerun the same command with "
                 f"--config.resume_from_stage={last.key} and the changed keys (e.g. --config.self_training.lr=...)")
 
@@ -217,15 +215,14 @@ class RunLedger:
                                                 "labels": labels}
         self._write()
 
-    def stage_trained(self, stage: Stage, variables, metadata: dict, steps: int | None = None,
-                      train_loss: float | None = None, loss_windows=None) -> None:
+    def stage_trained(self, stage: Stage, variables, metadata: dict, summary) -> None:
         """Writes the stage's weights file (``metadata``: its weights-file metadata) and records
-        it, with its steps, final loss and logged loss-window means (``loss_windows``, for
-        the collapse guard), which makes the stage trained; its training checkpoints are then
-        dropped."""
+        it with what its training did (``summary``: a ``cbst_jax.trainer.TrainingSummary``, its
+        steps, final loss and logged loss-window means, the collapse guard's signal), which makes
+        the stage trained; its training checkpoints are then dropped."""
         from cbst_jax import models
 
-        path = self.stage_weights(stage)
+        path = self.seed_dir.weights(stage)
         digest = None
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -239,9 +236,9 @@ class RunLedger:
             digest = file_sha256(path)
             self._verified[path] = digest
         failpoint("ledger.weights_written")
-        self._stage_doc(stage)["trained"] = {"weights": os.path.relpath(path, self.workdir), "sha256": digest,
-                                             "steps": steps, "train_loss": train_loss,
-                                             "loss_windows": None if loss_windows is None else list(loss_windows)}
+        self._stage_doc(stage)["trained"] = {"weights": self.seed_dir.relative(path), "sha256": digest,
+                                             "steps": summary.steps, "train_loss": summary.loss,
+                                             "loss_windows": list(summary.loss_windows)}
         self._write()
         shd.barrier("stage-trained")
         self._checkpoints.delete_all_but(set())
@@ -257,7 +254,7 @@ class RunLedger:
         self.log.write(row)
         failpoint("ledger.row_logged")
         self._note_outputs(stage, outputs)
-        self._stage_doc(stage)[slot or row["kind"]] = reporting.jsonable(row)
+        self._stage_doc(stage)[slot or row["kind"]] = metrics_log.jsonable(row)
         self._write()
 
     def record_outputs(self, stage: Stage, outputs) -> None:
@@ -271,7 +268,7 @@ class RunLedger:
         is wrong, in one line. Process 0's answer for all processes."""
         problem = None
         if jax.process_index() == 0:
-            recorded = self._stage_doc(stage).get("outputs", {}).get(os.path.relpath(path, self.workdir))
+            recorded = self._stage_doc(stage).get("outputs", {}).get(self.seed_dir.relative(path))
             if not os.path.isfile(path):
                 problem = f"{path} is missing"
             elif recorded is not None and file_sha256(path) != recorded:
@@ -284,7 +281,7 @@ class RunLedger:
     def _note_outputs(self, stage: Stage, outputs) -> None:
         if jax.process_index() == 0 and outputs:
             self._stage_doc(stage).setdefault("outputs", {}).update(
-                {os.path.relpath(p, self.workdir): file_sha256(p) for p in outputs})
+                {self.seed_dir.relative(p): file_sha256(p) for p in outputs})
 
     def _stage_doc(self, stage: Stage) -> dict:
         return self._doc["stages"].setdefault(stage.key, {})
@@ -293,7 +290,7 @@ class RunLedger:
         trained = self._stage_doc(stage).get("trained")
         if trained is None or jax.process_index() != 0:
             return trained is not None
-        path = os.path.join(self.workdir, trained["weights"])
+        path = self.seed_dir.absolute(trained["weights"])
         if self._verified.get(path) == trained["sha256"]:
             return True
         if not os.path.exists(path):
@@ -330,22 +327,20 @@ class RunLedger:
         return shd.broadcast_ints(good)
 
     def _read(self) -> dict:
-        path = os.path.join(self.workdir, LEDGER_FILE)
-        doc = {"version": 1, "stages": {}, "checkpoints": {}, "history": []}
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    doc.update(json.load(f))
-            except (OSError, ValueError) as e:
-                raise RunError(f"{path} cannot be read ({e}); it indexes the run: restore it from a copy, "
-                               f"or start over with --fresh") from None
+        doc = {"version": LAYOUT, "stages": {}, "checkpoints": {}, "history": []}
+        try:
+            doc.update(read_ledger(self.seed_dir) or {})
+        except LayoutError as e:
+            raise RunError(f"{e}; start over with --fresh, or use another --workdir") from None
+        except WorkdirError as e:
+            raise RunError(f"{e}; it indexes the run: restore it from a copy, or start over with --fresh") from None
         return doc
 
     def _write(self) -> None:
         if jax.process_index() == 0:
-            atomic_write_json(os.path.join(self.workdir, LEDGER_FILE), self._doc)
+            atomic_write_json(self.seed_dir.ledger, self._doc)
 
-    def _rewind(self, stage_key: str, config) -> None:
+    def _rewind(self, stage_key: str, record: dict) -> None:
         """A restart from finished stage ``stage_key`` with changed settings: everything of the
         stages after it is moved into ``rewound/<time>/`` (nothing is deleted) and the new
         configuration replaces ``config.json``."""
@@ -355,50 +350,61 @@ class RunLedger:
                            f"({', '.join(keys)})")
         stage = self.order[keys.index(stage_key)]
         if not self.trained(stage):
-            raise RunError(f"config.resume_from_stage={stage_key!r}: that stage is not trained in {self.workdir}")
+            raise RunError(f"config.resume_from_stage={stage_key!r}: that stage is not trained in {self.seed_dir.path}")
         later = self.order[keys.index(stage_key) + 1:]
         self._checkpoints.close()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.seed_dir.rewound(stamp)
         if jax.process_index() == 0:
-            aside = os.path.join(self.workdir, "rewound", time.strftime("%Y%m%d-%H%M%S"))
-            os.makedirs(aside, exist_ok=True)
-            moved = [os.path.join(self.workdir, "checkpoints"), os.path.join(self.workdir, CONFIG_FILE)]
-            moved += [self.stage_weights(s) for s in later] + [self.pseudo_labels(s).directory for s in later]
+            os.makedirs(aside.path, exist_ok=True)
+            moved = [self.seed_dir.checkpoints, self.seed_dir.config]
+            moved += [self.seed_dir.weights(s) for s in later] + [self.seed_dir.pseudo_labels(s) for s in later]
             for path in moved:
                 if os.path.exists(path):
-                    target = os.path.join(aside, os.path.relpath(path, self.workdir))
+                    target = aside.absolute(self.seed_dir.relative(path))
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     shutil.move(path, target)
-            atomic_write_json(os.path.join(aside, LEDGER_FILE), self._doc)
+            atomic_write_json(aside.ledger, self._doc)
         shd.barrier("rewound")
         for s in later:
             self._doc["stages"].pop(s.key, None)
         self._doc["checkpoints"] = {}
         self._doc["history"].append({"resume_from_stage": stage_key, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
         self._write()
-        write_workdir_config(config, self.workdir)
-        self._checkpoints = checkpointing.RunCheckpoints(os.path.join(self.workdir, "checkpoints"), max_to_keep=2)
+        write_workdir_config(record, self.seed_dir)
+        self._checkpoints = checkpointing.RunCheckpoints(self.seed_dir.checkpoints, max_to_keep=2)
         notice(f"restarting after stage {stage_key} with changed settings; the later stages' files are kept in "
-               f"{os.path.relpath(aside if jax.process_index() == 0 else 'rewound', self.workdir)}")
+               f"{self.seed_dir.relative(aside.path) if jax.process_index() == 0 else 'rewound'}")
 
 
-def stage_weights_path(workdir: str, stage: Stage) -> str:
-    """The weights file of a stage in a seed's workdir (``models/source.npz``, ``models/cbst_r2.npz``)."""
-    name = "source" if stage == SOURCE else f"{stage.method}_r{stage.round}"
-    return os.path.join(workdir, "models", f"{name}.npz")
-
-
-def stage_weights_problem(workdir: str, stage: Stage) -> str | None:
-    """None if the seed workdir's ledger records ``stage`` as trained and its weights file
-    matches the recorded sha256; else what is wrong, in one line (for readers outside a run:
-    evaluation, export)."""
-    path = stage_weights_path(workdir, stage)
+def read_ledger(seed_dir: SeedDir) -> dict | None:
+    """The ledger's index in ``seed_dir`` (None: none written yet); WorkdirError (one line) when it
+    cannot be read or was written in another workdir layout."""
+    if not os.path.exists(seed_dir.ledger):
+        return None
     try:
-        with open(os.path.join(workdir, LEDGER_FILE)) as f:
-            trained = json.load(f)["stages"].get(stage.key, {}).get("trained")
-    except (OSError, ValueError, KeyError) as e:
-        return f"{os.path.join(workdir, LEDGER_FILE)} cannot be read ({e})"
+        with open(seed_dir.ledger) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{seed_dir.ledger} cannot be read ({e})") from None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if version != LAYOUT:
+        raise LayoutError(f"{seed_dir.ledger}: written by an older cbst_jax (workdir layout {version}; this "
+                           f"version reads layout {LAYOUT})")
+    return doc
+
+
+def stage_weights_problem(seed_dir: SeedDir, stage: Stage) -> str | None:
+    """None if the seed's ledger records ``stage`` as trained and its weights file matches the
+    recorded sha256; else what is wrong, in one line (for readers outside a run: evaluation,
+    export)."""
+    path = seed_dir.weights(stage)
+    try:
+        trained = (read_ledger(seed_dir) or {})["stages"].get(stage.key, {}).get("trained")
+    except (WorkdirError, KeyError) as e:
+        return str(e) if isinstance(e, WorkdirError) else f"{seed_dir.ledger} cannot be read ({e})"
     if trained is None:
-        return f"stage {stage.key} is not recorded as trained in {workdir}"
+        return f"stage {stage.key} is not recorded as trained in {seed_dir.path}"
     if not os.path.isfile(path):
         return f"{path} is missing"
     if file_sha256(path) != trained["sha256"]:
@@ -406,37 +412,60 @@ def stage_weights_problem(workdir: str, stage: Stage) -> str | None:
     return None
 
 
+def find_trained_stage(workdir: str, stage: Stage, seed: int | None = None) -> SeedDir:
+    """The seed's folder under ``workdir`` (``RunDir.find_seed``) in which ``stage`` is trained,
+    its weights file verified against the ledger; WorkdirError (one line) otherwise, naming the
+    stages that are trained."""
+    run = RunDir(workdir).find_seed(seed)
+    path = run.weights(stage)
+    if not os.path.isfile(path):
+        trained = ", ".join(s.key for s in run.weights_stages())
+        raise WorkdirError(f"{run.path}: stage {stage.key} is not trained (no {run.relative(path)}); trained "
+                           f"stages: {trained or 'none yet'}")
+    problem = stage_weights_problem(run, stage)
+    if problem:
+        raise WorkdirError(problem)
+    return run
+
+
+def recorded_eval(seed_dir: SeedDir, stage: Stage) -> dict | None:
+    """The evaluation row the seed's ledger records for ``stage``, if any."""
+    try:
+        return (read_ledger(seed_dir) or {}).get("stages", {}).get(stage.key, {}).get("eval")
+    except (WorkdirError, AttributeError):
+        return None
+
+
 def _comparable(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k not in LAUNCH_KEYS}
 
 
-def write_workdir_config(config, workdir: str) -> None:
+def write_workdir_config(record: dict, seed_dir: SeedDir) -> None:
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        mine = _comparable(json.loads(config.to_json(sort_keys=True)))
-        atomic_write_bytes(os.path.join(workdir, CONFIG_FILE), json.dumps(mine, sort_keys=True, indent=1).encode())
+        os.makedirs(seed_dir.path, exist_ok=True)
+        atomic_write_bytes(seed_dir.config, json.dumps(_comparable(record), sort_keys=True, indent=1).encode())
 
 
-def check_workdir_config(config, workdir: str) -> str | None:
-    """Refuses to resume a workdir written by a different configuration (launch keys aside);
-    records the configuration of a new one. Returns the stage to restart from when
-    ``resume_from_stage`` changes only the settings such a restart may change."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    mine = _comparable(json.loads(config.to_json(sort_keys=True)))
-    if not os.path.exists(path):
-        write_workdir_config(config, workdir)
+def check_workdir_config(record: dict, seed_dir: SeedDir) -> str | None:
+    """Refuses to resume a seed's folder written by a different configuration (launch keys
+    aside); records the configuration ``record`` of a new one. Returns the stage to restart from
+    when ``resume_from_stage`` changes only the settings such a restart may change."""
+    mine = _comparable(record)
+    if not os.path.exists(seed_dir.config):
+        write_workdir_config(record, seed_dir)
         return None
-    with open(path) as f:
+    with open(seed_dir.config) as f:
         old = _comparable(json.load(f))
     if old == mine:
         return None
+    workdir = seed_dir.path
     diff = [k for k in sorted(set(_flat(mine)) | set(_flat(old))) if _flat(mine).get(k) != _flat(old).get(k)]
-    if config.get("resume_from_stage"):
+    if record.get("resume_from_stage"):
         fixed = [k for k in diff if k not in REWIND_KEYS]
         if fixed:
             raise RunError(f"{workdir}: resume_from_stage may change only optimiser, logging and collapse-guard "
                            f"settings ({', '.join(REWIND_KEYS[1:])}), not {', '.join(fixed[:4])}")
-        return config.resume_from_stage
+        return record["resume_from_stage"]
     raise RunError(f"{workdir} holds a run with another configuration (differs in {', '.join(diff[:4])}); "
                    f"use another --workdir, --fresh, or --config.resume_from_stage=<stage> to change "
                    f"optimiser, logging or collapse-guard settings after a finished stage")

@@ -512,7 +512,7 @@ def histogram_step(mesh: Mesh | None, refine: bool, subsample: int = 1):
     ``subsample`` keeps the per-image lists) and ``psum`` over ``'data'`` merges the counts;
     ``valid``/``prior`` may be None (an empty pytree matches any spec). The one implementation of
     the sharded histogram: :func:`streaming_class_thresholds` jits it on probability batches, and
-    ``cbst_jax.predict.Predictor`` composes it with the network.
+    ``cbst_jax.predictor.Predictor`` composes it with the network.
     """
 
     def counts(bins, probs, valid, prior):

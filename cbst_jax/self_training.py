@@ -6,10 +6,13 @@
             p_r = min(p0 + r·Δp, p_max)                          self-paced portion
             label the target: λ at p_r, ŷ = argmax q·p/λ where ≥ 1 (cbst_jax.pseudo_labelling)
             retrain on the round's source subset + pseudo-labelled target (cbst_jax.trainer)
-            evaluate on the target evaluation split (cbst_jax.evaluate)
-            record the round (cbst_jax.run_ledger, cbst_jax.run_outputs)
+            evaluate on the target evaluation split (cbst_jax.evaluation)
+            record the round (cbst_jax.run_ledger, cbst_jax.run_report)
             judge its health from training-side signals only (cbst_jax.collapse_guard):
             warn, or stop after the recorded round (self_training.on_collapse)
+
+:func:`run` is one seed's run; :func:`run_experiment` runs every seed (and, for Cityscapes ->
+NTHU over all cities, every city) and writes the tables over seeds and cities.
 
 A round's pseudo-labels always come from the model that finished the stage before it (the
 source model or round r-1: at hand, or read from its verified weights file), made before any
@@ -27,68 +30,98 @@ split unless ``config.select_by_eval`` asks for it (the report then says so).
 """
 from __future__ import annotations
 
-import copy
-import os
 import sys
 import time
 
 import jax
 
-from cbst_jax import checkpointing, collapse_guard, experiment, preflight, run_outputs
+from cbst_jax import collapse_guard, config_lib, experiment, run_report, settings
 from cbst_jax import labels as labels_lib
-from cbst_jax.evaluate import evaluate
-from cbst_jax.methods import SOURCE, Stage, parse as parse_methods, portion_at, stages
+from cbst_jax.errors import notice
+from cbst_jax.evaluation import evaluate
+from cbst_jax.methods import SOURCE, Stage, stages
 from cbst_jax.pseudo_labelling import label_target
-from cbst_jax.run_ledger import RunLedger, notice
-from cbst_jax.trainer import Trainer, mixed_iterator, round_lr, round_steps, variables_of
+from cbst_jax.run_ledger import RunLedger
+from cbst_jax.trainer import Trainer, TrainingSummary, mixed_iterator, variables_of
+from cbst_jax.workdir import RunDir, SeedDir
 
 
-def run(config, workdir: str, on_started=None) -> tuple[list[dict], list[dict]]:
-    """One seed: the source model, then every method's rounds; resumes from ``workdir``.
+def run_experiment(config, run_dir: RunDir, seeds, on_started=None) -> None:
+    """Every seed of ``config`` in ``run_dir`` (:func:`run`), then the mean ± std over seeds;
+    Cityscapes -> NTHU with ``target.city`` "all" or "" runs each city in turn the same way in its
+    own folder and writes the per-city table with the mean over cities. ``on_started()`` is
+    called once the first seed's source model exists."""
+    if jax.process_index() == 0:
+        print(config_lib.source_model_origin(config), flush=True)
+    report = settings.reporting(config, settings.methods(config))
+    started = [on_started]
+    cities = config_lib.nthu_cities(config)
+    if cities is None:
+        run_seeds(config, report, run_dir, seeds, None, started)
+        return
+    t0, rows_by_city = time.time(), {}
+    for city in cities:
+        rows_by_city[city] = run_seeds(config, report, run_dir.city(city), seeds, city, started)
+    if jax.process_index() == 0:
+        run_report.write_city_table(report, run_dir, seeds, rows_by_city, time.time() - t0)
+
+
+def run_seeds(config, report: settings.Reporting, run_dir: RunDir, seeds, city: str | None, started: list):
+    """Every seed on one target (``city``: the NTHU city, over all cities), then the mean ± std over
+    seeds in ``run_dir``; ``started``: holds the ``on_started`` callback until a seed takes it.
+    Returns the evaluation rows of every seed."""
+    rows, pl_rows = [], []
+    t0 = time.time()
+    for s in seeds:
+        seed_rows, seed_pl_rows = run(config, run_dir.seed(s), s, city, on_started=started.pop() if started else None)
+        rows += seed_rows
+        pl_rows += seed_pl_rows
+    if jax.process_index() == 0:
+        run_report.write_aggregate(report, run_dir, seeds, rows, pl_rows, time.time() - t0)
+    return rows
+
+
+def run(config, seed_dir: SeedDir, seed: int, city: str | None = None, on_started=None) -> tuple[list, list]:
+    """One seed: the source model, then every method's rounds; resumes from ``seed_dir``.
     Returns the seed's evaluation rows and pseudo-label rows. ``on_started()`` is called once
     the source model exists."""
-    config = copy.deepcopy(config)
-    ledger = RunLedger(workdir, config, stages(parse_methods(config.methods), config.self_training.rounds))
+    methods = settings.methods(config)
+    ledger = RunLedger(seed_dir, config_lib.seed_record(config, seed, city),
+                       stages(methods, config.self_training.rounds))
     try:
-        return _run(config, ledger, on_started)
+        exp = experiment.build(config, seed_dir, seed, city, methods)
+        return self_train(exp, ledger, on_started)
     finally:
         ledger.close()
 
 
-def _run(config, ledger: RunLedger, on_started):
-    exp = experiment.build(config, ledger.workdir)
-    preflight.check_adaptation_split(config, exp.data)  # the counts after leaving out evaluation images
-    rng = jax.random.key(config.seed)
-    variables = experiment.init_variables(config, exp.model, rng, tuple(config.input.crop))
-    trainer = Trainer(exp, ledger, variables)
-    loop = _Loop(exp, ledger, trainer, variables, rng)
-
+def self_train(exp, ledger: RunLedger, on_started=None) -> tuple[list, list]:
+    """The algorithm above on the set-up ``exp``, recorded in ``ledger``."""
+    loop = RoundLoop(exp, ledger)
     source = loop.source_model()                                     # round 0
     if on_started is not None:
         on_started()
     for method in exp.methods:
         if not method.self_trains:
             continue
-        model = source                                               # each method from the source model
-        for r in range(config.self_training.rounds):
+        variables = source                                           # each method from the source model
+        for r in range(exp.round_phase.rounds):
             stage = Stage(method.name, r)
-            portion = portion_at(config.self_training.portion, r)    # p_r
+            portion = exp.labelling.portion_at(r)                    # p_r
             if ledger.trained(stage):                                # finished before a restart
-                model = loop.complete(stage, method)
+                variables = loop.complete(stage, method)
                 loop.guard(stage)
                 continue
-            if model is None:
-                model = ledger.trained_variables(previous_stage(stage))
-            store = loop.label(stage, method, model, portion)        # pseudo-labels at p_r, by the previous model
-            state, progress = loop.start(stage, model)               # then its optimiser state (or a checkpoint's)
-            state, steps = loop.retrain(stage, method, state, store, progress)
-            model = variables_of(state)
-            ledger.stage_trained(stage, model, loop.metadata, steps, trainer.last_loss, trainer.loss_windows)
+            if variables is None:
+                variables = ledger.trained_variables(previous_stage(stage))
+            store = loop.label(stage, method, variables, portion)    # pseudo-labels at p_r, by the previous model
+            state, summary = loop.retrain(stage, method, variables, store)  # then its optimiser state
+            variables = variables_of(state)
+            ledger.stage_trained(stage, variables, exp.weights_metadata, summary)
             loop.health(stage)                                       # training-side signals, before evaluation
-            loop.evaluate_and_record(stage, method, model, store, portion=portion, steps=steps,
-                                     train_loss=trainer.last_loss)
+            loop.evaluate_and_record(stage, method, variables, store, portion=portion, steps=summary.steps,
+                                     train_loss=summary.loss)
             loop.guard(stage)                                        # on_collapse=stop: after the recorded round
-
     return loop.report()
 
 
@@ -97,17 +130,13 @@ def previous_stage(stage: Stage) -> Stage:
     return SOURCE if stage.round == 0 else Stage(stage.method, stage.round - 1)
 
 
-class _Loop:
-    """The steps of :func:`run`, sharing the run's set-up."""
+class RoundLoop:
+    """The steps of :func:`self_train`, sharing the run's set-up, ledger and trainer."""
 
-    def __init__(self, exp, ledger: RunLedger, trainer: Trainer, variables, rng):
-        self.exp, self.ledger, self.trainer, self.rng = exp, ledger, trainer, rng
-        config = exp.config
-        self.initial = trainer.fresh_state(variables, jax.random.fold_in(rng, 1), trainer.kind(SOURCE))
-        self.like_source = checkpointing.abstract_like(self.initial)
-        self.like_round = trainer.like(variables, rng, config.self_training.optimizer)
-        self.metadata = experiment.weights_metadata(config, exp.model, seed=config.seed)
-        self.guard_settings = collapse_guard.Settings.of(config)
+    def __init__(self, exp, ledger: RunLedger):
+        self.exp, self.ledger = exp, ledger
+        self.trainer = Trainer(exp, ledger)
+        self.initial = self.trainer.source_state()  # round 0 before any training (or model.init itself)
         self.t_start = time.time()
 
     def report(self) -> tuple[list[dict], list[dict]]:
@@ -116,7 +145,7 @@ class _Loop:
         ledger = self.ledger
         rows, pl_rows = ledger.rows("eval"), ledger.rows("pseudo_labels")
         if jax.process_index() == 0:
-            run_outputs.write_seed_report(self.exp, rows, pl_rows, ledger.rows("health"))
+            run_report.write_seed_report(self.exp, rows, pl_rows, ledger.rows("health"))
         return rows, pl_rows
 
     def health(self, stage: Stage) -> dict:
@@ -126,45 +155,34 @@ class _Loop:
         ledger = self.ledger
         if not ledger.recorded(stage, "health"):
             health = collapse_guard.verdict(ledger.rows("pseudo_labels"), stage.method, stage.round,
-                                            ledger.loss_windows(stage), self.guard_settings)
-            names = labels_lib.class_names(self.exp.config.num_classes)
+                                            ledger.loss_windows(stage), self.exp.guard.settings)
+            names = labels_lib.class_names(self.exp.num_classes)
             warning = collapse_guard.warning_line(stage.key, health, names)
             if warning and jax.process_index() == 0:
                 print(warning, file=sys.stderr, flush=True)
-            ledger.record(stage, collapse_guard.health_row(self.exp.config.seed, health, warning), slot="health")
+            ledger.record(stage, collapse_guard.health_row(self.exp.seed, health, warning), slot="health")
         return next(r for r in ledger.rows("health") if (r["method"], r["round"]) == (stage.method, stage.round))
 
     def guard(self, stage: Stage) -> None:
         """With ``self_training.on_collapse=stop``, a round whose checks fired ends the run once
         it is recorded: the seed's report is written, then one line (CollapseStop: exit 2)."""
         fired = self.health(stage)["fired"]
-        if fired and self.exp.config.self_training.on_collapse == "stop":
+        if fired and self.exp.guard.on_collapse == "stop":
             self.report()
-            results = os.path.join(self.exp.workdir, "results.md")
             raise collapse_guard.CollapseStop(collapse_guard.stop_message(stage.key, previous_stage(stage).key,
-                                                                          fired, results))
+                                                                          fired, self.exp.seed_dir.results))
 
     def source_model(self):
         """Round 0: trained on the source here (resuming its progress), or the imported
         weights; evaluated (what it lacks); returns its variables."""
-        cfg, ledger = self.exp.config, self.ledger
+        exp, ledger = self.exp, self.ledger
         if not ledger.trained(SOURCE):
-            state = self.initial
-            if not cfg.model.init_is_source_model and cfg.source_training.steps > 0:
-                progress = ledger.progress(SOURCE, self.like_source)
-                it = mixed_iterator(self.exp, None)
-                if progress is not None:
-                    state = progress.state
-                    it.set_state(progress.iterator)
-                with it:
-                    state = self.trainer.train(
-                        state, SOURCE, None, steps=cfg.source_training.steps, lr=cfg.source_training.lr,
-                        schedule=cfg.source_training.schedule, iterator=it,
-                        start_step=progress.step if progress else 0,
-                        recent_losses=progress.recent_losses if progress else (),
-                        loss_windows=progress.loss_windows if progress else ())
-            ledger.stage_trained(SOURCE, variables_of(state), self.metadata, cfg.source_training.steps,
-                                 self.trainer.last_loss, self.trainer.loss_windows)
+            if exp.source_phase.trains:
+                state, summary = self.trainer.resume(self.trainer.source_phase(),
+                                                     mixed_iterator(exp.data, exp.source_phase), lambda: self.initial)
+            else:
+                state, summary = self.initial, TrainingSummary(exp.source_phase.steps, None, ())
+            ledger.stage_trained(SOURCE, variables_of(state), exp.weights_metadata, summary)
         source = ledger.trained_variables(SOURCE)
         self.evaluate_and_record(SOURCE, None, source)
         return source
@@ -175,11 +193,10 @@ class _Loop:
         later if needed)."""
         if not self.lacks(stage):
             return None
-        model = self.ledger.trained_variables(stage)
-        self.evaluate_and_record(stage, method, model,
-                                 portion=portion_at(self.exp.config.self_training.portion, stage.round),
+        variables = self.ledger.trained_variables(stage)
+        self.evaluate_and_record(stage, method, variables, portion=self.exp.labelling.portion_at(stage.round),
                                  **self.ledger.training_summary(stage))
-        return model
+        return variables
 
     def label(self, stage: Stage, method, previous, portion: float):
         """The round's pseudo-labels (complete from before a restart, or made now with
@@ -194,53 +211,45 @@ class _Loop:
                 previous = ledger.trained_variables(previous_stage(stage))
             manifest = label_target(self.exp, previous, method, stage, portion, store)
         if not ledger.recorded(stage, "pseudo_labels"):
-            ledger.record(stage, run_outputs.pseudo_label_row(self.exp.config.seed, manifest))
+            ledger.record(stage, run_report.pseudo_label_row(self.exp.seed, manifest))
         return store
 
-    def start(self, stage: Stage, previous):
-        """The state a round trains from and its training progress: the round's newest
-        checkpoint trained on its current pseudo-labels, else ``previous`` (the model of the stage
-        before) with a fresh optimiser."""
-        progress = self.ledger.progress(stage, self.like_round)
-        if progress is not None:
-            return progress.state, progress
-        return self.trainer.round_state(previous, stage, self.rng), None
-
-    def retrain(self, stage: Stage, method, state, store, progress):
-        """Training on the round's source subset + pseudo-labelled target, from ``progress``;
-        returns the trained state and the round's step count."""
-        cfg = self.exp.config
+    def retrain(self, stage: Stage, method, previous, store):
+        """The round's training on its source subset + pseudo-labelled target: from the round's
+        newest checkpoint trained on its current pseudo-labels, else from ``previous`` (the
+        variables of the stage before) with a fresh optimiser; returns ``(state, TrainingSummary)``."""
+        exp, phase = self.exp, self.exp.round_phase
         manifest = store.manifest()
-        mine = manifest.mine_classes if cfg.self_training.mine_rare else ()
+        mine = manifest.mine_classes if phase.mine_rare else ()
         soft = store.read_soft if manifest.soft_label_stride else None
-        it = mixed_iterator(self.exp, stage.round, target_labels=store.read, mine_classes=mine, target_soft_labels=soft)
-        if progress is not None:
-            it.set_state(progress.iterator)
-        steps = round_steps(self.exp, it)
-        with it:
-            state = self.trainer.train(state, stage, method.model_regularizer, steps=steps,
-                                       lr=round_lr(cfg, stage.round), schedule=cfg.self_training.schedule,
-                                       iterator=it, start_step=progress.step if progress else 0,
-                                       recent_losses=progress.recent_losses if progress else (),
-                                       loss_windows=progress.loss_windows if progress else ())
-        return state, steps
+        it = mixed_iterator(exp.data, phase, stage.round, target_labels=store.read, mine_classes=mine,
+                            target_soft_labels=soft)
+        training = self.trainer.round_phase(stage, method, phase.steps(it.sampler.batches_per_epoch()))
+        return self.trainer.resume(training, it, lambda: self.trainer.round_state(previous, stage))
 
     def eval_slots(self, stage: Stage) -> list[str]:
         """The evaluation rows a stage gets: "eval", and "eval+mst" for ``evaluate.mst_methods``."""
-        return ["eval"] + (["eval+mst"] if stage.method in self.exp.mst_methods else [])
+        return ["eval"] + (["eval+mst"] if stage.method in self.exp.evaluation.mst_methods else [])
 
     def owned(self, stage: Stage) -> dict:
         """The files a stage owns besides its weights, by kind: its kept predictions and, for a
         round, its pseudo-label figure."""
-        files = {"predictions": run_outputs.predictions_path(self.exp, stage)}
+        files = {"predictions": self.exp.seed_dir.predictions(stage)}
         if stage.round is not None:
-            files["figure"] = run_outputs.pseudo_label_figure_path(self.exp, stage)
+            files["figure"] = self.exp.seed_dir.pseudo_label_figure(stage)
         return files
 
     def lacks(self, stage: Stage) -> bool:
         """Whether a trained stage lacks a row, or a file it owns is missing or damaged."""
         return (not all(self.ledger.recorded(stage, slot) for slot in self.eval_slots(stage))
                 or any(self.ledger.output_problem(stage, path) for path in self.owned(stage).values()))
+
+    def row(self, stage: Stage, cm, extra: dict) -> dict:
+        """The stage's evaluation row, with the run's wall time so far."""
+        data = self.exp.data
+        return run_report.eval_row(stage, cm, seed=self.exp.seed, table_classes=data.table_classes,
+                                    subset_classes=data.subset_classes,
+                                    extra=dict(extra, wall_s=time.time() - self.t_start))
 
     def evaluate_and_record(self, stage: Stage, method, variables, store=None, **extra):
         """What a trained stage still lacks: its evaluation rows and the files it owns (kept
@@ -259,19 +268,15 @@ class _Loop:
         written, cm = [], None
         if "predictions" in redo:
             cm, preds = evaluate(exp, variables, desc=f"{stage.key} eval")
-            written.append(run_outputs.save_predictions(exp, stage, preds))
+            written.append(run_report.save_predictions(exp, stage, preds))
         if "figure" in redo:
             if store is None:
-                portion = portion_at(exp.config.self_training.portion, stage.round)
-                store = self.label(stage, method, None, portion)
-            written.append(run_outputs.pseudo_label_figure(exp, stage, store))
+                store = self.label(stage, method, None, exp.labelling.portion_at(stage.round))
+            written.append(run_report.pseudo_label_figure(exp, stage, store))
         if not recorded:
-            row = run_outputs.eval_row(exp, stage, cm, dict(extra, wall_s=time.time() - self.t_start))
-            ledger.record(stage, row, outputs=written)
+            ledger.record(stage, self.row(stage, cm, extra), outputs=written)
         elif written:
             ledger.record_outputs(stage, written)
         if "eval+mst" in self.eval_slots(stage) and not ledger.recorded(stage, "eval+mst"):
             cm, _ = evaluate(exp, variables, keep=0, desc=f"{stage.key} eval MST", predictor=exp.mst_predictor)
-            row = run_outputs.eval_row(exp, Stage(f"{stage.method}+mst", stage.round), cm,
-                                       dict(extra, wall_s=time.time() - self.t_start))
-            ledger.record(stage, row, slot="eval+mst")
+            ledger.record(stage, self.row(Stage(f"{stage.method}+mst", stage.round), cm, extra), slot="eval+mst")

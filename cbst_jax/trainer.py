@@ -1,6 +1,12 @@
-"""Retraining: the source phase and each self-training round run the jitted train step over a
-mixed source/target stream (``cbst_jax.data.pipeline``), checkpointing their progress through
-the run ledger, and stop with a one-line error on a non-finite loss.
+"""Retraining: a training phase (the source phase, each self-training round) runs a jitted step over
+a mixed source/target stream (``cbst_jax.data.pipeline``), checkpoints its progress through the
+run ledger, stops with a one-line error on a non-finite loss, and returns what it did.
+
+A phase is a :class:`TrainingPhase`: its stage, step count, learning-rate schedule, optimiser kind
+and step function. :meth:`Trainer.resume` runs one from its newest checkpoint, or from a fresh
+state built only then; :meth:`Trainer.train` runs its steps and returns ``(state, summary)``
+(:class:`TrainingSummary`: steps, final loss, logged loss windows). An online phase
+(``docs/online.md``) is a phase too: its own step over the same loop, checkpoints and summary.
 
 One optimiser per kind (``sgd`` | ``adam``) and one jitted step per (kind, model regulariser)
 are built once per run; every round starts from a fresh optimiser state of the same optimiser
@@ -8,118 +14,164 @@ are built once per run; every round starts from a fresh optimiser state of the s
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
+from typing import Callable
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cbst_jax import checkpointing
+from cbst_jax import settings
 from cbst_jax import sharding as shd
-from cbst_jax import train as train_lib
+from cbst_jax import train_step as train_lib
 from cbst_jax.data import pipeline
 from cbst_jax.errors import RunError
 from cbst_jax.failpoints import failpoint
-from cbst_jax.methods import SOURCE, Stage
+from cbst_jax.methods import SOURCE, Method, Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSummary:
+    """What a training phase did: its steps, the mean loss of its last logged window (None: no
+    step ran) and the mean of every logged window (the mean loss of the last ``log_every``
+    steps at each multiple of ``log_every`` and at the last step; the collapse guard's signal)."""
+    steps: int
+    loss: float | None
+    loss_windows: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPhase:
+    """One training phase: ``steps`` calls of ``step(state, batch, lr) -> (state, metrics)``
+    (metrics: "loss", "finite") at ``schedule``'s rate of each step, on states of optimiser
+    ``optimizer`` (the kind its checkpoints restore into)."""
+    stage: Stage
+    steps: int
+    schedule: settings.Schedule
+    optimizer: str
+    step: Callable
 
 
 class Trainer:
-    def __init__(self, exp, ledger, variables):
+    """The run's optimisers, states and jitted steps, and the loop of a training phase."""
+
+    def __init__(self, exp, ledger):
         from cbst_jax import models
 
         self.exp, self.ledger = exp, ledger
-        self.labels = models.param_groups(exp.model, variables["params"], train_bn=exp.config.model.train_bn)
+        self.labels = models.param_groups(exp.network, exp.initial_variables["params"], train_bn=exp.training.train_bn)
         self._tx, self._init, self._steps = {}, {}, {}
-        self.last_loss = None
-        self.loss_windows: list[float] = []
 
     # ------------------------------------------------------------------ optimisers and states
     def optimizer(self, kind: str):
         if kind not in self._tx:
-            o = self.exp.config.optim
+            t = self.exp.training
             self._tx[kind] = train_lib.make_optimizer(
-                self.labels, momentum=o.momentum, weight_decay=o.weight_decay, head_lr_mult=o.head_lr_mult,
-                bias_lr_mult=o.bias_lr_mult, bias_weight_decay=o.weight_decay * o.bias_weight_decay_mult,
-                optimizer=kind)
+                self.labels, momentum=t.momentum, weight_decay=t.weight_decay, head_lr_mult=t.head_lr_mult,
+                bias_lr_mult=t.bias_lr_mult, bias_weight_decay=t.bias_weight_decay, optimizer=kind)
         return self._tx[kind]
 
-    def kind(self, stage: Stage) -> str:
-        cfg = self.exp.config
-        return cfg.source_training.optimizer if stage == SOURCE else cfg.self_training.optimizer
+    def _initializer(self, kind: str):
+        if kind not in self._init:
+            self._init[kind] = train_lib.state_initializer(self.optimizer(kind), self.exp.mesh)
+        return self._init[kind]
 
     def fresh_state(self, variables, rng, kind: str):
         """A train state with a new optimiser state. The variables are copied through the host,
         so donating the new state never frees the buffers of the state it came from (the
         source model is reused by every method)."""
         variables = jax.tree.map(lambda x: np.array(jax.device_get(x)), variables)
-        if kind not in self._init:
-            self._init[kind] = train_lib.state_initializer(self.optimizer(kind), self.exp.mesh)
-        return self._init[kind](variables, rng)
+        return self._initializer(kind)(variables, rng)
 
-    def round_state(self, variables, stage: Stage, run_rng):
+    def source_state(self):
+        """The state the source phase starts from: the initial variables, a fresh optimiser."""
+        return self.fresh_state(self.exp.initial_variables, jax.random.fold_in(self.exp.rng, 1),
+                                self.exp.source_phase.optimizer)
+
+    def round_state(self, variables, stage: Stage):
         """The state a round starts from: the previous model, a fresh optimiser, the round's RNG."""
-        rng = jax.random.fold_in(run_rng, zlib.crc32(stage.key.encode()) % (2 ** 31))
-        return self.fresh_state(variables, rng, self.kind(stage))
+        rng = jax.random.fold_in(self.exp.rng, zlib.crc32(stage.key.encode()) % (2 ** 31))
+        return self.fresh_state(variables, rng, self.exp.round_phase.optimizer)
 
-    def like(self, variables, run_rng, kind: str):
-        """Shapes, dtypes and shardings of a state of this optimiser kind (to restore into)."""
-        return checkpointing.abstract_like(self.fresh_state(variables, jax.random.fold_in(run_rng, 1), kind))
+    def like(self, kind: str):
+        """Shapes, dtypes and shardings of a state of this optimiser kind (to restore into),
+        traced without building one."""
+        return jax.eval_shape(self._initializer(kind), self.exp.initial_variables, jax.random.fold_in(self.exp.rng, 1))
 
     def step_for(self, kind: str, regularizer: str | None):
         key = (kind, regularizer)
         if key not in self._steps:
-            cfg = self.exp.config
-            self._steps[key] = train_lib.make_train_step(self.exp.model, self.optimizer(kind), train_lib.TrainConfig(
-                loss_resolution=cfg.self_training.loss_resolution, stride=self.exp.model.output_stride,
-                regularizer=regularizer or "none", reg_weight=cfg.self_training.reg_weight if regularizer else 0.0,
-                train_bn=cfg.model.train_bn), self.exp.mesh, self.labels)
+            t = self.exp.training
+            self._steps[key] = train_lib.make_train_step(self.exp.network, self.optimizer(kind), train_lib.TrainConfig(
+                loss_resolution=t.loss_resolution, stride=self.exp.network.output_stride,
+                regularizer=regularizer or "none", reg_weight=t.reg_weight if regularizer else 0.0,
+                train_bn=t.train_bn), self.exp.mesh, self.labels)
         return self._steps[key]
 
-    # ------------------------------------------------------------------ a phase
-    def train(self, state, stage: Stage, regularizer: str | None, *, steps: int, lr: float, schedule: str,
-              iterator: pipeline.MixedIterator, start_step: int = 0, recent_losses=(), loss_windows=()):
-        """Trains steps ``start_step .. steps-1``; returns the state. ``loss_windows``: the
-        phase's logged window means before ``start_step`` (a resumed phase). Afterwards
-        ``loss_windows`` holds every logged window mean of the phase (the mean loss of the last
-        ``log_every`` steps at each multiple of ``log_every`` and at the last step, as logged)
-        and ``last_loss`` the last of them."""
-        cfg = self.exp.config
-        phase = cfg.source_training if stage == SOURCE else cfg.self_training  # the schedule's shape
-        step_fn = self.step_for(self.kind(stage), regularizer)
-        log = self.ledger.log
-        pending, losses_seen, windows = None, list(recent_losses), list(loss_windows)
-        bar = tqdm(range(start_step, steps), desc=f"{stage.key} train", disable=jax.process_index() != 0,
-                   leave=False, initial=start_step, total=steps)
+    # ------------------------------------------------------------------ phases
+    def source_phase(self) -> TrainingPhase:
+        """Round 0's training on the source."""
+        p = self.exp.source_phase
+        return TrainingPhase(SOURCE, p.steps, p.schedule, p.optimizer, self.step_for(p.optimizer, None))
+
+    def round_phase(self, stage: Stage, method: Method, steps: int) -> TrainingPhase:
+        """Round ``stage.round`` of ``method``: ``steps`` steps with the method's model regulariser."""
+        p = self.exp.round_phase
+        return TrainingPhase(stage, steps, p.schedule_of(stage.round), p.optimizer,
+                             self.step_for(p.optimizer, method.model_regularizer))
+
+    def resume(self, phase: TrainingPhase, iterator: pipeline.MixedIterator, fresh: Callable):
+        """Trains ``phase`` over ``iterator`` from its newest checkpoint that verifies and was
+        trained on the round's current pseudo-labels (``RunLedger.progress``), else from
+        ``fresh()`` (built only then); returns ``(state, TrainingSummary)``."""
+        progress = self.ledger.progress(phase.stage, self.like(phase.optimizer))
+        if progress is not None:
+            iterator.set_state(progress.iterator)
+        state = progress.state if progress is not None else fresh()
+        with iterator:
+            return self.train(phase, state, iterator, progress)
+
+    def train(self, phase: TrainingPhase, state, iterator: pipeline.MixedIterator, progress=None):
+        """Runs steps ``progress.step .. phase.steps - 1`` (from 0 without ``progress``, a
+        ``run_ledger.Progress``, whose recent losses and loss windows it continues); returns
+        ``(state, TrainingSummary)``."""
+        log_every, checkpoint_every = self.exp.training.log_every, self.exp.training.checkpoint_every
+        stage, steps = phase.stage, phase.steps
+        start = progress.step if progress is not None else 0
+        losses_seen = list(progress.recent_losses) if progress is not None else []
+        windows = list(progress.loss_windows) if progress is not None else []
+        log, pending = self.ledger.log, None
+        bar = tqdm(range(start, steps), desc=f"{stage.key} train", disable=jax.process_index() != 0,
+                   leave=False, initial=start, total=steps)
         for k in bar:
             host = next(iterator)
             fields = {"image": host["image"], "label": host["label"], "is_target": host["domain"] == pipeline.TARGET}
             if "soft_label" in host:
                 fields["soft_label"] = host["soft_label"]
             batch = shd.to_global(fields, self.exp.mesh)
-            lr_k = train_lib.learning_rate(lr, schedule, k, steps, phase.power, phase.warmup_steps, phase.warmup_ratio)
-            state, m = step_fn(state, batch, lr_k)
+            lr_k = phase.schedule.rate(k, steps)
+            state, m = phase.step(state, batch, lr_k)
             failpoint("train.step")
             if pending is not None:
                 self._check(stage, *pending, losses_seen)
             pending = (k, m)
-            if (k + 1) % cfg.log_every == 0 or k + 1 == steps:
+            if (k + 1) % log_every == 0 or k + 1 == steps:
                 self._check(stage, *pending, losses_seen)
                 pending = None
-                mean = float(np.mean(losses_seen[-cfg.log_every:]))
+                mean = float(np.mean(losses_seen[-log_every:]))
                 windows.append(mean)
                 bar.set_postfix(loss=f"{mean:.4f}")
                 log.scalars(f"train/{stage.key}", k + 1, {"loss": mean, "lr": float(lr_k)})
-            if (k + 1) % cfg.checkpoint_every == 0 and k + 1 < steps:
+            if (k + 1) % checkpoint_every == 0 and k + 1 < steps:
                 if pending is not None:
                     self._check(stage, *pending, losses_seen)
                     pending = None
-                self.ledger.save_progress(stage, state, k + 1, iterator.get_state(), losses_seen[-cfg.log_every:],
-                                          windows)
+                self.ledger.save_progress(stage, state, k + 1, iterator.get_state(), losses_seen[-log_every:], windows)
         if pending is not None:
             self._check(stage, *pending, losses_seen)
-        self.last_loss = float(np.mean(losses_seen[-cfg.log_every:])) if losses_seen else None
-        self.loss_windows = windows
-        return state
+        loss = float(np.mean(losses_seen[-log_every:])) if losses_seen else None
+        return state, TrainingSummary(steps, loss, tuple(windows))
 
     def _check(self, stage: Stage, k, m, losses_seen):
         if not bool(m["finite"]):
@@ -132,72 +184,17 @@ def variables_of(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def mixed_iterator(exp, round_idx: int | None, target_labels=None, mine_classes=(), target_soft_labels=None):
-    """The training stream of the source phase (``round_idx`` None: the whole source set, at
-    ``source_training``'s batch size, crop and scale range where set) or of a round (its
-    source subset and the pseudo-labelled target, at ``input``'s). Rare-class crops are mined
-    on the domains of ``input.mine_domains``."""
-    cfg = exp.config
-    data = exp.data
-    crop, scale_range = tuple(cfg.input.crop), tuple(cfg.input.scale_range)
-    source_range = tuple(cfg.input.source_scale_range) or scale_range
-    target_range = tuple(cfg.input.target_scale_range) or scale_range
-    if round_idx is None:
-        crop = tuple(cfg.source_training.crop) or crop
-        source_range = tuple(cfg.source_training.scale_range) or source_range
-    sampler = phase_sampler(cfg, len(data.source), len(data.target_train), round_idx)
-    mine_domains = (pipeline.TARGET,) if cfg.input.mine_domains == "target" else (pipeline.SOURCE, pipeline.TARGET)
-    return pipeline.MixedIterator(data.source, data.target_train, sampler, crop_size=crop,
-                                  target_labels=target_labels, scale_range=source_range,
-                                  target_scale_range=target_range,
-                                  flip=cfg.input.flip, mine_classes=mine_classes, p_mine=cfg.input.mine_prob,
-                                  mine_domains=mine_domains, workers=cfg.input.workers,
-                                  processes=worker_processes(cfg),
-                                  target_soft_labels=target_soft_labels,
-                                  soft_stride=cfg.self_training.soft_label_stride, num_classes=cfg.num_classes)
-
-
-def phase_sampler(config, num_source: int, num_target: int, round_idx: int | None) -> pipeline.MixedSampler:
-    """Which records make up each batch of the source phase (``round_idx`` None: the whole
-    source set at ``source_training``'s batch size, else ``input``'s) or of a round (its source
-    subset and the target train split); ValueError when the split cannot fill one batch
-    (``cbst_jax.preflight`` checks every phase with it before a run starts)."""
-    if round_idx is None:
-        return pipeline.MixedSampler(tuple(range(num_source)), 0, source_batch_size(config), "pooled",
-                                     seed=int(np.random.SeedSequence([config.seed, 999]).generate_state(1)[0]))
-    inp = config.input
-    s0, ds, smax = inp.source_portion
-    return pipeline.round_sampler(
-        num_source, num_target, round_idx, batch_size=inp.batch_size, mode=inp.sampler,
-        source_per_batch=source_rows_per_batch(config), s0=s0, ds=ds, s_max=smax,
-        subset_schedule="cumulative" if inp.source_subset == "nested" else "fresh", seed=config.seed)
-
-
-def source_batch_size(config) -> int:
-    """The source phase's global batch (``source_training.batch_size``, 0: ``input.batch_size``)."""
-    return config.source_training.batch_size or config.input.batch_size
-
-
-def source_rows_per_batch(config) -> int | None:
-    """Source rows of a round's batch with the paired sampler (None: pooled, no fixed share)."""
-    inp = config.input
-    return int(round(inp.source_share * inp.batch_size)) if inp.sampler == "paired" else None
-
-
-def worker_processes(config) -> bool | None:
-    """``input.worker_kind`` as the pipeline's ``processes`` argument (None: its default)."""
-    return {"auto": None, "processes": True, "threads": False}[config.input.worker_kind]
-
-
-def round_steps(exp, iterator) -> int:
-    """Training steps of a round: ``steps_per_round``, or ``epochs_per_round`` epochs."""
-    st = exp.config.self_training
-    if st.steps_per_round > 0:
-        return int(st.steps_per_round)
-    return max(1, int(round(st.epochs_per_round * iterator.sampler.batches_per_epoch())))
-
-
-def round_lr(config, round_idx: int) -> float:
-    """The round's base learning rate ``lr · decay^r`` (CBST: decay 1/√2; CRST: 1)."""
-    return config.self_training.lr * config.self_training.lr_round_decay ** round_idx
-
+def mixed_iterator(data, phase, round_idx: int | None = None, target_labels=None, mine_classes=(),
+                   target_soft_labels=None) -> pipeline.MixedIterator:
+    """The training stream of ``phase`` (``settings.SourcePhase``: the whole source set;
+    ``settings.RoundPhase``: round ``round_idx``'s source subset and the pseudo-labelled target)
+    over ``data``'s splits, at its stream's crop, scales and workers; rare-class crops of
+    ``mine_classes`` are mined on the stream's domains."""
+    s = phase.stream
+    sampler = phase.sampler(len(data.source), len(data.target_train), round_idx)
+    return pipeline.MixedIterator(data.source, data.target_train, sampler, crop_size=s.crop,
+                                  target_labels=target_labels, scale_range=s.source_scale_range,
+                                  target_scale_range=s.target_scale_range, flip=s.flip, mine_classes=mine_classes,
+                                  p_mine=s.mine_prob, mine_domains=s.mine_domains, workers=s.workers,
+                                  processes=s.processes, target_soft_labels=target_soft_labels,
+                                  soft_stride=s.soft_stride, num_classes=s.num_classes)

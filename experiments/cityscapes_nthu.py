@@ -1,8 +1,8 @@
-"""`python -m experiments.cityscapes_nthu`: the command line of `cbst_jax.main` with
+"""`python -m experiments.cityscapes_nthu`: the command line of `cbst_jax.cli.run` with
 experiments/configs/cityscapes_nthu.py as its config (`--config=<variant>` picks a variant of it)."""
 import os
 
-from cbst_jax.main import launch
+from cbst_jax.cli.run import launch
 
 if __name__ == "__main__":
     launch(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cityscapes_nthu.py"))

@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from cbst_jax import config_lib
-from cbst_jax.main import FLAG_HELP
+from cbst_jax.cli.run import FLAG_HELP
 from experiments.configs import gta5_cityscapes, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +71,8 @@ def test_synthetic_help_names_its_variants():
 
 
 def test_help_of_the_bare_command_shows_the_schema():
-    res = launcher("cbst_jax.main", "--help")
+    res = launcher("cbst_jax.cli.run", "--help")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "with the defaults of the schema (cbst_jax.config_lib.base_config):" in res.stdout
-    assert res.stdout.startswith("usage: python -m cbst_jax.main --config=<file>.py[:<variant>] [--config.<key>")
+    assert res.stdout.startswith("usage: python -m cbst_jax.cli.run --config=<file>.py[:<variant>] [--config.<key>")
     assert "  model.name = 'deeplabv2_resnet101'" in res.stdout and "a variant of" not in res.stdout

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from cbst_jax import collapse_guard as cg
-from cbst_jax import config_lib, reporting
+from cbst_jax import config_lib, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = cg.Settings(min_share=1e-4, share_fraction=0.25, loss_rise=0.5, loss_windows=3, entropy_fraction=0.25)
@@ -190,7 +190,7 @@ def test_health_table_cells():
     old = cg.verdict([pl_row("st", 0, [1.0, 0.0, 0.0])], "st", 0, None, SETTINGS)
     blown = cg.verdict([pl_row("st", 0, [1.0, 0.0, 0.0])], "st", 0, [0.5, 30.0, 40.0, 50.0], SETTINGS)
     rows = [cg.health_row(0, h, None) for h in (h0, h1, old, blown)]
-    table = reporting.health_table(rows, ["road", "building", "sky"])
+    table = tables.health_table(rows, ["road", "building", "sky"])
     lines = table.splitlines()
     assert lines[0] == ("| round | predicted, none selected | share / previous round (lowest) | risen loss windows | "
                         "mean entropy, nats (/ round 0) | fired |")
@@ -199,7 +199,7 @@ def test_health_table_cells():
                         "0.1600 (0.20) | unselected, share_drop, loss_rise, entropy_drop |")
     assert lines[4] == "| st r0 | n/a | n/a | n/a | n/a | – |"
     assert lines[5] == "| st r0 | n/a | n/a | 3 of 4, peak 100 x | n/a | loss_rise |"  # 50 / 0.5
-    assert "self_training.collapse_guard" in table and reporting.health_table([], ["road"]) == ""
+    assert "self_training.collapse_guard" in table and tables.health_table([], ["road"]) == ""
 
 
 # ------------------------------------------------------------------------------ the keys
@@ -238,13 +238,13 @@ def test_a_restart_may_change_every_guard_key():
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_reliability import SMALL, one_line_error, tree_hashes  # noqa: E402
 
-LAUNCH = "\nfrom cbst_jax.main import launch\nlaunch({config!r})\n"
+LAUNCH = "\nfrom cbst_jax.cli.run import launch\nlaunch({config!r})\n"
 # Every pixel a round >= FROM selects is labelled class 0 (road), its statistics saying so: an
 # all-one-class pseudo-label store, made in the run's own process.
 FORCE_ONE_CLASS = """
 import numpy as np, jax.numpy as jnp
-from cbst_jax import predict, self_training
-real_label, real_split = self_training.label_target, predict.Predictor.label_split
+from cbst_jax import predictor, self_training
+real_label, real_split = self_training.label_target, predictor.Predictor.label_split
 
 def forced_split(self, variables, batches_fn, portion, policy, prior=None, subsample=1, write_fn=None, **kw):
     def write(host, out):
@@ -255,11 +255,11 @@ def forced_split(self, variables, batches_fn, portion, policy, prior=None, subsa
     return res._replace(selected=selected, correct=np.zeros_like(res.correct))
 
 def label_target(exp, variables, method, stage, portion, store):
-    predict.Predictor.label_split = forced_split if stage.round >= FROM else real_split
+    predictor.Predictor.label_split = forced_split if stage.round >= FROM else real_split
     try:
         return real_label(exp, variables, method, stage, portion, store)
     finally:
-        predict.Predictor.label_split = real_split
+        predictor.Predictor.label_split = real_split
 
 self_training.label_target = label_target
 """

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cbst_jax import convert_weights, models
+from cbst_jax import models
+from cbst_jax.cli import convert_weights
+from cbst_jax.models import conversion
 from cbst_jax.models import importers
 from cbst_jax.models.mxnet_params import load_mxnet_params, save_mxnet_params
 
@@ -301,7 +303,7 @@ def test_transposed_conv_matches_torch():
 def test_deeplabv2_parity_and_head_handling(prefix, source_classes):
     ref = randomize(TorchResDeeplab(source_classes, layers=(1, 1, 1, 1), width=8))
     state = {prefix + k: v for k, v in state_numpy(ref).items()}
-    variables, meta = convert_weights.convert("deeplab-init", state, 5, model="deeplabv2_resnet_small")
+    variables, meta = conversion.convert("deeplab-init", state, 5, model="deeplabv2_resnet_small")
     module = models.get_model("deeplabv2_resnet_small", 5, normalization="caffe")
     x = images(1, 33, 40)
     if source_classes == 5:
@@ -318,7 +320,7 @@ def test_torchvision_resnet_keys_load_backbone_and_report_mismatches():
     ref = randomize(TorchResDeeplab(3, layers=(1, 1, 1, 1), width=8))
     state = {k: v for k, v in state_numpy(ref).items() if not k.startswith("layer5")}
     state["fc.weight"], state["fc.bias"] = np.zeros((1000, 256), np.float32), np.zeros(1000, np.float32)
-    variables, meta = convert_weights.convert("torchvision-resnet101", state, 3, model="deeplabv2_resnet_small")
+    variables, meta = conversion.convert("torchvision-resnet101", state, 3, model="deeplabv2_resnet_small")
     assert meta["fresh_heads"] == ["layer5"] and meta["normalization"] == "imagenet"
     assert meta["architecture"] == "deeplabv2_resnet_small" and meta["num_classes"] is None
     assert int(meta["dropped"]) > 2  # fc + num_batches_tracked
@@ -327,7 +329,7 @@ def test_torchvision_resnet_keys_load_backbone_and_report_mismatches():
     broken["layer9.0.conv1.weight"] = np.zeros((1, 1, 1, 1), np.float32)
     broken["layer1.0.conv2.weight"] = np.zeros((8, 8, 5, 5), np.float32)
     with pytest.raises(models.WeightMismatchError) as err:
-        convert_weights.convert("torchvision-resnet101", broken, 3, model="deeplabv2_resnet_small")
+        conversion.convert("torchvision-resnet101", broken, 3, model="deeplabv2_resnet_small")
     msg = str(err.value)
     assert "batch_stats/layer2_0/bn1/var" in msg and "params/layer9_0/conv1/kernel" in msg
     assert "params/layer1_0/conv2/kernel: checkpoint (5, 5, 8, 8) vs model (3, 3, 8, 8)" in msg
@@ -342,7 +344,7 @@ def test_resnet38_parity_with_mxnet_layout(source_classes):
         arrays = {k: v for k, v in arrays.items() if "conv6a" not in k and "linear4" not in k}
         arrays["arg:linear1000_weight"] = np.zeros((1000, 512), np.float32)
         arrays["arg:linear1000_bias"] = np.zeros(1000, np.float32)
-    variables, meta = convert_weights.convert("mxnet-resnet38", arrays, 4, model="resnet38_small")
+    variables, meta = conversion.convert("mxnet-resnet38", arrays, 4, model="resnet38_small")
     if source_classes == 4:
         assert meta["fresh_heads"] == [] and meta["num_classes"] == 4
         assert_parity(small.clone(normalization="imagenet"), variables, ref, images(1, 33, 40), "imagenet")
@@ -454,7 +456,7 @@ def _cli(*args, block_torch=False):
     import sys
 
     code = ("import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "")
-            + "from cbst_jax import convert_weights\nsys.exit(convert_weights.main(sys.argv[1:]))")
+            + "from cbst_jax.cli import convert_weights\nsys.exit(convert_weights.main(sys.argv[1:]))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)

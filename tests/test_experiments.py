@@ -42,7 +42,7 @@ def test_synthetic_configs_validate(variant):
 def test_recipes_default_to_the_platforms_compute_path(module):
     """Every recipe leaves dtype and atrous to the platform; on this CPU the network is built in
     float32 with dilated convolutions (the references' numerics); bad values are refused."""
-    from cbst_jax import experiment
+    from cbst_jax import experiment, model_init
     from cbst_jax.models.registry import resolve_compute
 
     c = module.get_config()
@@ -50,7 +50,7 @@ def test_recipes_default_to_the_platforms_compute_path(module):
     assert resolve_compute(c.model.name, c.model.dtype, c.model.atrous, "gpu")[0] == "bfloat16"
     if jax.default_backend() == "cpu":
         c.model.init = ""
-        model = experiment.build_model(c)
+        model = model_init.build_model(c)
         path = experiment.compute_path(model)
         assert (path["dtype"], path["atrous"], path["platform"]) == ("float32", "dilated", "cpu")
     for key, bad in (("dtype", "float16"), ("atrous", "winograd")):
@@ -243,7 +243,7 @@ def test_gta5_cityscapes_cbst_resnet38_recipe_on_fixture_folders(tmp_path):
     assert config["variant"] == "cbst_resnet38" and config["self_training"]["loss_resolution"] == "stride"
     assert ("source model: deeplabv2_resnet_small trained here for 2 steps on gta5, from RANDOM INIT "
             "(model.init=none)") in (seed / "results.md").read_text().splitlines()
-    assert (seed / "results.md").exists() and (seed / "pseudo_labels" / "cbst" / "round_0" / "manifest.json").exists()
+    assert (seed / "results.md").exists() and (seed / "pseudo_labels" / "cbst_r0" / "manifest.json").exists()
     assert "cbst r0" in (seed / "results.md").read_text() and (seed / "models" / "cbst_r0.npz").exists()
 
 
@@ -291,7 +291,7 @@ def test_gta5_cityscapes_daformer_variant_on_fixture_folders(tmp_path):
 def test_synthia_cityscapes_on_fixture_folders(tmp_path):
     """16 classes, mIoU and mIoU* in the seed's table and in the table over seeds; CRST's
     lanemarking-as-road reaches the SYNTHIA reader."""
-    from cbst_jax.data.experiment_data import open_side
+    from cbst_jax.data.splits import open_side
     from fixtures_layouts import make_synthia
 
     make_synthia(tmp_path / "synthia", n=8, size=(32, 64))
@@ -323,7 +323,8 @@ def test_gta5_bdd_on_fixture_folders(tmp_path):
     work = run_experiment("experiments.gta5_bdd", tmp_path, f"--config.source.root={tmp_path / 'gta5'}",
                           f"--config.target.root={tmp_path / 'bdd'}", "--config.model.name=demo_segnet",
                           "--config.source_training.steps=1")
-    table = (work / "seed_0" / "results.md").read_text().split("\n## ")[0]  # the results table, not the health one
+    results = (work / "seed_0" / "results.md").read_text()
+    table = results[results.index("| method |"):].split("\n\n")[0]  # the results table (the health table follows)
     names = [ln.split("|")[1].strip() for ln in table.splitlines()
              if ln.startswith("| ") and not ln.startswith("| method") and "---" not in ln]
     assert names == ["source_only", "st r0", "st_sp r0", "cbst r0", "cbst_sp r0"]
@@ -381,8 +382,9 @@ def test_source_phase_uses_source_training_batch_crop_and_scales():
 
     import numpy as np
 
+    from cbst_jax import settings
     from cbst_jax.data import pipeline
-    from cbst_jax.data.experiment_data import open_side
+    from cbst_jax.data.splits import open_side
     from cbst_jax.trainer import mixed_iterator
 
     c = synthetic.get_config("quick")
@@ -392,17 +394,17 @@ def test_source_phase_uses_source_training_batch_crop_and_scales():
     c.source_training.scale_range = (0.5, 0.5)
     c.input.mine_domains = "target"
     data = types.SimpleNamespace(source=open_side(c, "source", "train"), target_train=open_side(c, "target", "train"))
-    exp = types.SimpleNamespace(config=c, data=data)
-    with mixed_iterator(exp, None) as it:
+    with mixed_iterator(data, settings.source_phase(c, c.seed)) as it:
         batch = next(it)
         assert batch["image"].shape == (4, 40, 40, 3) and it.scale_range == (0.5, 0.5)
         assert np.all(batch["domain"] == pipeline.SOURCE)
-    with mixed_iterator(exp, 0, target_labels=lambda i: np.zeros((64, 128), np.uint8)) as it:
+    with mixed_iterator(data, settings.round_phase(c, c.seed), 0,
+                        target_labels=lambda i: np.zeros((64, 128), np.uint8)) as it:
         assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
         assert it.mine_domains == (pipeline.TARGET,)
     c.source_training.batch_size, c.source_training.crop, c.source_training.scale_range = 0, (), ()
     c.input.mine_domains = "both"
-    with mixed_iterator(exp, None) as it:
+    with mixed_iterator(data, settings.source_phase(c, c.seed)) as it:
         assert next(it)["image"].shape == (2, 32, 48, 3) and it.scale_range == tuple(c.input.scale_range)
         assert it.mine_domains == (pipeline.SOURCE, pipeline.TARGET)
 
@@ -428,7 +430,7 @@ def test_multi_seed_table_has_sample_std_and_miou_star():
 
     import numpy as np
 
-    from cbst_jax import reporting
+    from cbst_jax import tables
 
     rng = np.random.default_rng(0)
     subset = [0, 2, 3]
@@ -438,7 +440,7 @@ def test_multi_seed_table_has_sample_std_and_miou_star():
         iou = rng.uniform(0, 1, 4)
         iou[1] = np.nan if seed == 0 else iou[1]  # a class absent in one seed
         rows.append(_eval_row(seed, "cbst", 0, iou, subset))
-    table = reporting.seed_aggregate_table(rows, ["a", "b", "c", "d"], subset, subset_name="mIoU*")
+    table = tables.seed_aggregate_table(rows, ["a", "b", "c", "d"], subset, subset_name="mIoU*")
     assert "| method | a | b | c | d | mIoU | mIoU* |" in table
     assert "sample standard deviation (ddof=1)" in table
     cbst = [r for r in rows if r["method"] == "cbst"]
@@ -449,21 +451,21 @@ def test_multi_seed_table_has_sample_std_and_miou_star():
     for key, cell in (("miou", cells[5]), ("miou_subset", cells[6])):
         vals = [r[key] for r in cbst]
         assert cell == f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
-    one = reporting.seed_aggregate_table(rows[:2], ["a", "b", "c", "d"], subset)
+    one = tables.seed_aggregate_table(rows[:2], ["a", "b", "c", "d"], subset)
     assert "one seed: no standard deviation" in one and "±" not in _cells(one, "source_only")[1]
 
 
 def test_city_table_is_per_city_plus_mean_over_cities():
     import numpy as np
 
-    from cbst_jax import reporting
+    from cbst_jax import tables
 
     rng = np.random.default_rng(1)
     by_city = {}
     for city in ("Rome", "Rio", "Tokyo", "Taipei"):
         by_city[city] = [_eval_row(s, m, r, rng.uniform(0, 1, 3)) for s in (0, 1)
                          for m, r in (("source_only", None), ("cbst", 0), ("cbst", 1))]
-    table = reporting.city_table(by_city, ["road", "sw", "bus"], last_round=1)
+    table = tables.city_table(by_city, ["road", "sw", "bus"], last_round=1)
     lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [ln.split("|")[1].strip() for ln in lines] == [c for c in by_city for _ in range(2)] + ["mean"] * 2
     assert "cbst r0" not in table  # only the last round, as the seed's table
@@ -512,7 +514,7 @@ def test_nthu13_class_map_gives_the_19_class_logits_at_the_nthu_classes(tmp_path
     convs, FCN-8s' score convs mixed by per-class upsampling kernels."""
     import jax
 
-    from cbst_jax import experiment, models
+    from cbst_jax import model_init, models
 
     nthu_trainids = [0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]  # road ... bicycle, written out
     path = tmp_path / "src19.npz"
@@ -523,11 +525,11 @@ def test_nthu13_class_map_gives_the_19_class_logits_at_the_nthu_classes(tmp_path
     c.model.name, c.model.init, c.model.init_is_source_model = name, str(path), True
     c.model.init_class_map = "nthu13"
     config_lib.validate(c, need_roots=False)
-    model13 = experiment.build_model(c)
+    model13 = model_init.build_model(c)
     shapes13 = jax.eval_shape(lambda: model13.init(jax.random.key(0), np.zeros((1, 32, 64, 3), np.float32),
                                                    train=False))
-    variables13 = experiment.merge_variables(shapes13, models.load_variables(path), str(path),
-                                             keep_classes=experiment.class_map(c.model.init_class_map))
+    variables13 = model_init.merge_variables(shapes13, models.load_variables(path), str(path),
+                                             keep_classes=model_init.class_map(c.model.init_class_map))
     x = np.random.default_rng(2).integers(0, 256, (2, 32, 64, 3)).astype(np.uint8)
     want = np.asarray(jax.jit(lambda v: module19.apply(v, x, train=False))(variables19))[..., nthu_trainids]
     got = np.asarray(jax.jit(lambda v: model13.apply(v, x, train=False))(variables13))
@@ -538,7 +540,7 @@ def test_nthu13_class_map_gives_the_19_class_logits_at_the_nthu_classes(tmp_path
 def test_nthu13_class_map_refuses_a_classifier_that_mixes_classes(tmp_path):
     import jax
 
-    from cbst_jax import experiment, models
+    from cbst_jax import model_init, models
     from cbst_jax.errors import RunError
 
     path = tmp_path / "fcn19.npz"
@@ -550,8 +552,8 @@ def test_nthu13_class_map_refuses_a_classifier_that_mixes_classes(tmp_path):
                                                     train=False))
     with pytest.raises(RunError, match=r"fcn19.npz: cannot keep 13 of the classes of params/upscore\w*/kernel: it "
                                        r"mixes them with the dropped ones"):
-        experiment.merge_variables(shapes13, models.load_variables(path), str(path),
-                                   keep_classes=experiment.class_map("nthu13"))
+        model_init.merge_variables(shapes13, models.load_variables(path), str(path),
+                                   keep_classes=model_init.class_map("nthu13"))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -1,4 +1,5 @@
-"""cbst_jax.infer on image files of varied sizes: fixed-shape batches (two compiled programs),
+"""cbst-infer (cbst_jax.cli.infer over cbst_jax.segment_images) on image files of varied sizes: fixed-shape
+batches (two compiled programs),
 outputs equal to a direct model call on the same fitted input, unreadable files skipped and
 counted, atomic outputs, the comparison figure, and one-line errors."""
 import json
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbst_jax import infer, labels, models
+from cbst_jax import labels, models
+from cbst_jax import segment_images as infer_lib
+from cbst_jax.cli import infer
 
 CANVAS = (32, 48)
 SIZES = {"a": (30, 50), "b": (20, 24), "sub/c": (45, 21), "sub/deeper/d": (33, 57)}  # (h, w); c is portrait
@@ -89,7 +92,7 @@ def test_stride_8_model_against_torch_upsampling(tmp_path, photos):
     module, variables = save_weights(tmp_path / "dl.npz", "deeplabv2_resnet_small", 19, seed=3,
                                      normalization="caffe")
     out = tmp_path / "out"
-    summary = infer.run([str(tmp_path / "dl.npz")], [str(photos / "a.jpg"), str(photos / "sub/c.jpg")], str(out),
+    summary = infer_lib.run([str(tmp_path / "dl.npz")], [str(photos / "a.jpg"), str(photos / "sub/c.jpg")], str(out),
                         canvas=CANVAS, progress=False)
     assert summary["segmented"] == 2 and summary["weights"][0]["normalization"] == "caffe"
     for name in ("a", "sub/c"):
@@ -115,7 +118,7 @@ def test_several_models_and_ground_truth_give_the_comparison_figure(tmp_path, ph
     gt.mkdir()
     Image.fromarray(np.full((30, 50), 13, np.uint8)).save(gt / "a.png")  # a car everywhere
     out = tmp_path / "cmp"
-    summary = infer.run([str(tmp_path / "src.npz"), str(tmp_path / "cbst.npz")], [str(photos / "a.jpg"),
+    summary = infer_lib.run([str(tmp_path / "src.npz"), str(tmp_path / "cbst.npz")], [str(photos / "a.jpg"),
                         str(photos / "b.png"), str(photos / "sub")], str(out), canvas=CANVAS,
                         names=["NoAdapt", "CBST"], gt_dir=str(gt), figure_rows=3, progress=False)
     assert summary["segmented"] == 4 and summary["failed"] == []
@@ -140,7 +143,7 @@ def test_several_models_and_ground_truth_give_the_comparison_figure(tmp_path, ph
 def test_comparison_figure_layout_without_ground_truth():
     image = np.zeros((10, 20, 3), np.uint8)
     maps = {"ST": [np.zeros((10, 20), np.uint8)], "CBST": [np.full((10, 20), 255, np.uint8)]}
-    fig = infer.comparison_figure([image], maps, tile_width=40, gap=2)
+    fig = infer_lib.comparison_figure([image], maps, tile_width=40, gap=2)
     assert fig.shape == (18 + 2 + 20, 3 * 40 + 2 * 2, 3)  # header, gap, one row
     assert (fig[20:40, 42:82] == labels.CITYSCAPES_PALETTE[0]).all() and (fig[20:40, 84:124] == 0).all()
 
@@ -224,17 +227,17 @@ def test_settings_rules():
     """Flags win; files that record nothing get the old defaults; files that disagree need flags."""
     def model(record=None):
         meta = {"inference": record} if record else {}
-        return infer.Model("m", "m.npz", None, None, 19, None, meta)
+        return infer_lib.Model("m", "m.npz", None, None, 19, None, meta)
 
     a = {"canvas": [32, 48], "scales": [0.9, 1.0], "flip": True}
     b = {"canvas": [64, 64], "scales": [1.0], "flip": False}
-    assert infer.run_settings([model()])[:3] == ((1024, 2048), (1.0,), False)
-    assert infer.run_settings([model(a), model()])[:3] == ((32, 48), (0.9, 1.0), True)
-    assert infer.run_settings([model(a)], canvas=(16, 16), flip=False)[:3] == ((16, 16), (0.9, 1.0), False)
-    assert infer.run_settings([model(a), model(b)], (8, 8), (1.0,), True) == ((8, 8), (1.0,), True, "as given")
-    with pytest.raises(infer.InferError, match=r"the weights files record different evaluation settings .*; "
+    assert infer_lib.run_settings([model()])[:3] == ((1024, 2048), (1.0,), False)
+    assert infer_lib.run_settings([model(a), model()])[:3] == ((32, 48), (0.9, 1.0), True)
+    assert infer_lib.run_settings([model(a)], canvas=(16, 16), flip=False)[:3] == ((16, 16), (0.9, 1.0), False)
+    assert infer_lib.run_settings([model(a), model(b)], (8, 8), (1.0,), True) == ((8, 8), (1.0,), True, "as given")
+    with pytest.raises(infer_lib.InferError, match=r"the weights files record different evaluation settings .*; "
                                                r"give --scales, --flip$"):
-        infer.run_settings([model(a), model(b)], canvas=(8, 8))
+        infer_lib.run_settings([model(a), model(b)], canvas=(8, 8))
 
 
 @pytest.mark.parametrize("record", [{"canvas": [32], "scales": [1.0], "flip": True},

@@ -3,7 +3,7 @@ implementations: transformers' SegFormer as the oracle (random init, B0 and a re
 configuration), a PyTorch re-statement of the published MiT (NVlabs / mmseg key layout, the
 ``mit_b*.pth`` files) and of DAFormer's head (lhoyer/DAFormer ``daformer_head.py`` with mmcv's
 ``ConvModule`` / ``DepthwiseSeparableConvModule``), written here; the weight converters, the
-parameter groups and a converted checkpoint through ``cbst_jax.infer`` at 1024x2048."""
+parameter groups and a converted checkpoint through ``cbst-infer`` at 1024x2048."""
 import json
 import os
 import subprocess
@@ -16,7 +16,8 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from cbst_jax import convert_weights, models
+from cbst_jax import models
+from cbst_jax.cli import convert_weights
 from cbst_jax.models import importers
 
 torch = pytest.importorskip("torch")
@@ -493,7 +494,7 @@ def test_sharded_multi_scale_flip_inference():
     multiples of 4 run, the probabilities are distributions, and flip averaging makes the result
     flip-equivariant (a property of the averaging, whatever the network)."""
     from cbst_jax import sharding
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     module = models.get_model("daformer_mit_b0", 5, widths=(8, 16, 40, 64), depths=(1, 1, 1, 1), embed_dim=16)
     variables = random_variables(module, (64, 96), seed=3)
@@ -510,7 +511,7 @@ def test_sharded_multi_scale_flip_inference():
 
 # ----------------------------------------------------------------------------- a real-size image through infer
 def test_converted_hf_checkpoint_segments_a_full_size_image(hf_b0, tmp_path):
-    """``convert_weights hf-segformer model.safetensors`` -> ``python -m cbst_jax.infer`` on a
+    """``convert_weights hf-segformer model.safetensors`` -> ``python -m cbst_jax.cli.infer`` on a
     1024x2048 image (one device): the label map is the argmax of transformers' logits upsampled
     to the canvas (align_corners=True, as the project's predictor)."""
     ref, path = hf_b0
@@ -523,7 +524,8 @@ def test_converted_hf_checkpoint_segments_a_full_size_image(hf_b0, tmp_path):
     Image.fromarray(img[0]).save(tmp_path / "frame.png")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    res = subprocess.run([sys.executable, "-m", "cbst_jax.infer", "--weights", str(out), "--out", str(tmp_path / "seg"),
+    res = subprocess.run([sys.executable, "-m", "cbst_jax.cli.infer", "--weights", str(out),
+                          "--out", str(tmp_path / "seg"),
                           "--canvas", "1024,2048", str(tmp_path / "frame.png")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

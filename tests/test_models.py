@@ -216,7 +216,8 @@ def test_files_that_are_not_weights_files_give_one_line_errors(tmp_path):
     (tmp_path / "empty.npz").write_bytes(b"")
     cases = {
         "missing.npz": "weights file not found",
-        "notes.txt": r"not a converted-weights .npz \(a text file\); convert it with: python -m cbst_jax.convert_weights",
+        "notes.txt": r"not a converted-weights .npz \(a text file\); convert it with: "
+                     r"python -m cbst_jax.cli.convert_weights",
         "plain.npz": r"not a converted-weights .npz \(a zip archive without cbst_jax weights metadata\)",
         "model.pth": r"not a converted-weights .npz \(a Python pickle, e.g. a PyTorch .pth\)",
         "truncated.npz": r"not a converted-weights .npz \(a damaged or truncated zip archive\)",
@@ -253,7 +254,7 @@ def test_resolve_normalization():
 
 
 def test_importing_models_pulls_no_torch_or_tensorflow():
-    code = ("import sys, cbst_jax, cbst_jax.models, cbst_jax.convert_weights; "
+    code = ("import sys, cbst_jax, cbst_jax.models, cbst_jax.models.conversion, cbst_jax.cli.convert_weights; "
             "print(sorted(m for m in ('torch', 'tensorflow', 'mxnet') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -404,7 +405,7 @@ def test_auto_compute_path_per_platform(platform, deeplab, demo):
 def test_bfloat16_model_gives_float32_probabilities():
     """The pseudo-labelling path of a bf16 network: float32 logits, float32 softmax (each
     pixel's probabilities sum to one at float32 precision), float32 thresholds' input."""
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
     from cbst_jax.sharding import make_mesh
 
     x = images(2, 40, 56)

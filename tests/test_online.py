@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from cbst_jax import (class_mix, device_thresholds, ema_teacher, feature_distance, losses, online_step,
-                      online_thresholds, rare_class_sampling as rcs, selection, strong_augment as sa, train)
+                      online_thresholds, rare_class_sampling as rcs, selection, strong_augment as sa, train_step)
 from cbst_jax.sharding import make_mesh, to_global
 
 K = 5  # classes of the small tests
@@ -422,7 +422,7 @@ class Run:
         self.imagenet = host(self.model.init(jax.random.key(1), jnp.zeros((1, *HW, 3), jnp.uint8)))
         self.labels = {"stem": {"kernel": "backbone", "bias": "backbone"}, "bn": {"scale": "backbone", "bias": "backbone"},
                        "head": {"kernel": "head", "bias": "head"}}
-        self.tx = train.make_optimizer(self.labels, optimizer="adam", weight_decay=0.01)
+        self.tx = train_step.make_optimizer(self.labels, optimizer="adam", weight_decay=0.01)
         self.config = online_step.OnlineConfig(
             num_classes=K, policy=policy, window_batches=2, train_bn=True, fd_weight=fd_weight, fd_layer=("stem",),
             fd_classes=(1, 3), ignore_top=3, ignore_bottom=4, tau=0.3)

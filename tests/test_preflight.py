@@ -82,11 +82,11 @@ def test_source_phase_batch_against_the_source_split():
 
 
 def test_adaptation_split_after_leaving_out_evaluation_images():
-    from cbst_jax.data.experiment_data import ExperimentData
+    from cbst_jax.data.splits import Splits
     from cbst_jax.preflight import check_adaptation_split
 
     cfg = synthetic_config()
-    data = ExperimentData(range(32), range(3), range(8), [], None, None,
+    data = Splits(range(32), range(3), range(8), [], None, None,
                           {"excluded_train_images": 13})
     with pytest.raises(ConfigError, match="holds 3; expected at least 4 .after leaving out the 13 target train"):
         check_adaptation_split(cfg, data)
@@ -155,7 +155,7 @@ def test_no_image_left_after_the_overlap_exclusion():
 
 
 def test_seed_lists():
-    from cbst_jax.main import parse_seeds
+    from cbst_jax.config_lib import parse_seeds
 
     assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(str(2**63 - 1)) == [2**63 - 1]
     for text, message in (("-1", "-1 is not a seed"), (str(2**63), f"{2**63} is not a seed"),

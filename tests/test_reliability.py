@@ -192,6 +192,9 @@ def test_fault_injection_campaign(reference, tmp_path):
         assert res.returncode == -9, (point, res.returncode, res.stderr[-2000:])
     newest = checkpoints(seed_dir)
     assert newest, "the last kill should leave a training checkpoint"
+    from test_self_training import claims_of  # every file, the checkpoints too, named by cbst_jax.workdir
+
+    assert "checkpoint" in {claim.kind for claim in claims_of(workdir).values()}
     victim = os.path.join(seed_dir, "checkpoints", str(newest[0]), "state", "_METADATA")
     with open(victim, "r+b") as f:  # one flipped byte
         data = bytearray(f.read())
@@ -242,7 +245,7 @@ def test_replaced_and_damaged_files_are_redone(reference, tmp_path):
     res = run(workdir, failpoint="train.step:18")
     assert res.returncode == -9, res.stderr[-2000:]
     seed_dir = str(workdir / "seed_0")
-    labels = os.path.join(seed_dir, "pseudo_labels", "cbst", "round_0")
+    labels = os.path.join(seed_dir, "pseudo_labels", "cbst_r0")
     pngs = sorted(f for f in os.listdir(labels) if f.endswith(".png"))
     assert len(pngs) == 16
     for f in pngs:
@@ -407,7 +410,7 @@ def test_a_runs_life_signals_fresh_lock_and_kills_after_a_round_checkpoint(refer
     # one of round 0's labels deleted: labelled again by the source model, bit for bit what the
     # checkpoint trained on (else it would be skipped with a note); killed between the write of
     # predictions/cbst_r1.npz and its rename (item 2 as reported, at atomic_write.before_rename:59)
-    labels = os.path.join(seed_dir, "pseudo_labels", "cbst", "round_0")
+    labels = os.path.join(seed_dir, "pseudo_labels", "cbst_r0")
     os.remove(os.path.join(labels, "0000003.png"))
     res = run(workdir, failpoint="atomic_write.before_rename@predictions/cbst_r1.npz")
     assert res.returncode == -9, res.stderr[-3000:]
@@ -421,7 +424,7 @@ def test_a_runs_life_signals_fresh_lock_and_kills_after_a_round_checkpoint(refer
     # temporary file removed (item 3); the figure of round 0 needs its labels, one deleted again
     os.remove(os.path.join(seed_dir, "figures", "pseudo_labels_cbst_r0.png"))
     os.remove(os.path.join(labels, "0000007.png"))
-    with open(os.path.join(predictions, "source_only.npz"), "r+b") as f:
+    with open(os.path.join(predictions, "source.npz"), "r+b") as f:
         f.seek(100)
         byte = f.read(1)
         f.seek(100)
@@ -429,7 +432,7 @@ def test_a_runs_life_signals_fresh_lock_and_kills_after_a_round_checkpoint(refer
     res = run(workdir)
     assert res.returncode == 0, res.stderr[-3000:]
     for note in ("note: removed 1 temporary file(s) a stopped run left (e.g. seed_0/predictions/cbst_r1.npz.tmp",
-                 "source_only.npz does not match the sha256 recorded when it was written (damaged): made again "
+                 "predictions/source.npz does not match the sha256 recorded when it was written (damaged): made again "
                  "for stage source",
                  "pseudo_labels_cbst_r0.png is missing: made again for stage cbst/r0",
                  "0000007.png is missing: the pseudo-labels of stage cbst/r0 are made again"):
@@ -441,7 +444,7 @@ def test_a_runs_life_signals_fresh_lock_and_kills_after_a_round_checkpoint(refer
 def test_refusals_on_a_finished_run_change_nothing(reference, tmp_path):
     """A workdir another run holds (here: this test's process), and a restart from a stage the
     run does not have (issue 22 item 4: one line, without orbax's traceback after it)."""
-    from cbst_jax.main import LOCK_FILE, WorkdirLock
+    from cbst_jax.workdir import LOCK_FILE, WorkdirLock
 
     finished = tmp_path / "finished"
     shutil.copytree(os.path.dirname(reference), finished)
@@ -460,15 +463,45 @@ def test_refusals_on_a_finished_run_change_nothing(reference, tmp_path):
     assert tree_hashes(finished, exclude=(LOCK_FILE,)) == {k: v for k, v in before.items() if k != LOCK_FILE}
 
 
+def test_a_workdir_of_another_layout_is_refused(tmp_path):
+    """A run of an older cbst_jax (workdir layout 1: its marker records no layout, its files are
+    named otherwise) is refused with one line before anything in it is touched; the seed's
+    ledger refuses it too, and so do the readers of a finished run."""
+    from cbst_jax.config_lib import seed_record
+    from cbst_jax.errors import RunError
+    from cbst_jax.methods import SOURCE
+    from cbst_jax.run_ledger import RunLedger, stage_weights_problem
+    from cbst_jax.workdir import SeedDir
+    from experiments.configs import synthetic
+
+    old = tmp_path / "old"
+    (old / "seed_0" / "pseudo_labels" / "cbst" / "round_0").mkdir(parents=True)
+    (old / "cbst_jax_run.json").write_text(json.dumps({"created_by": "cbst_jax 0.1.0", "replaces": []}))
+    (old / "seed_0" / "ledger.json").write_text(json.dumps({"version": 1, "stages": {}, "checkpoints": {},
+                                                            "history": []}))
+    before = tree_hashes(old)
+    assert one_line_error(run(old)) == (
+        f"error: --workdir={old} holds a run of an older cbst_jax (workdir layout 1; this version reads layout 2) "
+        f"that it cannot resume; pass --fresh to start over (the old run is moved aside, then deleted) or another "
+        f"--workdir")
+    assert tree_hashes(old) == before
+    with pytest.raises(RunError, match=r"ledger.json: written by an older cbst_jax \(workdir layout 1; this version "
+                                       r"reads layout 2\); start over with --fresh, or use another --workdir$"):
+        RunLedger(SeedDir(str(old / "seed_0")), seed_record(synthetic.get_config()), [SOURCE])
+    assert stage_weights_problem(SeedDir(str(old / "seed_0")), SOURCE).endswith(
+        "ledger.json: written by an older cbst_jax (workdir layout 1; this version reads layout 2)")
+    assert tree_hashes(old) == before
+
+
 def test_workdir_lock_and_stale_temporaries(tmp_path):
     """The lock is exclusive across processes and gone with a SIGKILLed holder; only files named
     as atomic_write names its temporaries are removed."""
     from cbst_jax.atomic_files import atomic_write_bytes, remove_stale_temporaries
     from cbst_jax.errors import RunError
-    from cbst_jax.main import WorkdirLock
+    from cbst_jax.workdir import WorkdirLock
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from cbst_jax.main import WorkdirLock; WorkdirLock(sys.argv[2]); print(1, flush=True); "
+                               "from cbst_jax.workdir import WorkdirLock; WorkdirLock(sys.argv[2]); print(1, flush=True); "
                                "time.sleep(600)", ROOT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "1"
     with pytest.raises(RunError, match=f"is in use by another run \\(pid {holder.pid} on host "):

@@ -75,8 +75,66 @@ def test_end_to_end_outputs(reference_run):
     assert set(ledger["stages"]) == {"source", "cbst_sp/r0", "cbst_sp/r1"}
     for stage in ("source", "cbst_sp_r0", "cbst_sp_r1"):
         assert os.path.exists(os.path.join(seed_dir, "models", f"{stage}.npz")), stage
-    assert os.path.exists(os.path.join(seed_dir, "pseudo_labels", "cbst_sp", "round_1", "manifest.json"))
+    assert os.path.exists(os.path.join(seed_dir, "pseudo_labels", "cbst_sp_r1", "manifest.json"))
     assert "cbst_sp r1" in res.stdout and "mIoU" in res.stdout
+
+
+def claims_of(workdir):
+    """{file: what it is} of every file under a run's folder, asking ``cbst_jax.workdir`` alone;
+    fails naming the files it does not claim."""
+    from cbst_jax.workdir import RunDir
+
+    found, unclaimed = {}, []
+    for folder, _, files in os.walk(workdir):
+        for name in files:
+            relative = os.path.relpath(os.path.join(folder, name), workdir)
+            claim = RunDir(str(workdir)).claim(relative)
+            if claim is None:
+                unclaimed.append(relative)
+            found[relative] = claim
+    assert not unclaimed, unclaimed[:10]
+    return found
+
+
+def test_every_file_of_a_run_is_found_through_the_workdir_owner(reference_run):
+    """Every file the run wrote (weights, predictions, pseudo-label stores, figures, reports,
+    the log) is claimed by cbst_jax.workdir, and each stage's files are where it says; files
+    the layout has no place for (strays, layout-1 names) are not claimed."""
+    import collections
+
+    from cbst_jax.methods import SOURCE, Stage
+    from cbst_jax.workdir import Claim, RunDir
+
+    seed_path, _ = reference_run
+    workdir = os.path.dirname(seed_path)
+    found = claims_of(workdir)
+    run = RunDir(workdir)
+    seed = run.seed(0)
+    rel = lambda path: os.path.relpath(path, workdir)  # noqa: E731
+    rounds = [Stage("cbst_sp", 0), Stage("cbst_sp", 1)]
+    for stage in [SOURCE] + rounds:
+        assert found[rel(seed.weights(stage))] == Claim("weights", stage)
+        assert found[rel(seed.predictions(stage))] == Claim("predictions", stage)
+    for stage in rounds:
+        store = [f for f, c in found.items() if c == Claim("pseudo_labels", stage)]
+        assert sorted(store) == sorted(rel(os.path.join(seed.pseudo_labels(stage), n))
+                                       for n in ["manifest.json"] + [f"{i:07d}.png" for i in range(32)])
+        assert found[rel(seed.pseudo_label_figure(stage))] == Claim("pseudo_label_figure", stage)
+    for path, kind in ((run.marker, "marker"), (run.lock, "lock"), (run.results, "results"),
+                       (run.summary, "summary"), (seed.config, "config"), (seed.ledger, "ledger"),
+                       (seed.metrics, "log"), (seed.results, "results"), (seed.eval_overlap, "eval_overlap"),
+                       (seed.spatial_prior, "spatial_prior"), (seed.figure("predictions"), "figure"),
+                       (run.figure("miou_per_round"), "figure"), (seed.figure("miou_per_round"), "figure")):
+        assert found[rel(path)] == Claim(kind), path
+    kinds = collections.Counter(c.kind for c in found.values())
+    assert set(kinds) == {"marker", "lock", "results", "summary", "figure", "config", "ledger", "log",
+                          "tensorboard", "eval_overlap", "spatial_prior", "weights", "predictions",
+                          "pseudo_labels", "pseudo_label_figure"}, kinds
+    for stray in ("seed_0/notes.txt", "seed_0/models/cbst_sp_r0.pth", "seed_0/models/bogus_r0.npz",
+                  "seed_0/pseudo_labels/cbst_sp_r0/extra.png", "seed_0/figures/pseudo_labels_st_r", "notes.md",
+                  "seed_0/predictions/source_only.npz", "seed_0/pseudo_labels/cbst_sp/round_0/0000000.png",
+                  "Rome/cbst_jax_run.json", "seed_x/config.json"):
+        assert run.claim(stray) is None, stray
 
 
 def test_sigkill_mid_round_resumes_bit_identically(reference_run, tmp_path):
@@ -84,7 +142,7 @@ def test_sigkill_mid_round_resumes_bit_identically(reference_run, tmp_path):
     workdir = str(tmp_path / "killed")
     proc = run_experiment(workdir, wait=False)
     # Wait until round 1's pseudo-labels are being written, then kill without warning.
-    target = os.path.join(workdir, "seed_0", "pseudo_labels", "cbst_sp", "round_0", "manifest.json")
+    target = os.path.join(workdir, "seed_0", "pseudo_labels", "cbst_sp_r0", "manifest.json")
     deadline = time.time() + 600
     while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -138,13 +196,13 @@ def test_two_processes_match_one(tmp_path):
     one, two = os.path.join(one_dir, "seed_0"), os.path.join(two_dir, "seed_0")
     pl1, pl2 = rows(one, "pseudo_labels")[("cbst_sp", 0)], rows(two, "pseudo_labels")[("cbst_sp", 0)]
     assert pl2["thresholds"] == pl1["thresholds"] and pl2["share"] == pl1["share"]
-    d1, d2 = (os.path.join(d, "pseudo_labels", "cbst_sp", "round_0") for d in (one, two))
+    d1, d2 = (os.path.join(d, "pseudo_labels", "cbst_sp_r0") for d in (one, two))
     files = sorted(f for f in os.listdir(d1) if f.endswith(".png"))
     assert files == sorted(f for f in os.listdir(d2) if f.endswith(".png")) and len(files) == 32
     for f in files:
         np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(d1, f))),
                                       np.asarray(Image.open(os.path.join(d2, f))))
-    s1, s2 = (os.path.join(d, "pseudo_labels", "lrent", "round_0") for d in (one, two))
+    s1, s2 = (os.path.join(d, "pseudo_labels", "lrent_r0") for d in (one, two))
     soft = sorted(f for f in os.listdir(s1) if f.endswith(".soft.npz"))
     assert soft == sorted(f for f in os.listdir(s2) if f.endswith(".soft.npz")) and len(soft) == 32
     for f in soft:  # CRST soft labels written by each process for its own rows
@@ -194,7 +252,7 @@ def test_label_regularised_rounds(tmp_path):
     assert 0 < pl["selected_fraction"] < 1
     ev = rows(seed_dir, "eval")[("lrent", 0)]
     assert np.isfinite(ev["train_loss"]) and 0 <= ev["miou"] <= 1
-    d = os.path.join(seed_dir, "pseudo_labels", "lrent", "round_0")
+    d = os.path.join(seed_dir, "pseudo_labels", "lrent_r0")
     with open(os.path.join(d, "manifest.json")) as f:
         assert json.load(f)["soft_label_stride"] == 4
     for i in range(32):
@@ -220,18 +278,20 @@ def test_label_regularised_rounds(tmp_path):
 def test_workdir_config_check_ignores_launch_keys(tmp_path):
     """The processes of one multi-host run differ in process_id (and relaunches in the
     coordinator's port): they share a workdir; any other difference is refused."""
+    from cbst_jax.config_lib import seed_record
     from cbst_jax.errors import RunError
     from cbst_jax.run_ledger import check_workdir_config
+    from cbst_jax.workdir import SeedDir
     from experiments.configs import synthetic
 
     cfg = synthetic.get_config()
-    check_workdir_config(cfg, str(tmp_path))
+    check_workdir_config(seed_record(cfg), SeedDir(str(tmp_path)))
     other = synthetic.get_config()
     other.process_id, other.coordinator_address = 1, "10.0.0.1:1234"
-    check_workdir_config(other, str(tmp_path))  # accepted
+    check_workdir_config(seed_record(other), SeedDir(str(tmp_path)))  # accepted
     other.self_training.rounds = 5
     with pytest.raises(RunError, match="differs in self_training.rounds"):
-        check_workdir_config(other, str(tmp_path))
+        check_workdir_config(seed_record(other), SeedDir(str(tmp_path)))
 
 
 def test_st_sp_round_end_to_end(tmp_path):
@@ -242,9 +302,9 @@ def test_st_sp_round_end_to_end(tmp_path):
     import ml_collections
     from PIL import Image
 
-    from cbst_jax import experiment, priors, selection
-    from cbst_jax.data.experiment_data import open_experiment_data
-    from cbst_jax.predict import Predictor
+    from cbst_jax import model_init, priors, selection
+    from cbst_jax.data.splits import open_splits
+    from cbst_jax.predictor import Predictor
     from cbst_jax.sharding import make_mesh
 
     workdir = str(tmp_path / "stsp")
@@ -254,11 +314,11 @@ def test_st_sp_round_end_to_end(tmp_path):
     seed_dir = os.path.join(workdir, "seed_0")
     with open(os.path.join(seed_dir, "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    model = experiment.build_model(cfg)
-    variables = experiment.init_variables(cfg, model, jax.random.key(cfg.seed), tuple(cfg.input.crop))
+    model = model_init.build_model(cfg)
+    variables = model_init.init_variables(cfg, model, jax.random.key(cfg.seed), tuple(cfg.input.crop))
     canvas = tuple(cfg.input.eval_size)
     prior = priors.resize_prior(priors.load_prior(os.path.join(seed_dir, "spatial_prior.npz"), 19), canvas)
-    target = open_experiment_data(cfg).target_train
+    target = open_splits(cfg).target_train
     images = np.stack([target[i]["image"] for i in range(len(target))])
     mesh = make_mesh(jax.devices()[:8])
     predictor = Predictor(model, 19, mesh, canvas, cfg.predict.scales, cfg.predict.flip)
@@ -270,7 +330,7 @@ def test_st_sp_round_end_to_end(tmp_path):
     pl = rows(seed_dir, "pseudo_labels")[("st_sp", 0)]
     np.testing.assert_array_equal(np.asarray(pl["thresholds"], np.float32), lam)
     want = np.asarray(selection.select_pseudo_labels(probs, lam, prior))
-    d = os.path.join(seed_dir, "pseudo_labels", "st_sp", "round_0")
+    d = os.path.join(seed_dir, "pseudo_labels", "st_sp_r0")
     got = np.stack([np.asarray(Image.open(os.path.join(d, f"{i:07d}.png"))) for i in range(len(target))])
     np.testing.assert_array_equal(got, want)
     assert 0 < pl["selected_fraction"] < 1

@@ -235,7 +235,7 @@ def test_predictor_soft_pseudo_labels_on_8_devices():
 
     from cbst_jax import crst, sharding as shd
     from cbst_jax.models import get_model
-    from cbst_jax.predict import Predictor, local_rows
+    from cbst_jax.predictor import Predictor, local_rows
 
     mesh = shd.make_mesh()
     assert mesh.devices.size == 8

@@ -208,11 +208,11 @@ def test_rendered_source_holds_the_same_records():
 
 
 def test_a_run_renders_the_embedded_pair_once():
-    from cbst_jax.data.experiment_data import open_experiment_data
+    from cbst_jax.data.splits import open_splits
     from experiments.configs import synthetic as recipe
 
     config = recipe.get_config("quick")
-    data = open_experiment_data(config)
+    data = open_splits(config)
     for split, n in ((data.source, 96), (data.target_train, 48), (data.target_eval, 32)):
         assert isinstance(split, syn.RenderedSource) and len(split) == n
     np.testing.assert_array_equal(data.target_eval[5]["label"],

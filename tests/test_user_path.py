@@ -1,7 +1,7 @@
 """The user's path, end to end, as the README spells it: a PyTorch DeepLab-v2 source model (built
-and saved by torch, key names as CRST's ``src_model.pth``) -> ``cbst_jax.convert_weights`` ->
+and saved by torch, key names as CRST's ``src_model.pth``) -> ``cbst_jax.cli.convert_weights`` ->
 ``experiments.gta5_cityscapes`` on fixture folders in the official layouts, starting from those
-weights -> ``cbst_jax.export`` -> ``cbst_jax.infer`` on a folder -> ``cbst_jax.evaluate``.
+weights -> ``cbst_jax.cli.export`` -> ``cbst_jax.cli.infer`` on a folder -> ``cbst_jax.cli.evaluate``.
 
 The round-0 model of the run (its source model) must give the torch model's logits on the same
 image to 1e-4, which holds only with the normalisation the weights were made for (ImageNet
@@ -50,7 +50,9 @@ def one_error_line(res):
 
 
 def test_weights_to_adapted_model(tmp_path, capsys):
-    from cbst_jax import evaluate, experiment, export, infer, models
+    from cbst_jax import model_init, models
+    from cbst_jax.cli import evaluate, export, infer
+    from cbst_jax.workdir import SeedDir
     from cbst_jax.labels import CITYSCAPES_ID_TO_TRAINID
 
     # ---- a CRST-style source model: Res_Deeplab's keys, trained on ImageNet-normalised RGB input
@@ -60,7 +62,7 @@ def test_weights_to_adapted_model(tmp_path, capsys):
 
     # ---- convert: the file records architecture, classes and the ImageNet normalisation
     init = tmp_path / "src_model.npz"
-    res = cli("cbst_jax.convert_weights", "torchvision-resnet101", tmp_path / "src_model.pth", init,
+    res = cli("cbst_jax.cli.convert_weights", "torchvision-resnet101", tmp_path / "src_model.pth", init,
               "--model", "deeplabv2_resnet_small")
     assert res.returncode == 0, res.stderr[-3000:]
     meta = models.read_metadata(init)
@@ -76,14 +78,14 @@ def test_weights_to_adapted_model(tmp_path, capsys):
     seed = work / "seed_0"
     ledger = json.loads((seed / "ledger.json").read_text())["stages"]
     assert set(ledger) == {"source", "cbst/r0"} and "cbst r0" in (seed / "results.md").read_text()
-    run_config = export.read_run_config(str(seed))
+    run_config = SeedDir(str(seed)).read_config()
     assert tuple(run_config.predict.scales) == (0.9,) and tuple(run_config.evaluate.scales) == (0.9, 1.0, 1.2)
 
     # ---- round-0 logits: the run's source model, built as the run built it, against torch
     image = np.asarray(Image.open(next((tmp_path / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))))[None]
     with torch.no_grad():
         want = ref(torch_input(image, "imagenet")).numpy().transpose(0, 2, 3, 1)
-    model = experiment.build_model(run_config)
+    model = model_init.build_model(run_config)
     source = models.load_variables(seed / "models" / "source.npz")
     assert model.normalization == "imagenet"
     assert models.read_metadata(seed / "models" / "source.npz")["normalization"] == "imagenet"
@@ -147,7 +149,7 @@ def test_weights_to_adapted_model(tmp_path, capsys):
     assert result["row"]["images"] == 4 and "| cbst_r0 |" in (tmp_path / "eval" / "evaluation.md").read_text()
 
     # ---- evaluate a stage of the workdir with the run's settings: the run's own evaluation row
-    res = cli("cbst_jax.evaluate", "--workdir", work, "--stage", "cbst/r0", "--out", tmp_path / "eval_stage")
+    res = cli("cbst_jax.cli.evaluate", "--workdir", work, "--stage", "cbst/r0", "--out", tmp_path / "eval_stage")
     assert res.returncode == 0, res.stderr[-3000:]
     row = json.loads((tmp_path / "eval_stage" / "evaluation.json").read_text())["row"]
     assert row["scales"] == [0.9, 1.0, 1.2] and row["flip"] is True and row["split"] == "val"
@@ -155,10 +157,11 @@ def test_weights_to_adapted_model(tmp_path, capsys):
 
 
 def test_command_errors_are_one_line_with_exit_2(tmp_path, capsys):
-    """cbst_jax.evaluate / cbst_jax.export on workdirs, stages and files they cannot use."""
+    """cbst-evaluate / cbst-export on workdirs, stages and files they cannot use."""
     import jax
 
-    from cbst_jax import config_lib, evaluate, export, models
+    from cbst_jax import config_lib, models
+    from cbst_jax.cli import evaluate, export
 
     run = tmp_path / "run"
     for s in (0, 1):
@@ -281,7 +284,7 @@ def test_a_full_size_network_without_model_init_is_refused(tmp_path, variant, ne
     assert one_error_line(res) == (
         f"error: config.model.init is empty: {network} would start from random weights ({steps} source-training "
         f"steps); pass --config.model.init=<weights.npz> (an ImageNet init converted with python -m "
-        f"cbst_jax.convert_weights {kinds} ..., or a source model with --config.model.init_is_source_model=True), "
+        f"cbst_jax.cli.convert_weights {kinds} ..., or a source model with --config.model.init_is_source_model=True), "
         f"or --config.model.init=none to train from random weights on purpose")
     assert not work.exists()
     c = gta5_cityscapes.get_config(variant)
@@ -351,12 +354,12 @@ def test_a_19_class_source_model_on_nthu_with_the_class_map(tmp_path):
 
 
 def test_evaluate_a_19_class_file_on_nthu_scores_the_13_classes(tmp_path, capsys):
-    """cbst_jax.evaluate --weights (19 classes) --dataset nthu: 13 columns and their mean, counted
+    """cbst-evaluate --weights (19 classes) --dataset nthu: 13 columns and their mean, counted
     here with numpy from the file's own 19-class argmax; without --city: one line naming the flag."""
     import jax
 
     from fixtures_layouts import make_nthu
-    from cbst_jax import evaluate
+    from cbst_jax.cli import evaluate
     from cbst_jax.labels import NTHU13_CLASSES, NTHU13_TRAINIDS
 
     make_nthu(tmp_path / "nthu", cities=("Rome",), n_train=1, n_test=3, size=SIZE)
@@ -380,7 +383,7 @@ def test_evaluate_a_19_class_file_on_nthu_scores_the_13_classes(tmp_path, capsys
 
 
 def test_evaluating_cityscapes_without_gtfine_says_which_archive(tmp_path, capsys):
-    from cbst_jax import evaluate
+    from cbst_jax.cli import evaluate
 
     make_cityscapes(tmp_path / "cs", n_train=1, n_val=1, size=SIZE)
     import shutil

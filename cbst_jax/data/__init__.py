@@ -21,7 +21,7 @@ from cbst_jax.data.io import DatasetError, DatasetWarning, FolderSource
 from cbst_jax.data.overlap import SubsetSource, check_disjoint, exclude, split_overlap, without_eval_overlap
 
 __all__ = ["open_dataset", "check_disjoint", "split_overlap", "exclude", "without_eval_overlap", "SubsetSource",
-           "is_tfds_dir", "DatasetError", "DatasetWarning", "FolderSource", "DATASETS"]
+           "is_tfds_dir", "DatasetError", "DatasetWarning", "FolderSource", "DATASETS", "FOLDER_DATASETS"]
 
 # name -> (module, opener)
 _READERS = {
@@ -31,7 +31,8 @@ _READERS = {
     "bdd100k": ("cbst_jax.data.bdd100k", "open_bdd100k"),
     "nthu": ("cbst_jax.data.nthu", "open_nthu"),
 }
-DATASETS = tuple(_READERS) + ("synthetic/source", "synthetic/target")
+FOLDER_DATASETS = tuple(_READERS)  # read from folders in their official layouts (or built TFDS datasets)
+DATASETS = FOLDER_DATASETS + ("synthetic/source", "synthetic/target")
 TFDS_PREFIX = "tfds:"
 
 

@@ -162,6 +162,12 @@ def _host_rows(global_batch: int, process_index, process_count) -> slice:
     return slice(pi * n, (pi + 1) * n)
 
 
+def global_eval_batch(requested: int, devices: int) -> int:
+    """The global batch of evaluation and pseudo-labelling (``input.eval_batch_size``): rounded up
+    to a multiple of the device count (padded rows carry no pixels: :class:`EvalIterator`)."""
+    return max(devices, -(-requested // devices) * devices)
+
+
 def default_workers() -> int:
     """Worker count when none is given: every core this process may run on but one (left to the
     training loop), at least one."""
@@ -212,7 +218,7 @@ class _ThreadPrefetcher:
 def _init_worker(worker_index: int, worker_count: int) -> None:
     """Worker processes each stand for one core: OpenCV's own thread pool would oversubscribe them.
     A terminal's Ctrl-C reaches every process of the group: the workers ignore it, the training
-    process stops the run (one line, ``cbst_jax.main``) and closes them."""
+    process stops the run (one line, ``cbst_jax.cli.run``) and closes them."""
     import signal
 
     import cv2

@@ -13,7 +13,7 @@ Layout: ``params/<module>/.../<leaf>`` and ``batch_stats/...`` float arrays, plu
   class_names     list of num_classes names, or null where unknown
   palette         list of num_classes [r, g, b], or null where unknown
   inference       optional: {"canvas": [H, W], "scales": [...], "flip": bool}, the evaluation settings
-                  of the run that trained the weights (``cbst_jax.infer``'s defaults for the file)
+                  of the run that trained the weights (``cbst_jax.segment_images``' defaults for the file)
   ...             free-form provenance (converter kind, source file, fresh heads, ...)
 
 Every problem with a file is a one-line ``WeightFileError`` naming it.
@@ -36,7 +36,7 @@ from cbst_jax.models.registry import MODELS
 FORMAT = "cbst_jax-weights-1"
 METADATA_KEY = "__metadata__"
 COLLECTIONS = ("params", "batch_stats")
-CONVERT_HINT = "convert it with: python -m cbst_jax.convert_weights KIND IN OUT"
+CONVERT_HINT = "convert it with: python -m cbst_jax.cli.convert_weights KIND IN OUT"
 
 
 class WeightFileError(WeightMismatchError):

@@ -11,7 +11,7 @@ values without a source are this project's choices and say so.
 
 Round 0 is a source-only model: import one (``--config.model.init=src.npz
 --config.model.init_is_source_model=True``; convert it first with ``python -m
-cbst_jax.convert_weights``: the weights file carries the input normalisation, which
+cbst_jax.cli.convert_weights``: the weights file carries the input normalisation, which
 ``model.normalization="auto"`` takes) or train it here from ImageNet weights
 (``--config.model.init=imagenet.npz``; the source_training keys below are each recipe's
 source-only training). Data: GTA5 at 1052x1914 as both references ask (CBST README, CRST#21),
@@ -146,7 +146,7 @@ def daformer_mit_b5(c):
     daformer_conv1_mitb5.py), "adamw" / "poly10warm" = _base_/schedules/*.py. DAFormer's online
     teacher, ClassMix, rare-class sampling and ImageNet feature distance are not part of this
     variant; the round structure (rounds, portions, source subsets, mining) is the CRST recipe's
-    above. Initialise from the ImageNet encoder: ``python -m cbst_jax.convert_weights mit
+    above. Initialise from the ImageNet encoder: ``python -m cbst_jax.cli.convert_weights mit
     mit_b5.pth mit_b5.npz`` then ``--config.model.init=mit_b5.npz``."""
     c.methods = "st,cbst"                      # project choice: one threshold vs class-balanced ones
     c.model.name = "daformer_mit_b5"           # DAF model: backbone mit_b5, DAFormerHead, sep. ASPP 1/6/12/18

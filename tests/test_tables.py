@@ -1,7 +1,7 @@
 """The paired-differences table of a multi-seed run, against differences computed by hand."""
 import numpy as np
 
-from cbst_jax import reporting
+from cbst_jax import tables
 
 
 def test_paired_differences_per_seed_and_round():
@@ -14,7 +14,7 @@ def test_paired_differences_per_seed_and_round():
              for m, v in (("st", st), ("cbst", cbst))]
     rows.append(dict(seed=4, method="cbst_sp", round=0, miou=0.5))  # its baseline pair is complete only here
     lines = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
-             for line in reporting.paired_differences_table(rows).splitlines() if line.startswith("| ")}
+             for line in tables.paired_differences_table(rows).splitlines() if line.startswith("| ")}
     for r in range(2):
         d = 100 * (cbst[:, r] - st[:, r])
         cells = [c.strip() for c in lines[("cbst − st", f"r{r}")].strip("|").split("|")]
@@ -25,7 +25,7 @@ def test_paired_differences_per_seed_and_round():
             f"{d.mean():.1f} ± {d.std(ddof=1):.1f}"
     one = [c.strip() for c in lines[("cbst_sp − cbst", "r0")].strip("|").split("|")]
     assert one[2] == f"{100 * (0.5 - cbst[4, 0]):.1f}" and one[3] == ("1 of 1" if 0.5 > cbst[4, 0] else "0 of 1")
-    assert reporting.paired_differences_table(rows[:5]) == ""
+    assert tables.paired_differences_table(rows[:5]) == ""
 
 
 def test_pseudo_label_table_means_over_seeds():
@@ -43,7 +43,7 @@ def test_pseudo_label_table_means_over_seeds():
         rows.append(dict(seed=s, method="cbst", round=0, portion=0.2, share=share.tolist(),
                          precision=prec.tolist(), selected_fraction=0.1 * (s + 1)))
     names = [f"c{c}" for c in range(num_classes)]
-    line = next(l for l in reporting.pseudo_label_table(rows, names, classes).splitlines() if l.startswith("| cbst r0"))
+    line = next(l for l in tables.pseudo_label_table(rows, names, classes).splitlines() if l.startswith("| cbst r0"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1:3] == ["0.20", "20.0"]
     share = (selected / selected.sum(1, keepdims=True)).mean(0)
@@ -51,4 +51,4 @@ def test_pseudo_label_table_means_over_seeds():
     keep = [0, 2]                                             # the seeds that selected class 2
     assert cells[4] == f"{100 * share[2]:.2f} ({100 * np.mean(correct[keep, 2] / selected[keep, 2]):.0f})"
     assert cells[5] == "0.00 (–)"
-    assert reporting.pseudo_label_table([], names, classes) == ""
+    assert tables.pseudo_label_table([], names, classes) == ""

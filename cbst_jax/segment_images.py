@@ -1,36 +1,24 @@
-"""Segment your own images with a weights file (converted or exported; it carries its metadata).
+"""Segment your own images with weights files (converted or exported; each carries its metadata):
+the library of ``cbst-infer`` (``cbst_jax.cli.infer``, whose help says what it writes).
 
-  python -m cbst_jax.infer --weights W.npz --out DIR [--scales 1.0 ...] [--flip | --no-flip] [--batch-size N]
-                           [--canvas H,W] [--gt GT_DIR] [--names A,B] FILES_OR_FOLDERS...
+Inputs: JPG/PNG files of any size, or folders of them (searched recursively). Per image and
+model: ``<name>_trainid.png`` (class indices, 255 never occurs), ``<name>_color.png`` (the
+weights' palette) and ``<name>_overlay.jpg``; folder inputs keep their sub-folders. With several
+weights files or with ground truth, ``comparison.png`` shows the first images in the seed's
+qualitative layout: image | ground truth | one column per model (:func:`comparison_figure`
+builds it, for reports too).
 
-``--canvas``, ``--scales`` and ``--flip`` default to the settings the weights file records (a
-stage exported from a run, or a run's own ``models/<stage>.npz``: the run's ``input.eval_size``,
-``evaluate.scales`` and ``evaluate.flip``, so the labels are those the run scored); a file that
-records none (a converted checkpoint, an export from before the record) uses 1024x2048, one
-scale and no flip.
-
-JPG/PNG files of any size, or folders of them (searched recursively). Per image it writes
-``<name>_trainid.png`` (class indices, 255 never occurs), ``<name>_color.png`` (the weights'
-palette) and ``<name>_overlay.jpg`` (image and colours blended); folder inputs keep their
-sub-folders under DIR. Several ``--weights`` files write one sub-folder per model. With several
-weights or with ``--gt``, ``DIR/comparison.png`` shows the first ``--figure-rows`` images in the
-seed's qualitative layout: image | ground truth (with ``--gt``) | one column per model
-(``comparison_figure`` builds it, for reports too).
-
-Fixed shapes: every image is resized (aspect kept, bilinear) to fit the ``--canvas`` and padded
-at the bottom/right; portrait images use the transposed canvas. So at most two programs are
-compiled per model, whatever the image sizes. The forward pass is
-``cbst_jax.predict.Predictor.probs`` (``--scales`` relative to the canvas, ``--flip``) on a
-``('data',)`` mesh over all devices; labels are the argmax at the canvas resolution, cropped
-and resized back to the image by nearest neighbour. An unreadable file is reported, skipped and
-counted; the exit status is 1 if any file failed, 2 for bad arguments or weights (a file named
-on the command line that is not an image is a bad argument). Everything is checked before DIR
-is created; all files are written to a temporary name and renamed. ``DIR/infer_summary.json``
-lists what was done.
+Fixed shapes: every image is resized (aspect kept, bilinear) to fit the canvas and padded at the
+bottom/right; portrait images use the transposed canvas. So at most two programs are compiled per
+model, whatever the image sizes. The forward pass is ``cbst_jax.predictor.Predictor.probs``
+(scales relative to the canvas, flip) on a ``('data',)`` mesh over all devices; labels are the
+argmax at the canvas resolution, cropped and resized back to the image by nearest neighbour. The
+canvas, scales and flip default to the ones the weights files record (:func:`run_settings`). An
+unreadable file inside a folder is reported, skipped and counted; everything is checked before
+the output folder is created, and every file is written to a temporary name and renamed.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import json
@@ -193,7 +181,7 @@ def segment(model: Model, images: np.ndarray, mesh, scales, flip: bool) -> np.nd
     import jax.numpy as jnp
 
     from cbst_jax import sharding as shd
-    from cbst_jax.predict import Predictor
+    from cbst_jax.predictor import Predictor
 
     canvas = images.shape[1:3]
     if canvas not in model._fns:
@@ -478,50 +466,3 @@ def run(weights: Sequence[str], inputs: Sequence[str], out_dir: str, *, canvas=N
         summary["comparison"] = os.path.join(out_dir, "comparison.png")
     atomic_write_json(os.path.join(out_dir, "infer_summary.json"), summary)
     return summary
-
-
-def _canvas(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected H,W (two integers)") from None
-    return h, w
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cbst-infer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS")
-    parser.add_argument("--weights", nargs="+", required=True,
-                        help="weights file(s) with metadata; several: one column each in comparison.png")
-    parser.add_argument("--out", required=True, help="output folder")
-    recorded = "the run's, recorded in the weights file by export"
-    parser.add_argument("--scales", nargs="+", type=float, default=None,
-                        help=f"test scales relative to the canvas (default: {recorded}; else 1.0)")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"average with the horizontally flipped image (default: {recorded}; else off)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: one per device)")
-    parser.add_argument("--canvas", type=_canvas, default=None,
-                        help=f"H,W every image is fitted into (default: {recorded}; else "
-                             f"{DEFAULT_CANVAS[0]},{DEFAULT_CANVAS[1]})")
-    parser.add_argument("--names", default=None, help="comma-separated column titles, one per weights file")
-    parser.add_argument("--gt", default=None, help="folder of ground-truth label PNGs for the comparison figure")
-    parser.add_argument("--figure-rows", type=int, default=8, help="images in the comparison figure")
-    args = parser.parse_args(argv)
-    from cbst_jax.models import WeightMismatchError
-
-    try:
-        summary = run(args.weights, args.inputs, args.out, canvas=args.canvas, scales=args.scales, flip=args.flip,
-                      batch_size=args.batch_size, names=args.names.split(",") if args.names else None,
-                      gt_dir=args.gt, figure_rows=args.figure_rows)
-    except (InferError, WeightMismatchError) as exc:  # WeightFileError is one
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    n_failed = len(summary["failed"])
-    print(f"{summary['segmented']} of {summary['images']} images segmented into {args.out}"
-          f"{f', {n_failed} unreadable (skipped)' if n_failed else ''} in {summary['seconds']:.1f} s", file=sys.stderr)
-    return 1 if n_failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,38 +1,34 @@
 """The command line of every experiment:
 
-    python -m cbst_jax.main --config=experiments/configs/synthetic.py[:variant] [--config.<key>=<value> ...]
-                            [--workdir=DIR] [--seeds=0,1,2] [--fresh]
+    python -m cbst_jax.cli.run --config=experiments/configs/synthetic.py[:variant] [--config.<key>=<value> ...]
+                               [--workdir=DIR] [--seeds=0,1,2] [--fresh]
 
 ``experiments/<name>.py`` are one-line launchers of this with their own config as the default,
 so ``python -m experiments.gta5_cityscapes --config.target.root=...`` works, and there
 ``--config=<variant>`` alone picks a variant of that config (``get_config("<variant>")``, e.g.
-``python -m experiments.synthetic --config=quick``). Each seed runs in ``<workdir>/seed_<s>``
-(``cbst_jax.self_training.run``); with several seeds the tables report mean ± std.
+``python -m experiments.synthetic --config=quick``). The run itself is the library's
+(``cbst_jax.self_training.run_experiment``): each seed in ``<workdir>/seed_<s>``, with several
+seeds the tables report mean ± std.
 
 Every input is checked before the workdir is touched (``cbst_jax.preflight``); a workdir is
 resumed or replaced (``--fresh``) only if it carries our run marker, and only by one run at a
-time (an exclusive lock, released by the kernel when the process ends however it ends). A
-user's mistake ends with a one-line ``error: ...`` naming the key, file or value and what was
-expected, and exit status 2 (``--debug`` shows the traceback instead). Ctrl-C (SIGINT) and
-SIGTERM stop the run with one line, exit status 130 / 143, the workdir resumable.
+time (``cbst_jax.workdir.prepare``: an exclusive lock, released by the kernel when the process
+ends however it ends). A user's mistake ends with a one-line ``error: ...`` naming the key, file
+or value and what was expected, and exit status 2 (``--debug`` shows the traceback instead).
+Ctrl-C (SIGINT) and SIGTERM stop the run with one line, exit status 130 / 143, the workdir
+resumable.
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
-import shutil
 import signal
 import sys
 import threading
-import time
 
 from cbst_jax import config_lib
 
 EXIT_USAGE = 2
-RUN_MARKER = "cbst_jax_run.json"  # marks a workdir as ours: only such a folder is resumed or replaced
-LOCK_FILE = "cbst_jax_run.lock"  # held (flock) by the run working in the folder: pid and host inside
-MAX_SEED = 2**63 - 1  # jax.random.key takes a signed 64-bit seed
 # Seconds a run stopped by a signal may take to unwind (close its files, data workers and
 # checkpoint manager) before it is ended as it stands (:class:`StopRequest`).
 STOP_GRACE_S = 60
@@ -100,13 +96,19 @@ FLAG_HELP = {  # the launcher's own flags (defined for absl in launch(), listed 
 }
 
 
-def config_module(spec: str):
-    """The config file of ``spec`` (``path/to/config.py[:variant]``), imported: its ``get_config``,
-    ``VARIANTS`` and docstring."""
+def config_file(spec: str) -> str:
+    """The file of ``spec`` (``path/to/config.py[:variant]``); ConfigError when there is none."""
     path = spec.partition(":")[0]
     if not os.path.isfile(path):
         raise config_lib.ConfigError(f"--config={spec!r}: expected a config file "
                                      f"(e.g. experiments/configs/synthetic.py)")
+    return path
+
+
+def config_module(spec: str):
+    """The config file of ``spec``, imported, for ``--help``: its ``get_config``, ``VARIANTS`` and
+    docstring."""
+    path = config_file(spec)
     module_spec = importlib.util.spec_from_file_location("_cbst_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -114,11 +116,13 @@ def config_module(spec: str):
 
 
 def load_config(spec: str):
-    """``path/to/config.py[:variant]`` -> ``get_config()`` / ``get_config(variant)`` of that file."""
-    variant = spec.partition(":")[2]
-    module = config_module(spec)
+    """``path/to/config.py[:variant]`` -> that file's ``get_config()`` / ``get_config(variant)``, loaded
+    as ``--config`` loads it (ml_collections' config-file parser), to check it before absl does."""
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    config_file(spec)
     try:
-        return module.get_config(variant) if variant else module.get_config()
+        return ConfigFileFlagParser("config", lock_config=False).parse(spec)
     except KeyError as e:
         raise config_lib.ConfigError(f"--config={spec!r}: unknown variant {e.args[0]}") from None
 
@@ -217,7 +221,7 @@ def help_text(argv, default_config: str | None) -> str:
         path = os.path.relpath(path)
     config = load_config(spec) if spec else config_lib.base_config()
     launcher = (f"python -m experiments.{os.path.splitext(os.path.basename(default_config))[0]} [--config=<variant>]"
-                if default_config else "python -m cbst_jax.main --config=<file>.py[:<variant>]")
+                if default_config else "python -m cbst_jax.cli.run --config=<file>.py[:<variant>]")
     lines = [f"usage: {launcher} [--config.<key>=<value> ...] [--workdir=DIR] [--seeds=0,1,2] [--fresh] [--debug] "
              f"[--compilation_cache=DIR]", ""]
     if module is not None:
@@ -285,19 +289,6 @@ def _stopped(e: BaseException) -> int:
     return 128 + signum
 
 
-def parse_seeds(text: str) -> list[int]:
-    """The ``--seeds`` list: distinct integers in [0, 2**63)."""
-    seeds = config_lib.parse_seeds(text)
-    for s in seeds:
-        if not 0 <= s <= MAX_SEED:
-            raise config_lib.ConfigError(f"--seeds={text}: {s} is not a seed; expected integers in [0, 2**63), "
-                                         f"e.g. 0,1,2")
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
-    if twice:
-        raise config_lib.ConfigError(f"--seeds={text}: seed {twice[0]} is listed twice; expected distinct seeds")
-    return seeds
-
-
 def _user_errors() -> tuple:
     from cbst_jax.checkpointing import CheckpointError
     from cbst_jax.data import DatasetError
@@ -312,21 +303,25 @@ def run_command(config, workdir: str, seeds_text: str | None, fresh: bool, debug
     """Checks every input (``cbst_jax.preflight``), only then creates, resumes or replaces the
     workdir, and runs every seed. A user's mistake or a broken input is one line and exit
     status 2, an unexpected failure one line and exit status 1; ``debug`` shows tracebacks."""
+    from cbst_jax import workdir as workdir_lib
     from cbst_jax.preflight import check_batches, preflight
 
     user_errors = _user_errors()
     lock = None
     try:
-        config = copy.deepcopy(config)
-        seeds = parse_seeds(seeds_text) if seeds_text else [config.seed]
+        seeds = config_lib.parse_seeds(seeds_text) if seeds_text else [config.seed]
         preflight(config)
         if not config.distributed:
             check_batches(config)
         _initialize_distributed(config)
-        workdir, lock, replaced = prepare_workdir(os.path.abspath(workdir), fresh)
+        run_dir, lock, replaced = workdir_lib.prepare(os.path.abspath(workdir), fresh)
         if config.distributed:  # the global device count exists only once every process has joined
             check_batches(config)
-        return run_seeds(config, workdir, seeds, on_started=lambda: remove_replaced(workdir, replaced))
+        from cbst_jax import self_training
+
+        self_training.run_experiment(config, run_dir, seeds,
+                                     on_started=lambda: workdir_lib.remove_replaced(run_dir, replaced))
+        return 0
     except (Stopped, KeyboardInterrupt) as e:
         if debug:
             raise
@@ -371,168 +366,6 @@ def _initialize_distributed(config) -> None:
                           process_id=config.process_id)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend only; no-op elsewhere
         shd.maybe_initialize_distributed(True, **kwargs)
-
-
-class WorkdirLock:
-    """An exclusive lock (``flock``) on ``<folder>/cbst_jax_run.lock``, which holds the locking
-    process's pid and host; the kernel releases it when the process ends, SIGKILL included.
-    Taken by process 0 only (the processes of a multi-host run share one workdir). The file is
-    written in place, never renamed: the lock belongs to its inode."""
-
-    def __init__(self, folder: str):
-        import fcntl
-        import socket
-
-        from cbst_jax.errors import RunError
-
-        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process that wrote no pid yet"
-            os.close(fd)
-            raise RunError(f"--workdir={folder} is in use by another run ({holder}); wait for it to end, "
-                           f"or pass another --workdir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def _read_marker(marker: str) -> dict:
-    import json
-
-    try:
-        with open(marker) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def prepare_workdir(workdir: str, fresh: bool) -> tuple[str, WorkdirLock | None, list[str]]:
-    """The workdir, made ready and locked: a new or empty folder gets our run marker; an existing
-    run of ours is resumed, or with ``fresh`` moved aside to ``<workdir>.replaced-<time>``
-    (recorded in the new marker, deleted once the new run has its source model: see
-    :func:`remove_replaced`); anything else is refused, and so is a folder another run holds.
-    Temporary files a killed run left are removed once the lock is held. Returns (workdir, its
-    lock (process 0) or None, the moved-aside folders still to delete)."""
-    import jax
-
-    from cbst_jax import sharding as shd
-    from cbst_jax.atomic_files import atomic_write_json, remove_stale_temporaries
-    from cbst_jax.errors import RunError
-    from cbst_jax.run_ledger import notice
-
-    marker = os.path.join(workdir, RUN_MARKER)
-    exists = os.path.isdir(workdir)
-    ours = os.path.isfile(marker)
-    if os.path.exists(workdir) and not exists:
-        raise RunError(f"--workdir={workdir}: a file, expected a folder")
-    if exists and not ours and set(os.listdir(workdir)) - {LOCK_FILE}:
-        raise RunError(f"--workdir={workdir}: the folder is not empty and holds no cbst_jax run (no {RUN_MARKER}); "
-                       f"pass a new or empty folder" + (" (--fresh removes only a cbst_jax run)" if fresh else ""))
-    lock, replaced = None, []
-    if jax.process_index() == 0:
-        if ours:
-            lock = WorkdirLock(workdir)  # a run of ours is resumed or replaced only when no other holds it
-            replaced = list(_read_marker(marker).get("replaces", []))
-        if fresh and ours:
-            aside = base = f"{workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            n = 1
-            while os.path.exists(aside):  # two --fresh within one second
-                n += 1
-                aside = f"{base}-{n}"
-            os.rename(workdir, aside)
-            replaced.append(os.path.basename(aside))
-            lock.release()
-            lock = None
-        os.makedirs(workdir, exist_ok=True)
-        if lock is None:
-            lock = WorkdirLock(workdir)
-        if not os.path.isfile(marker):
-            from cbst_jax import __version__
-
-            atomic_write_json(marker, {"created_by": f"cbst_jax {__version__}",
-                                       "created": time.strftime("%Y-%m-%d %H:%M:%S"), "replaces": replaced})
-        stale = remove_stale_temporaries(workdir)
-        if stale:
-            notice(f"removed {len(stale)} temporary file(s) a stopped run left (e.g. "
-                   f"{os.path.relpath(stale[0], workdir)})")
-    shd.barrier("workdir")
-    return workdir, lock, [os.path.join(os.path.dirname(workdir), name) for name in replaced]
-
-
-def remove_replaced(workdir: str, replaced: list[str]) -> None:
-    """Deletes the runs ``--fresh`` moved aside for this one (``replaced``), now that it has its
-    source model, and clears them from its marker; process 0 only. A folder that no longer
-    carries our marker is left alone, one another run holds is kept for a later start."""
-    import jax
-
-    from cbst_jax.atomic_files import atomic_write_json
-    from cbst_jax.errors import RunError
-    from cbst_jax.run_ledger import notice
-
-    if jax.process_index() != 0 or not replaced:
-        return
-    kept = []
-    for path in replaced:
-        if not os.path.isfile(os.path.join(path, RUN_MARKER)):
-            continue
-        try:
-            aside_lock = WorkdirLock(path)
-        except RunError:
-            notice(f"{path}, the run --fresh replaced, is in use by another run; it is deleted at a later start")
-            kept.append(os.path.basename(path))
-            continue
-        shutil.rmtree(path)
-        aside_lock.release()
-    marker = os.path.join(workdir, RUN_MARKER)
-    atomic_write_json(marker, dict(_read_marker(marker), replaces=kept))
-
-
-def run_seeds(config, workdir: str, seeds, on_started=None) -> int:
-    """Runs every seed (``workdir/seed_<s>``) and aggregates mean ± std over seeds;
-    ``on_started()`` once the first seed's source model exists. Cityscapes -> NTHU with
-    ``target.city`` "all" or "" runs each city in turn the same way in ``workdir/<City>/`` and
-    writes the per-city table with the mean over cities to ``workdir/results.md``."""
-    import jax
-
-    from cbst_jax import run_outputs, self_training
-
-    started = [on_started]
-
-    def run_target(cfg, target_workdir):
-        rows, pl_rows = [], []
-        t0 = time.time()
-        for s in seeds:
-            seed_cfg = copy.deepcopy(cfg)
-            seed_cfg.seed = int(s)
-            seed_rows, seed_pl_rows = self_training.run(seed_cfg, os.path.join(target_workdir, f"seed_{s}"),
-                                                        on_started=started.pop() if started else None)
-            rows += seed_rows
-            pl_rows += seed_pl_rows
-        if jax.process_index() == 0:
-            run_outputs.write_aggregate(cfg, target_workdir, seeds, rows, pl_rows, time.time() - t0)
-        return rows
-
-    if jax.process_index() == 0:
-        print(config_lib.source_model_origin(config), flush=True)
-    cities = config_lib.nthu_cities(config)
-    if cities is None:
-        run_target(config, workdir)
-        return 0
-    t0, rows_by_city = time.time(), {}
-    for city in cities:
-        city_cfg = copy.deepcopy(config)
-        city_cfg.target.city = city
-        rows_by_city[city] = run_target(city_cfg, os.path.join(workdir, city))
-    if jax.process_index() == 0:
-        run_outputs.write_city_table(config, workdir, seeds, rows_by_city, time.time() - t0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from cbst_jax import selection, sharding
-from cbst_jax.predict import Evaluation, LabelledBatch, Predictor, SoftLabelling, local_rows
+from cbst_jax.predictor import Evaluation, LabelledBatch, Predictor, SoftLabelling, local_rows
 
 
 class PixelNet(nn.Module):
@@ -301,7 +301,7 @@ def test_label_split_logs_its_path(caplog):
     model = PixelNet()
     variables = model.init(jax.random.key(6), hosts[0]["image"][:1], train=False)
     pred = Predictor(model, 4, mesh, (16, 24), scales=(1.0,), flip=False)
-    with caplog.at_level("INFO", logger="cbst_jax.predict"):
+    with caplog.at_level("INFO", logger="cbst_jax.predictor"):
         res = pred.label_split(variables, lambda: iter(zip(globals_, hosts)), 0.5, "cbst")
     lines = [r.getMessage() for r in caplog.records if "pseudo-labelling cache" in r.getMessage()]
     assert len(lines) == 1
@@ -311,7 +311,7 @@ def test_label_split_logs_its_path(caplog):
 
 
 def test_default_device_budget_reads_memory_stats():
-    from cbst_jax.predict import _free_device_bytes
+    from cbst_jax.predictor import _free_device_bytes
 
     class Device:
         def __init__(self, stats):

@@ -21,7 +21,7 @@ _UNLABELLED_OPTION = ("cityscapes", "bdd100k", "nthu")
 
 
 @dataclasses.dataclass
-class ExperimentData:
+class Splits:
     source: object
     target_train: object
     target_eval: object
@@ -31,8 +31,9 @@ class ExperimentData:
     overlap: dict                 # target train vs evaluation images, by content (data.overlap)
 
 
-def open_side(config, side: str, split: str, *, labelled=None):
-    """``config.source`` or ``config.target`` opened at ``split``."""
+def open_side(config, side: str, split: str, *, labelled=None, city: str | None = None):
+    """``config.source`` or ``config.target`` opened at ``split`` (NTHU: at ``city``, default
+    ``target.city``)."""
     d = config[side]
     if d.name.startswith("synthetic/"):
         s = config.synthetic
@@ -45,8 +46,9 @@ def open_side(config, side: str, split: str, *, labelled=None):
         opts["list_file"] = d.list_file
     if labelled is not None and d.name in _UNLABELLED_OPTION:
         opts["labelled"] = labelled
-    if d.name == "nthu" and d.get("city"):
-        opts["city"] = d.city
+    city = d.get("city") if city is None else city
+    if d.name == "nthu" and city:
+        opts["city"] = city
     if d.name == "synthia" and d.get("lanemarking_as_road"):
         opts["lanemarking_as_road"] = True
     return open_dataset(d.name, d.root, split, **opts)
@@ -77,15 +79,16 @@ def class_lists(config) -> tuple[list, list | None]:
     return list(range(config.num_classes)), None
 
 
-def open_experiment_data(config) -> ExperimentData:
-    """The splits of ``config``. The target evaluation split must be labelled; target train
-    images that are also evaluation images (by content) are left out of the split adapted on,
-    unless ``target.allow_eval_overlap`` keeps them (the published protocol; reported)."""
+def open_splits(config, city: str | None = None) -> Splits:
+    """The splits of ``config`` (NTHU: of ``city``, default ``target.city``). The target
+    evaluation split must be labelled; target train images that are also evaluation images (by
+    content) are left out of the split adapted on, unless ``target.allow_eval_overlap`` keeps
+    them (the published protocol; reported)."""
     from cbst_jax.data.io import DatasetError
 
     source = open_side(config, "source", config.source.split)
-    target_train = open_side(config, "target", config.target.train_split, labelled=False)
-    target_eval = open_side(config, "target", config.target.eval_split)
+    target_train = open_side(config, "target", config.target.train_split, labelled=False, city=city)
+    target_eval = open_side(config, "target", config.target.eval_split, city=city)
     source, target_train, target_eval = (rendered(config, split) for split in (source, target_train, target_eval))
     if not getattr(target_eval, "has_labels", True):
         raise DatasetError(f"target evaluation split {config.target.eval_split!r} has no labels")
@@ -93,4 +96,4 @@ def open_experiment_data(config) -> ExperimentData:
                                                  allow_overlap=config.target.allow_eval_overlap)
     table, subset = class_lists(config)
     hidden = HIDDEN_LABEL if HIDDEN_LABEL in target_train[0] else None
-    return ExperimentData(source, target_train, target_eval, table, subset, hidden, overlap)
+    return Splits(source, target_train, target_eval, table, subset, hidden, overlap)

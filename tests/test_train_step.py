@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbst_jax import losses, train
+from cbst_jax import losses, train_step
 from cbst_jax.sharding import make_mesh, to_global
 
 K = 5
@@ -100,13 +100,13 @@ def _opt_problem():
 
 def _run_optax(params, labels, grads, scales, case, lr=0.01, total=10):
     """The optimiser at unit rate, its updates scaled by the step's rate (as the train step)."""
-    tx = train.make_optimizer(labels, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
+    tx = train_step.make_optimizer(labels, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0,
                               bias_lr_mult=case["bias_mult"], bias_weight_decay=case["bias_wd"])
     state = tx.init(params)
     p = params
     for t, (g, s) in enumerate(zip(grads, scales)):
         u, state = tx.update(g, state, p)
-        rate = train.learning_rate(lr, case["schedule"], t, total) * np.float32(s)
+        rate = train_step.learning_rate(lr, case["schedule"], t, total) * np.float32(s)
         p = jax.tree.map(lambda w, d: w + rate * d, p, u)
     return p
 
@@ -149,15 +149,15 @@ def test_param_groups_match_torch_sgd(case):
 
 
 def test_schedules():
-    assert train.learning_rate(0.1, "constant", 57, 100) == np.float32(0.1)
+    assert train_step.learning_rate(0.1, "constant", 57, 100) == np.float32(0.1)
     for t in (0, 1, 50, 99):
-        assert train.learning_rate(0.1, "poly", t, 100) == pytest.approx(0.1 * (1 - t / 100) ** 0.9, rel=1e-6)
-        assert train.learning_rate(0.1, "poly", t, 100).dtype == np.float32
-    assert train.learning_rate(0.1, "poly", 100, 100) == 0.0 and train.learning_rate(0.1, "poly", 150, 100) == 0.0
+        assert train_step.learning_rate(0.1, "poly", t, 100) == pytest.approx(0.1 * (1 - t / 100) ** 0.9, rel=1e-6)
+        assert train_step.learning_rate(0.1, "poly", t, 100).dtype == np.float32
+    assert train_step.learning_rate(0.1, "poly", 100, 100) == 0.0 and train_step.learning_rate(0.1, "poly", 150, 100) == 0.0
     with pytest.raises(ValueError):
-        train.learning_rate(0.1, "poly", 0, 0)
+        train_step.learning_rate(0.1, "poly", 0, 0)
     with pytest.raises(ValueError):
-        train.make_optimizer({"w": "neck"})
+        train_step.make_optimizer({"w": "neck"})
 
 
 def test_poly_with_linear_warmup_is_mmcvs_and_optaxs():
@@ -172,15 +172,15 @@ def test_poly_with_linear_warmup_is_mmcvs_and_optaxs():
     for t in (0, 1, 10, 749, 1499, 1500, 1501, 20_000, 39_999, 40_000):
         regular = base * (1 - t / total) ** 1.0
         mmcv = regular * (1 - (1 - t / warm) * (1 - ratio)) if t < warm else regular
-        got = train.learning_rate(base, "poly", t, total, power=1.0, warmup_steps=warm, warmup_ratio=ratio)
+        got = train_step.learning_rate(base, "poly", t, total, power=1.0, warmup_steps=warm, warmup_ratio=ratio)
         assert got.dtype == np.float32 and got == np.float32(mmcv), t
         # optax evaluates in float32: (r − 1)·(1 − t/W) + 1 cancels, 1.013e-6 instead of 1e-6 at t = 0
         assert got == pytest.approx(float(poly(t)) * float(ramp(t)), rel=1e-5, abs=1e-7 * base), t
-    assert train.learning_rate(base, "poly", 0, total, 1.0, warm, ratio) == np.float32(base * ratio)
+    assert train_step.learning_rate(base, "poly", 0, total, 1.0, warm, ratio) == np.float32(base * ratio)
     # no warm-up: the rates of before
     for t in (0, 7, 99):
-        assert train.learning_rate(0.1, "poly", t, 100, 0.9, 0, ratio) == train.learning_rate(0.1, "poly", t, 100)
-    assert train.learning_rate(0.1, "constant", 2, 100, warmup_steps=4, warmup_ratio=0.5) == np.float32(0.075)
+        assert train_step.learning_rate(0.1, "poly", t, 100, 0.9, 0, ratio) == train_step.learning_rate(0.1, "poly", t, 100)
+    assert train_step.learning_rate(0.1, "constant", 2, 100, warmup_steps=4, warmup_ratio=0.5) == np.float32(0.075)
 
 
 def test_adamw_groups_match_torch_adamw():
@@ -197,9 +197,9 @@ def test_adamw_groups_match_torch_adamw():
               "head": {"kernel": "head", "bias": "head"}}
     grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(6)]
     base, total, wd = 6e-3, 8, 0.01
-    rates = [train.learning_rate(base, "poly", t, total, power=1.0, warmup_steps=3) for t in range(6)]
+    rates = [train_step.learning_rate(base, "poly", t, total, power=1.0, warmup_steps=3) for t in range(6)]
 
-    tx = train.make_optimizer(labels, weight_decay=wd, head_lr_mult=10.0, optimizer="adam")
+    tx = train_step.make_optimizer(labels, weight_decay=wd, head_lr_mult=10.0, optimizer="adam")
     state, p = tx.init(params), params
     for g, rate in zip(grads, rates):
         u, state = tx.update(g, state, p)
@@ -231,12 +231,12 @@ LR = 0.05
 def _setup(model, mesh, seed=0):
     variables = init_variables(model, seed=seed)
     labels = tiny_labels(variables["params"], train_bn=model.train_bn)
-    tx = train.make_optimizer(labels, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0)
-    return variables, train.create_train_state(variables, tx, jax.random.key(seed), mesh), tx, labels
+    tx = train_step.make_optimizer(labels, momentum=0.9, weight_decay=5e-4, head_lr_mult=10.0)
+    return variables, train_step.create_train_state(variables, tx, jax.random.key(seed), mesh), tx, labels
 
 
 def _step(model, tx, labels, cfg, mesh):
-    return train.make_train_step(model, tx, cfg, mesh, labels)
+    return train_step.make_train_step(model, tx, cfg, mesh, labels)
 
 
 @pytest.mark.parametrize("resolution,soft,reg", [("upsample", False, "mrkld"), ("stride", False, "none"),
@@ -246,7 +246,7 @@ def test_step_matches_direct_loss_and_sgd(resolution, soft, reg):
     mesh = make_mesh(jax.devices()[:2])
     variables, state, tx, labels = _setup(model, mesh)
     batch = make_batch(4, soft=soft)
-    cfg = train.TrainConfig(loss_resolution=resolution, stride=2, regularizer=reg, reg_weight=0.3)
+    cfg = train_step.TrainConfig(loss_resolution=resolution, stride=2, regularizer=reg, reg_weight=0.3)
 
     def direct(params):
         logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, batch["image"], train=True)
@@ -275,7 +275,7 @@ def test_step_matches_direct_loss_and_sgd(resolution, soft, reg):
 def test_one_device_equals_eight_devices():
     """Same steps (trained BN, dropout, MRKLD) on a 1-device and an 8-device mesh."""
     model = TinySeg(train_bn=True, dropout=0.3)
-    cfg = train.TrainConfig(loss_resolution="upsample", regularizer="mrkld", reg_weight=0.1, train_bn=True)
+    cfg = train_step.TrainConfig(loss_resolution="upsample", regularizer="mrkld", reg_weight=0.1, train_bn=True)
     results = []
     for n in (1, 8):
         mesh = make_mesh(jax.devices()[:n])
@@ -298,7 +298,7 @@ def test_non_finite_step_returns_the_old_state():
     model = TinySeg(dropout=0.2)
     mesh = make_mesh()
     _, state, tx, labels = _setup(model, mesh)
-    step = _step(model, tx, labels, train.TrainConfig(), mesh)
+    step = _step(model, tx, labels, train_step.TrainConfig(), mesh)
     batch = to_global(make_batch(8), mesh)
     state, m = step(state, batch, LR)
     before = host(state)
@@ -313,7 +313,7 @@ def test_non_finite_step_returns_the_old_state():
     assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), host(bad), bad_host)
     assert int(bad.step) == 1
-    state = train.create_train_state({"params": before.params, "batch_stats": before.batch_stats},
+    state = train_step.create_train_state({"params": before.params, "batch_stats": before.batch_stats},
                                      tx, before.rng, mesh)
     state, m = step(state, batch, LR)
     assert bool(m["finite"]) and int(state.step) == 1
@@ -323,13 +323,13 @@ def test_no_recompilation_across_rounds_and_lr_scales():
     model = TinySeg(dropout=0.1)
     mesh = make_mesh()
     variables, state, tx, labels = _setup(model, mesh)
-    step = _step(model, tx, labels, train.TrainConfig(regularizer="mrl2", reg_weight=0.1), mesh)
+    step = _step(model, tx, labels, train_step.TrainConfig(regularizer="mrl2", reg_weight=0.1), mesh)
     batch = to_global(make_batch(8), mesh)
     for r in range(3):
         if r:  # a new round: fresh optimiser state from the same optimiser, smaller LR
-            state = train.create_train_state({"params": host(state.params), "batch_stats": variables["batch_stats"]},
+            state = train_step.create_train_state({"params": host(state.params), "batch_stats": variables["batch_stats"]},
                                              tx, jax.random.key(r), mesh)
-        for lr in (LR * 0.5 ** (r / 2), LR * 0.5, train.learning_rate(LR, "poly", r, 3)):
+        for lr in (LR * 0.5 ** (r / 2), LR * 0.5, train_step.learning_rate(LR, "poly", r, 3)):
             state, m = step(state, batch, lr)
             assert bool(m["finite"])
     assert step.jitted._cache_size() == 1
@@ -339,7 +339,7 @@ def test_bfloat16_model_float32_loss():
     model = TinySeg(dtype=jnp.bfloat16)
     mesh = make_mesh()
     _, state, tx, labels = _setup(model, mesh)
-    step = _step(model, tx, labels, train.TrainConfig(loss_resolution="stride", stride=2), mesh)
+    step = _step(model, tx, labels, train_step.TrainConfig(loss_resolution="stride", stride=2), mesh)
     state, m = step(state, to_global(make_batch(8), mesh), LR)
     assert m["loss"].dtype == jnp.float32 and bool(m["finite"])
     assert state.params["head"]["kernel"].dtype == jnp.float32
@@ -357,7 +357,7 @@ def test_uint8_soft_labels_are_renormalised():
     q = soft_labels.quantize(batch["soft_label"])
     q[:, :3] = 0  # ignored rows stay ignored
     as_float = dict(batch, soft_label=q.astype(np.float32) / np.maximum(q.sum(-1, keepdims=True), 1))
-    step = _step(model, tx, labels, train.TrainConfig(), mesh)
+    step = _step(model, tx, labels, train_step.TrainConfig(), mesh)
     _, m_u8 = step(state, to_global(dict(batch, soft_label=q), mesh), LR)
     _, state2, _, _ = _setup(model, mesh)
     _, m_f = step(state2, to_global(as_float, mesh), LR)
@@ -377,9 +377,9 @@ def test_folded_bn_bfloat16_step_trains_convs_and_leaves_frozen_bn():
     batch = make_batch(8, hw=(32, 48))
     variables = model.init(jax.random.key(0), batch["image"][:1])
     groups = models.param_groups(model, variables["params"])
-    tx = train.make_optimizer(groups)
-    state = train.create_train_state(variables, tx, jax.random.key(1), mesh)
-    step = train.make_train_step(model, tx, train.TrainConfig(stride=8), mesh, groups)
+    tx = train_step.make_optimizer(groups)
+    state = train_step.create_train_state(variables, tx, jax.random.key(1), mesh)
+    step = train_step.make_train_step(model, tx, train_step.TrainConfig(stride=8), mesh, groups)
     old, old_stats = host(state.params), host(state.batch_stats)  # the step donates the state
     new, m = step(state, to_global(batch, mesh), LR)
     assert m["loss"].dtype == jnp.float32 and bool(m["finite"])

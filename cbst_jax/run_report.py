@@ -8,22 +8,24 @@ import os
 import jax
 import numpy as np
 
-from cbst_jax import config_lib, metrics, reporting
+from cbst_jax import figures, metrics, metrics_log, tables
 from cbst_jax import labels as labels_lib
 from cbst_jax.atomic_files import atomic_write, atomic_write_bytes, atomic_write_json
-from cbst_jax.data.experiment_data import class_lists
 from cbst_jax.experiment import compute_path
-from cbst_jax.methods import Stage, parse as parse_methods
+from cbst_jax.methods import SOURCE, Stage
+from cbst_jax.workdir import RunDir
 
 
 # ---------------------------------------------------------------------------- rows
-def eval_row(exp, stage: Stage, cm, extra=None) -> dict:
+def eval_row(stage: Stage, cm, *, seed: int, table_classes, subset_classes=None, extra=None) -> dict:
+    """A stage's evaluation: per-class IoU, the mean over ``table_classes`` (and over
+    ``subset_classes``: mIoU*), pixel accuracy, and ``extra``."""
     iou = metrics.per_class_iou(cm)
-    row = {"kind": "eval", "seed": exp.config.seed, "method": stage.method, "round": stage.round,
-           "iou": iou.tolist(), "miou": metrics.mean_iou(cm, exp.data.table_classes),
+    row = {"kind": "eval", "seed": seed, "method": stage.method, "round": stage.round,
+           "iou": iou.tolist(), "miou": metrics.mean_iou(cm, table_classes),
            "pixel_acc": metrics.pixel_accuracy(cm)}
-    if exp.data.subset_classes is not None:
-        row["miou_subset"] = metrics.mean_iou(cm, exp.data.subset_classes)
+    if subset_classes is not None:
+        row["miou_subset"] = metrics.mean_iou(cm, subset_classes)
     row.update(extra or {})
     return row
 
@@ -47,15 +49,9 @@ def pseudo_label_row(seed, manifest) -> dict:
 
 
 # ---------------------------------------------------------------------------- per stage
-def predictions_path(exp, stage: Stage) -> str:
-    """Where a stage's kept predictions go (``predictions/source_only.npz``, ``predictions/cbst_r1.npz``)."""
-    name = stage.method if stage.round is None else f"{stage.method}_r{stage.round}"
-    return os.path.join(exp.workdir, "predictions", f"{name}.npz")
-
-
 def save_predictions(exp, stage: Stage, preds) -> str:
     """Writes the kept predictions (process 0); returns the path."""
-    path = predictions_path(exp, stage)
+    path = exp.seed_dir.predictions(stage)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda f: np.savez_compressed(f, *preds))
@@ -63,21 +59,17 @@ def save_predictions(exp, stage: Stage, preds) -> str:
 
 
 def load_predictions(exp, stage: Stage):
-    path = predictions_path(exp, stage)
+    path = exp.seed_dir.predictions(stage)
     if not os.path.exists(path):
         return None
     with np.load(path) as f:
         return [f[k] for k in sorted(f.files, key=lambda s: int(s.split("_")[1]))]
 
 
-def pseudo_label_figure_path(exp, stage: Stage) -> str:
-    return os.path.join(exp.workdir, "figures", f"pseudo_labels_{stage.method}_r{stage.round}.png")
-
-
 def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> str:
     """Per round: target-train images, their hidden ground truth (embedded pair only) and
     pseudo-labels (process 0); returns the path."""
-    path = pseudo_label_figure_path(exp, stage)
+    path = exp.seed_dir.pseudo_label_figure(stage)
     if jax.process_index() != 0:
         return path
     target, hidden = exp.data.target_train, exp.data.hidden_label_key
@@ -88,7 +80,7 @@ def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> str:
         cols["ground truth"] = [rec[hidden] for rec in recs]
     cols[f"{stage.label} pseudo-labels"] = [store.read(i) for i in idx]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    reporting.prediction_grid(cols, path, exp.num_classes)
+    figures.prediction_grid(cols, path, exp.num_classes)
     return path
 
 
@@ -96,43 +88,43 @@ def pseudo_label_figure(exp, stage: Stage, store, n: int = 4) -> str:
 def write_seed_report(exp, rows, pl_rows, health_rows=()) -> None:
     """Table, curves, the prediction grid (image, GT, source-only, each method's last round) and
     the collapse guard's per-round health table (``health_rows``)."""
-    cfg = exp.config
-    names = labels_lib.class_names(cfg.num_classes)
+    report = exp.reporting
+    names = labels_lib.class_names(report.num_classes)
     table_classes, subset = exp.data.table_classes, exp.data.subset_classes
     sub_rows = [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
-    table = reporting.eval_table(sub_rows, [names[c] for c in table_classes], subset, subset_name="mIoU*")
-    figs = os.path.join(exp.workdir, "figures")
-    os.makedirs(figs, exist_ok=True)
-    reporting.plot_miou_curves(rows, os.path.join(figs, "miou_per_round.png"))
-    adapted = [m.name for m in exp.methods if m.self_trains]
-    reporting.plot_pseudo_label_stats(pl_rows, names, os.path.join(figs, "pseudo_label_stats.png"), methods=adapted)
+    table = tables.eval_table(sub_rows, [names[c] for c in table_classes], subset, subset_name="mIoU*")
+    seed_dir = exp.seed_dir
+    os.makedirs(os.path.dirname(seed_dir.figure("miou_per_round")), exist_ok=True)
+    figures.plot_miou_curves(rows, seed_dir.figure("miou_per_round"))
+    adapted = list(report.adapted)
+    figures.plot_pseudo_label_stats(pl_rows, names, seed_dir.figure("pseudo_label_stats"), methods=adapted)
     k = 4
     recs = [exp.data.target_eval[i] for i in range(min(k, len(exp.data.target_eval)))]
     cols = {"image": [rec["image"] for rec in recs], "ground truth": [rec["label"] for rec in recs]}
-    src = load_predictions(exp, Stage("source_only"))
+    src = load_predictions(exp, SOURCE)
     if src:
         cols["source-only"] = src[:len(recs)]
-    if cfg.self_training.rounds > 0:
+    if report.rounds > 0:
         for name in adapted:
-            p = load_predictions(exp, Stage(name, cfg.self_training.rounds - 1))
+            p = load_predictions(exp, Stage(name, report.rounds - 1))
             if p:
                 cols[name] = p[:len(recs)]
-    reporting.prediction_grid(cols, os.path.join(figs, "predictions.png"), cfg.num_classes)
+    figures.prediction_grid(cols, seed_dir.figure("predictions"), report.num_classes)
     note = ""
-    if cfg.select_by_eval:
+    if report.select_by_eval:
         best = max((r for r in rows if r.get("round") is not None), key=lambda r: r["miou"], default=None)
         if best:
             note = (f"\nBest round picked ON THE EVALUATION SPLIT (config.select_by_eval=True): "
-                    f"{best['method']} r{best['round']} mIoU {100 * best['miou']:.1f}.\n")
+                    f"{Stage(best['method'], best['round']).label} mIoU {100 * best['miou']:.1f}.\n")
     note += overlap_note(exp.data.overlap)
-    note += f"\n{config_lib.source_model_origin(cfg)}\n"
-    note += "\nCompute path: " + ", ".join(f"{k}={v}" for k, v in compute_path(exp.model).items()) + "\n"
-    atomic_write_json(os.path.join(exp.workdir, "eval_overlap.json"), exp.data.overlap)
-    health = reporting.health_table(health_rows, names)
+    note += f"\n{report.source_origin}\n"
+    note += "\nCompute path: " + ", ".join(f"{k}={v}" for k, v in compute_path(exp.network).items()) + "\n"
+    atomic_write_json(seed_dir.eval_overlap, exp.data.overlap)
+    health = tables.health_table(health_rows, names)
     if health:
         note += f"\n## Collapse guard\n\n{health}\n"
-    text = f"# Results, seed {cfg.seed}\n\n{table}\n{note}"
-    atomic_write_bytes(os.path.join(exp.workdir, "results.md"), text.encode())
+    text = f"# Results, seed {exp.seed}\n\n{table}\n{note}"
+    atomic_write_bytes(seed_dir.results, text.encode())
     print(f"\n{table}{note}", flush=True)
 
 
@@ -150,47 +142,49 @@ def overlap_note(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- over seeds
-def write_aggregate(config, workdir, seeds, rows, pl_rows, wall_s) -> None:
-    """mean ± std (ddof=1) over seeds: ``results.md``, ``summary.json`` and the figures of ``workdir``."""
-    names = labels_lib.class_names(config.num_classes)
-    table_classes, subset = class_lists(config)
+def write_aggregate(report, run_dir: RunDir, seeds, rows, pl_rows, wall_s) -> None:
+    """mean ± std (ddof=1) over seeds: the results, summary and figures of ``run_dir``
+    (``report``: ``settings.Reporting``)."""
+    names = labels_lib.class_names(report.num_classes)
+    table_classes, subset = report.table_classes, report.subset_classes
     sub = [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
-    table = reporting.seed_aggregate_table(sub, [names[c] for c in table_classes], subset, subset_name="mIoU*")
-    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-    reporting.plot_miou_curves(rows, os.path.join(workdir, "figures", "miou_per_round.png"))
-    adapted = [m.name for m in parse_methods(config.methods) if m.self_trains]
-    reporting.plot_pseudo_label_stats(pl_rows, names, os.path.join(workdir, "figures", "pseudo_label_stats.png"),
-                                      methods=adapted)
-    paired = reporting.paired_differences_table(rows) if len(seeds) > 1 else ""
-    labels = reporting.pseudo_label_table(pl_rows, names, table_classes)
+    table = tables.seed_aggregate_table(sub, [names[c] for c in table_classes], subset, subset_name="mIoU*")
+    os.makedirs(os.path.dirname(run_dir.figure("miou_per_round")), exist_ok=True)
+    figures.plot_miou_curves(rows, run_dir.figure("miou_per_round"))
+    figures.plot_pseudo_label_stats(pl_rows, names, run_dir.figure("pseudo_label_stats"),
+                                      methods=list(report.adapted))
+    paired = tables.paired_differences_table(rows) if len(seeds) > 1 else ""
+    labels = tables.pseudo_label_table(pl_rows, names, table_classes)
     text = (f"# Results over seeds {list(seeds)}\n\n{table}\n"
             + (f"\n## Paired differences\n\n{paired}\n" if paired else "")
             + (f"\n## Pseudo-labels\n\n{labels}\n" if labels else "")
             + f"\nwall time {wall_s / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
-    atomic_write_bytes(os.path.join(workdir, "results.md"), text.encode())
-    atomic_write_json(os.path.join(workdir, "summary.json"),
-                      reporting.jsonable({"seeds": list(seeds), "wall_s": wall_s, "rows": rows}))
+    atomic_write_bytes(run_dir.results, text.encode())
+    atomic_write_json(run_dir.summary, metrics_log.jsonable({"seeds": list(seeds), "wall_s": wall_s, "rows": rows}))
     if len(seeds) > 1:
         print(f"\n{text}", flush=True)
 
 
-def write_city_table(config, workdir, seeds, rows_by_city: dict, wall_s) -> None:
-    """Cityscapes -> NTHU over several cities (each run in ``workdir/<City>/``): the seed's
-    per-city table (source-only and every method's last round) with the mean over cities, at
-    ``workdir/results.md``; every row of every city in ``workdir/summary.json``."""
-    names = labels_lib.class_names(config.num_classes)
-    table_classes, _ = class_lists(config)
+def write_city_table(report, run_dir: RunDir, seeds, rows_by_city: dict, wall_s) -> None:
+    """Cityscapes -> NTHU over several cities (each run in its city's folder of ``run_dir``): the
+    seed's per-city table (source-only and every method's last round) with the mean over cities,
+    in ``run_dir``'s results; every row of every city in its summary (``report``:
+    ``settings.Reporting``)."""
+    names = labels_lib.class_names(report.num_classes)
+    table_classes = report.table_classes
     sub = {city: [dict(r, iou=[r["iou"][c] for c in table_classes]) for r in rows]
            for city, rows in rows_by_city.items()}
-    rounds = config.self_training.rounds
-    table = reporting.city_table(sub, [names[c] for c in table_classes], rounds - 1 if rounds > 0 else None)
+    rounds = report.rounds
+    table = tables.city_table(sub, [names[c] for c in table_classes], rounds - 1 if rounds > 0 else None)
     cities = list(rows_by_city)
     text = (f"# Results per city ({', '.join(cities)}), seeds {list(seeds)}\n\n{table}\n\n"
             f"Self-training methods at their last round (r{max(rounds - 1, 0)}); every round of each city, with "
-            f"mean ± std over seeds: {', '.join(f'{c}/results.md' for c in cities)}.\n\nwall time "
+            f"mean ± std over seeds: "
+            f"{', '.join(os.path.relpath(run_dir.city(c).results, run_dir.path) for c in cities)}"
+            f".\n\nwall time "
             f"{wall_s / 60:.1f} min on {jax.device_count()} {jax.devices()[0].platform} device(s)\n")
-    atomic_write_bytes(os.path.join(workdir, "results.md"), text.encode())
-    atomic_write_json(os.path.join(workdir, "summary.json"),
-                      reporting.jsonable({"cities": cities, "seeds": list(seeds), "wall_s": wall_s,
+    atomic_write_bytes(run_dir.results, text.encode())
+    atomic_write_json(run_dir.summary,
+                      metrics_log.jsonable({"cities": cities, "seeds": list(seeds), "wall_s": wall_s,
                                           "rows": {city: rows for city, rows in rows_by_city.items()}}))
     print(f"\n{text}", flush=True)

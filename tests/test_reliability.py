@@ -531,20 +531,20 @@ def test_a_stopped_run_ends_whatever_the_signal_interrupted(tmp_path, stuck):
     script = (
         "import os, signal, sys, threading, time\n"
         "sys.path.insert(0, sys.argv[1])\n"
-        "from cbst_jax import main\n"
-        "main.STOP_GRACE_S = 1.0 if sys.argv[2] != 'unwinding, signalled again' else 600\n"
-        "main.StopRequest().install()\n"
+        "from cbst_jax.cli import run\n"
+        "run.STOP_GRACE_S = 1.0 if sys.argv[2] != 'unwinding, signalled again' else 600\n"
+        "run.StopRequest().install()\n"
         "threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon\n"
         "try:\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(600)\n"
-        "except main.Stopped as e:\n"
+        "except run.Stopped as e:\n"
         "    if sys.argv[2] == 'swallowed':\n"
         "        time.sleep(600)  # the run goes on\n"
         "    if sys.argv[2].startswith('unwinding'):\n"
         "        print('unwinding', flush=True)\n"
         "        threading.Event().wait()  # a close that never returns\n"
-        "    main._end_stopped(e)\n")
+        "    run._end_stopped(e)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, ROOT, stuck], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"

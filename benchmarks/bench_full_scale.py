@@ -356,11 +356,17 @@ def main(argv=None):
         forward_rows_by_stage=rows, network_shapes=data["shapes"], outputs=output_shapes(workdir),
         stages=exclusive_times(data["stage_events"]), programs_compiled_by_stage=dict(compiles),
         compile_s=round(sum(r["seconds"] for r in data["compiles"]), 1))
+    return finish(summary, "full_scale.json", None if args.workdir else scratch)
+
+
+def finish(summary: dict, name: str, scratch: str | None) -> int:
+    """A benchmark's end: its summary as ``$OUT/<name>`` (when ``$OUT`` is set) and on stdout, its
+    scratch folder removed (None: the user's workdir, kept)."""
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "full_scale.json"), "w") as f:
+        with open(os.path.join(out, name), "w") as f:
             json.dump(summary, f, indent=1)
-    if not args.workdir:
+    if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(summary))
     return 0

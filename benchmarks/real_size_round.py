@@ -35,12 +35,11 @@ import json
 import multiprocessing
 import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
 
-from benchmarks.bench_full_scale import exclusive_times, output_shapes, phase_rows
+from benchmarks.bench_full_scale import exclusive_times, finish, output_shapes, phase_rows
 from benchmarks.count_compiles import run_child
 
 PAPER = dict(label=2975, evaluate=500, source_list=19984)  # Cityscapes train / val; CRST's GTA5 list
@@ -243,14 +242,7 @@ def main(argv=None):
         device_peak_gib=data.get("device_peak_gib"), peak_rss_gib=round(peak_rss_gib, 2),
         child_vm_hwm_gib=round((data["vm_hwm_mib"] or 0) / 1024, 2), outputs=output_shapes(workdir),
         paper_round_projection=project)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "real_size_round.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-    if not args.workdir:
-        shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(summary))
-    return 0
+    return finish(summary, "real_size_round.json", None if args.workdir else scratch)
 
 
 if __name__ == "__main__":

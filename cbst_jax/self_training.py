@@ -254,8 +254,8 @@ class RoundLoop:
 
         state, summary = trainer.resume(phase, online_iterator(exp, stage), start)
         if not ledger.recorded(stage, "pseudo_labels"):
-            ledger.record(stage, summary.tally.row(exp.seed, method.name, stage.round,
-                                                   exp.labelling.portion_at(stage.round)))
+            portion = exp.labelling.portion_at(stage.round) if method.online == "class_balanced" else None
+            ledger.record(stage, summary.tally.row(exp.seed, method.name, stage.round, portion))
         return state, summary
 
     def eval_slots(self, stage: Stage) -> list[str]:

@@ -115,7 +115,8 @@ def pseudo_label_table(rows: Sequence[dict], class_names: Sequence[str], classes
     body = []
     for (method, rnd), rs in groups.items():
         share = np.mean([[r["share"][c] for c in classes] for r in rs], axis=0)
-        cells = [Stage(method, rnd).label, f"{np.mean([r['portion'] for r in rs]):.2f}",
+        portions = [r["portion"] for r in rs if r.get("portion") is not None]  # None: online_fixed (no p)
+        cells = [Stage(method, rnd).label, f"{np.mean(portions):.2f}" if portions else "–",
                  f"{100 * np.mean([r['selected_fraction'] for r in rs]):.1f}"]
         for j, c in enumerate(classes):
             prec = [none_as_nan(r["precision"][c]) for r in rs if "precision" in r]
@@ -129,7 +130,10 @@ def pseudo_label_table(rows: Sequence[dict], class_names: Sequence[str], classes
     return (_markdown(["method", "p", "selected %"] + [class_names[c] for c in classes], body)
             + f"\n\nShare of the selected pseudo-label pixels per class in %, and (in brackets) their precision in "
               f"% against the hidden target labels, mean over seeds {seeds} (precision: over the seeds that "
-              f"selected the class; – none did).")
+              f"selected the class; – none did)."
+            + (" Online rows count every target batch the round's teacher labelled; selected: pixel weight > 0 "
+               "(online_fixed: every pixel outside the ignored rows once any pixel reaches tau)."
+               if any(r.get("online") for r in rows) else ""))
 
 
 def health_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:

@@ -585,6 +585,11 @@ def _validate_online(config, methods) -> None:
     if online and config.self_training.rounds > 0 and config.self_training.steps_per_round < 1:
         _fail("self_training.steps_per_round", config.self_training.steps_per_round,
               f"a step count >= 1 for the online method {online[0].name} (its rounds are steps, not epochs)")
+    rows = config.online.ignore_top + config.online.ignore_bottom
+    if any(m.online == "fixed" for m in online) and rows >= config.input.crop[0]:
+        _fail(f"{o}.ignore_bottom", config.online.ignore_bottom,
+              f"ignored rows (online.ignore_top + ignore_bottom = {rows}) fewer than the crop's "
+              f"{config.input.crop[0]} rows for online_fixed (DAFormer's 15 + 120 are for 512-row crops)")
     if any(m.spatial_prior for m in online):
         crop, canvas = tuple(config.input.crop), tuple(config.input.eval_size)
         if crop[0] > canvas[0] or crop[1] > canvas[1]:

@@ -77,7 +77,9 @@ def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str], subse
 # The comparisons the seed's tables make, as (method, baseline): each round of the method against
 # the same round of the baseline (source-only has one row, used for every round).
 PAIRED = (("st", "source_only"), ("st_sp", "st"), ("cbst", "st"), ("cbst", "source_only"), ("cbst_sp", "cbst"),
-          ("cbst_sp+mst", "cbst_sp"), ("mrkld", "cbst"), ("lrent", "cbst"))
+          ("cbst_sp+mst", "cbst_sp"), ("mrkld", "cbst"), ("lrent", "cbst"),
+          ("online_fixed", "source_only"), ("online_cbst", "online_fixed"), ("online_cbst_sp", "online_cbst"),
+          ("online_cbst", "cbst"), ("online_cbst_sp", "cbst_sp"))
 
 
 def paired_differences_table(rows: Sequence[dict], pairs=PAIRED) -> str:

@@ -311,4 +311,5 @@ def make_online_step(model, tx, config: OnlineConfig, mesh, param_labels=None):
     return step
 
 
-__all__ = ["OnlineTrainState", "OnlineConfig", "state_shardings", "online_state_initializer", "make_online_step", "label_counts"]
+__all__ = ["OnlineTrainState", "OnlineConfig", "state_shardings", "online_state_initializer", "make_online_step",
+           "label_counts"]

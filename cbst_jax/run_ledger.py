@@ -131,10 +131,14 @@ class RunLedger:
     def online_state(self, stage: Stage, like):
         """The online state a trained online round ended with (``like``: a state of its structure,
         for shapes, dtypes and shardings), read from its verified folder (``trained`` checked it)."""
+        states = checkpointing.RunCheckpoints(self.seed_dir.online_state(stage), max_to_keep=1)
         try:
-            return checkpointing.RunCheckpoints(self.seed_dir.online_state(stage), max_to_keep=1).restore(like, 0)[0]
+            return states.restore(like, 0)[0]
         except checkpointing.CheckpointError as e:
-            raise RunError(f"{e}; rerun the same command: stage {stage.key} is then trained again") from None
+            raise RunError(f"{e} (its digest matched: another configuration's state, e.g. another "
+                           f"self_training.optimizer after resume_from_stage)") from None
+        finally:
+            states.close()
 
     def labelled(self, stage: Stage) -> bool:
         """Labelled, with every pseudo-label file present and matching its manifest."""

@@ -145,6 +145,26 @@ def base_config() -> ml_collections.ConfigDict:
         entropy_fraction=0.25,  # entropy_drop: mean prediction entropy < this x round 0's (0: off)
     ))
 
+    # the online methods (methods.py: online_fixed, online_cbst, online_cbst_sp; docs/online.md): DAFormer's
+    # published values (lhoyer/DAFormer configs, cited in docs/online.md); a round is
+    # self_training.steps_per_round online steps at self_training.lr's round schedule and portion p_r
+    c.online = ml_collections.ConfigDict(dict(
+        batch_size=0,               # source crops and target crops per step (global, each); 0: input.batch_size
+        alpha=0.999,                # EMA teacher, min(1 - 1/(t+1), alpha)
+        tau=0.968,                  # fixed policy: the share of the batch's pixels with confidence >= tau
+        ignore_top=15,              # fixed policy: pseudo-weight 0 in the crop's top / bottom rows
+        ignore_bottom=120,
+        window_batches=8,           # class-balanced policy: lambda_c over the last W target batches
+        color_jitter_strength=0.2,  # DACS colour jitter on the mixed image
+        color_jitter_probability=0.8,
+        blur=True,                  # DACS Gaussian blur on the mixed image
+        rcs_temperature=0.01,       # rare-class sampling of source images, softmax((1 - f_c)/T); 0: uniform
+        rcs_min_pixels=3000,        # an image qualifies for class c with more than this many pixels of c
+        rcs_min_crop_ratio=0.5,     # a crop is re-drawn (up to 10 times) until it holds > ratio x min_pixels
+        fd_weight=0.0,              # ImageNet feature distance on thing classes (DAFormer: 0.005); needs fd_layer
+        fd_layer=(),                # the network's module path of the compared features, e.g. ("backbone", "norm4")
+    ))
+
     # scales (relative to input.eval_size) and flip of pseudo-labelling (predict) and of evaluation
     c.predict = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True))
     c.evaluate = ml_collections.ConfigDict(dict(scales=(1.0,), flip=True,
@@ -269,6 +289,24 @@ KEY_HELP = {
                                                  "windows (0: off)",
     "self_training.collapse_guard.entropy_fraction": "collapse guard: fires when the mean prediction entropy on "
                                                      "the target falls below this x round 0's (0: off)",
+    "online.batch_size": "online methods: source crops and target crops per step (global, each); 0: "
+                         "input.batch_size",
+    "online.alpha": "online methods: EMA weight of the teacher, min(1 - 1/(t+1), alpha) (DAFormer: 0.999)",
+    "online.tau": "online_fixed: pseudo-weight = share of the batch's pixels with confidence >= tau (0.968)",
+    "online.ignore_top": "online_fixed: crop rows at the top with pseudo-weight 0 (DAFormer: 15)",
+    "online.ignore_bottom": "online_fixed: crop rows at the bottom with pseudo-weight 0 (DAFormer: 120)",
+    "online.window_batches": "online class-balanced methods: lambda_c over the last this many target batches",
+    "online.color_jitter_strength": "online methods: DACS colour jitter strength on the mixed image (0.2)",
+    "online.color_jitter_probability": "online methods: probability of that colour jitter per batch (0.8)",
+    "online.blur": "online methods: DACS Gaussian blur on the mixed image",
+    "online.rcs_temperature": "online methods: rare-class sampling of source images, softmax((1 - f_c)/T) "
+                              "(DAFormer: 0.01); 0: uniform",
+    "online.rcs_min_pixels": "online methods: an image is drawn for class c if it holds more pixels of c (3000)",
+    "online.rcs_min_crop_ratio": "online methods: crops re-drawn until they hold > ratio x min_pixels of c (0.5)",
+    "online.fd_weight": "online methods: weight of the ImageNet feature distance on thing classes (DAFormer: "
+                        "0.005; 0: off)",
+    "online.fd_layer": "online methods: module path of the features the feature distance compares, e.g. "
+                       "('backbone', 'norm4') for MiT",
     "predict.scales": "pseudo-labelling scales, relative to input.eval_size",
     "predict.flip": "pseudo-labelling averages with the flipped image",
     "evaluate.scales": "evaluation scales, relative to input.eval_size",
@@ -483,6 +521,7 @@ def validate(config, *, need_roots: bool = True) -> None:
     _check_number(config, f"{guard}.loss_rise", lambda v: v > 0, "a relative rise > 0 (0.5: 50 %)")
     _check_count(config, f"{guard}.loss_windows", 0, "a number of loss windows >= 0 (0: off)")
     _check_number(config, f"{guard}.entropy_fraction", lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0: off)")
+    _validate_online(config, methods)
     _check_count(config, "log_every", 1, "a positive number of training steps")
     _check_count(config, "checkpoint_every", 1, "a positive number of training steps")
     if config.source.lanemarking_as_road and config.source.name != "synthia":
@@ -519,6 +558,43 @@ def validate(config, *, need_roots: bool = True) -> None:
                                   f"or run `python -m experiments.synthetic`, which needs no download")
             if not os.path.isdir(d.root) and not str(d.root).startswith("tfds:"):
                 _fail(f"{side}.root", d.root, f"an existing folder holding {d.name} (see docs/datasets.md)")
+
+
+def _validate_online(config, methods) -> None:
+    """The ``online.*`` keys (read by every run, used by the online methods)."""
+    o = "online"
+    _check_count(config, f"{o}.batch_size", 0, "a positive global batch size, or 0 for input.batch_size's")
+    _check_number(config, f"{o}.alpha", lambda v: 0 < v < 1, "an EMA weight in (0, 1) (DAFormer: 0.999)")
+    _check_number(config, f"{o}.tau", lambda v: 0 < v <= 1, "a confidence threshold in (0, 1] (DAFormer: 0.968)")
+    _check_count(config, f"{o}.ignore_top", 0, "a row count >= 0")
+    _check_count(config, f"{o}.ignore_bottom", 0, "a row count >= 0")
+    _check_count(config, f"{o}.window_batches", 1, "a number of target batches >= 1")
+    _check_number(config, f"{o}.color_jitter_strength", lambda v: v >= 0, "a jitter strength >= 0 (DACS: 0.2)")
+    _check_number(config, f"{o}.color_jitter_probability", lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+    _check_choice(config, f"{o}.blur", (True, False))
+    _check_number(config, f"{o}.rcs_temperature", lambda v: v >= 0, "a temperature >= 0 (0: uniform sampling)")
+    _check_count(config, f"{o}.rcs_min_pixels", 0, "a pixel count >= 0")
+    _check_number(config, f"{o}.rcs_min_crop_ratio", lambda v: 0 <= v <= 1, "a ratio in [0, 1]")
+    _check_number(config, f"{o}.fd_weight", lambda v: v >= 0, "a weight >= 0 (0: no feature distance)")
+    layer = config.online.fd_layer
+    if not (isinstance(layer, (tuple, list)) and all(isinstance(p, str) and p for p in layer)):
+        _fail(f"{o}.fd_layer", layer, "a tuple of module names, e.g. ('backbone', 'norm4')")
+    if config.online.fd_weight > 0 and not layer:
+        _fail(f"{o}.fd_layer", tuple(layer), "the module path of the compared features when online.fd_weight > 0")
+    online = [m for m in methods if m.online]
+    if online and config.self_training.rounds > 0 and config.self_training.steps_per_round < 1:
+        _fail("self_training.steps_per_round", config.self_training.steps_per_round,
+              f"a step count >= 1 for the online method {online[0].name} (its rounds are steps, not epochs)")
+    rows = config.online.ignore_top + config.online.ignore_bottom
+    if any(m.online == "fixed" for m in online) and rows >= config.input.crop[0]:
+        _fail(f"{o}.ignore_bottom", config.online.ignore_bottom,
+              f"ignored rows (online.ignore_top + ignore_bottom = {rows}) fewer than the crop's "
+              f"{config.input.crop[0]} rows for online_fixed (DAFormer's 15 + 120 are for 512-row crops)")
+    if any(m.spatial_prior for m in online):
+        crop, canvas = tuple(config.input.crop), tuple(config.input.eval_size)
+        if crop[0] > canvas[0] or crop[1] > canvas[1]:
+            _fail("input.crop", crop, f"a crop within input.eval_size {canvas} for "
+                  f"{next(m.name for m in online if m.spatial_prior)} (the spatial prior lies on that canvas)")
 
 
 def init_file(config) -> str:

@@ -38,11 +38,13 @@ class Experiment:
     evaluation: settings.Evaluation
     guard: settings.Guard
     reporting: settings.Reporting
+    online: settings.Online = None  # the online methods' rounds (online.*)
     initial_variables: dict = None  # the network's variables before any training (random init + model.init)
     weights_metadata: dict = None   # what every weights file of the run records (cbst_jax.models)
     prior: object = None     # the spatial prior q on the canvas, replicated (CBST-SP, ST-SP)
     eval_predictor: Predictor | None = None  # evaluation: evaluate.scales / evaluate.flip (None: predictor)
     mst_predictor: Predictor | None = None   # the extra multi-scale evaluation of evaluate.mst_methods
+    source_class_counts: object = None  # (N, C) pixels of each class per source image (online rare-class sampling)
 
     @property
     def num_classes(self) -> int:
@@ -99,9 +101,11 @@ def build(config, seed_dir: SeedDir, seed: int, city: str | None = None, methods
                      source_phase=settings.source_phase(config, seed), round_phase=settings.round_phase(config, seed),
                      training=settings.training(config), labelling=settings.labelling(config), evaluation=evaluation,
                      guard=settings.guard(config), reporting=settings.reporting(config, methods),
-                     eval_predictor=eval_predictor, mst_predictor=mst)
+                     online=settings.online(config, seed), eval_predictor=eval_predictor, mst_predictor=mst)
     if any(m.spatial_prior for m in exp.methods):
         exp.prior = spatial_prior(config, exp)
+    if any(m.online for m in exp.methods) and exp.online.rcs_temperature > 0 and config.self_training.rounds > 0:
+        exp.source_class_counts = source_class_counts(data.source, exp.num_classes)
     preflight.check_adaptation_split(config, data, city)
     exp.initial_variables = model_init.init_variables(config, network, exp.rng, tuple(config.input.crop))
     exp.weights_metadata = weights_metadata(config, network, seed=seed)
@@ -133,6 +137,16 @@ def inference_settings(config) -> dict:
     settings = config.get("evaluate") or config.predict
     return {"canvas": [int(v) for v in config.input.eval_size], "scales": [float(s) for s in settings["scales"]],
             "flip": bool(settings["flip"])}
+
+
+def source_class_counts(source, num_classes: int):
+    """(N, C) int64: each source label map's pixels of each class, on the full maps (DAFormer counts
+    them once per dataset for rare-class sampling; here once per seed's run)."""
+    from cbst_jax.rare_class_sampling import image_class_counts
+
+    maps = (source[i]["label"] for i in tqdm(range(len(source)), desc="source class counts",
+                                             disable=jax.process_index() != 0, leave=False))
+    return image_class_counts(maps, num_classes)
 
 
 def spatial_prior(config, exp: Experiment):

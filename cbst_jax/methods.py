@@ -11,7 +11,14 @@ Every method starts from the same source model (round 0) and runs the same round
 * ``label_regularizer``: CRST LR*: soft pseudo-labels, the closed-form minimisers of the
   label-regularised objective at CBST's λ (``cbst_jax.crst``, stored by ``cbst_jax.soft_labels``);
 * ``model_regularizer``: CRST MR*: a regulariser of the model's target predictions added to the
-  retraining loss (``cbst_jax.losses``).
+  retraining loss (``cbst_jax.losses``);
+* ``online``: the online teacher-student recipe (DACS / DAFormer, ``docs/online.md``) instead of
+  offline rounds: an EMA teacher labels every target batch inside the jitted step
+  (``cbst_jax.online_step``), with DAFormer's one confidence threshold (``"fixed"``) or the seed's
+  class-balanced λ_c over a window of recent batches (``"class_balanced"``); a round is then a
+  stretch of ``steps_per_round`` online steps at the round's portion p_r, and the whole online
+  state (student, teacher, optimiser, window, RNG) carries from one round to the next. No
+  offline labelling pass.
 
 Stages: a run is the source stage, then ``(method, round)`` for every self-training method and
 round. :class:`Stage` names them, with one spelling for people and one for files: its ``key``
@@ -31,10 +38,11 @@ class Method:
     spatial_prior: bool = False
     label_regularizer: str | None = None  # "lrent" | "lrl2" | "lrkld"
     model_regularizer: str | None = None  # "mrent" | "mrkld" | "mrl2"
+    online: str | None = None            # "fixed" | "class_balanced": online teacher-student; None: offline
 
     @property
     def self_trains(self) -> bool:
-        return self.policy is not None
+        return self.policy is not None or self.online is not None
 
     @property
     def soft_labels(self) -> bool:
@@ -53,6 +61,9 @@ TABLE = (
     Method("lrent", "cbst", label_regularizer="lrent"),
     Method("lrl2", "cbst", label_regularizer="lrl2"),
     Method("lrkld", "cbst", label_regularizer="lrkld"),
+    Method("online_fixed", None, online="fixed"),
+    Method("online_cbst", None, online="class_balanced"),
+    Method("online_cbst_sp", None, spatial_prior=True, online="class_balanced"),
 )
 BY_NAME = {m.name: m for m in TABLE}
 NAMES = tuple(BY_NAME)
@@ -80,6 +91,12 @@ class Stage:
     """One unit of a run: the source model (``round is None``) or a method's round."""
     method: str
     round: int | None = None
+
+    @property
+    def online(self) -> bool:
+        """A round of an online method (its training carries an online state; no labelling pass)."""
+        method = BY_NAME.get(self.method)
+        return self.round is not None and method is not None and method.online is not None
 
     @property
     def key(self) -> str:

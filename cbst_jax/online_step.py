@@ -28,7 +28,9 @@ unchanged (window included) with ``finite=False``.
 
 batch (global, sharded on axis 0): ``source_image`` uint8 (B, H, W, 3), ``source_label`` uint8
 (B, H, W) (255 = ignore), ``target_image`` uint8 (B, H, W, 3), and with a spatial prior
-``target_origin`` int32 (B, 2), each target crop's top-left corner in the prior's coordinates.
+``target_origin`` int32 (B, 2), each target crop's top-left corner in the prior's coordinates;
+optionally ``target_truth`` uint8 (B, H, W), the target crops' ground truth where known, only
+counted for the report (:func:`label_counts`), never part of the loss.
 """
 from __future__ import annotations
 
@@ -142,6 +144,25 @@ def online_state_initializer(tx, mesh, config: OnlineConfig, target_shape):
     return init
 
 
+def label_counts(probs, pred, pseudo_label, pseudo_weight, truth, num_classes: int) -> dict:
+    """What a step's pseudo-labels were, for the run's report and collapse guard (never fed back):
+    per class the pixels ``predicted`` (the argmax the thresholds rank), ``selected`` (weight >
+    0) and, with ground truth ``truth`` (evaluation only), ``correct`` selected pixels; the
+    teacher's summed per-pixel entropy ``entropy_sum`` (nats) and the step's ``pixels``."""
+    def per_class(values, keep):
+        return jnp.bincount(jnp.where(keep, values, num_classes).reshape(-1).astype(jnp.int32),
+                            length=num_classes + 1)[:num_classes]
+
+    selected = pseudo_weight > 0
+    p = jnp.asarray(probs, jnp.float32)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    out = dict(predicted=per_class(pred, True), selected=per_class(pseudo_label, selected),
+               entropy_sum=jnp.sum(entropy, dtype=jnp.float32), pixels=jnp.asarray(pred.size, jnp.int32))
+    if truth is not None:
+        out["correct"] = per_class(pseudo_label, selected & (pseudo_label == truth.astype(jnp.int32)))
+    return out
+
+
 def _select(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -160,7 +181,9 @@ def make_online_step(model, tx, config: OnlineConfig, mesh, param_labels=None):
     metrics (replicated): ``loss, ce_source, ce_mix, feature_distance, grad_norm, lr, finite``,
     ``pseudo_share`` (share of target pixels with a non-zero weight), ``pseudo_weight`` (mean
     target pixel weight), ``alpha`` (the EMA weight just used), ``jitter``/``blur`` (applied),
-    and for the class-balanced policy ``thresholds`` (C,) and ``window_class_counts`` (C,).
+    the step's pseudo-label counts (:func:`label_counts`: ``predicted``, ``selected``, ``correct``
+    with a ``target_truth`` batch field, ``entropy_sum``, ``pixels``) and for the class-balanced
+    policy ``thresholds`` (C,) and ``window_class_counts`` (C,).
     """
     num_classes, ignore = int(config.num_classes), int(config.ignore_label)
     use_fd = config.fd_weight > 0
@@ -209,6 +232,7 @@ def make_online_step(model, tx, config: OnlineConfig, mesh, param_labels=None):
         if config.policy == "fixed":
             pseudo_label, pseudo_weight, _ = othr.fixed_pseudo_labels(probs, config.tau, config.ignore_top,
                                                                       config.ignore_bottom)
+            pred = pseudo_label
         else:
             prior = consts["prior"]
             if prior is not None:
@@ -219,6 +243,7 @@ def make_online_step(model, tx, config: OnlineConfig, mesh, param_labels=None):
             thresholds, counts = othr.window_thresholds(window, num_classes, words, mesh)
             pseudo_label, pseudo_weight = othr.class_balanced_pseudo_labels(probs, thresholds, prior, ignore)
             extra = dict(thresholds=thresholds, window_class_counts=counts)
+        extra.update(label_counts(probs, pred, pseudo_label, pseudo_weight, batch.get("target_truth"), num_classes))
 
         # 3. ClassMix, then colour jitter and blur
         mask, _ = class_mix.class_masks(k_mix, source_label, num_classes)
@@ -286,4 +311,5 @@ def make_online_step(model, tx, config: OnlineConfig, mesh, param_labels=None):
     return step
 
 
-__all__ = ["OnlineTrainState", "OnlineConfig", "state_shardings", "online_state_initializer", "make_online_step"]
+__all__ = ["OnlineTrainState", "OnlineConfig", "state_shardings", "online_state_initializer", "make_online_step",
+           "label_counts"]

@@ -99,7 +99,8 @@ def check_batches(config) -> None:
 
     devices = jax.device_count()
     for key, value in (("input.batch_size", config.input.batch_size),
-                       ("source_training.batch_size", config.source_training.batch_size)):  # 0: input's
+                       ("source_training.batch_size", config.source_training.batch_size),  # 0: input's
+                       ("online.batch_size", config.online.batch_size)):
         if value % devices:
             raise config_lib.ConfigError(f"config.{key}={value}: expected a multiple of the {devices} devices "
                                          f"(each device takes an equal share of a training batch)")

@@ -21,6 +21,9 @@ method's rounds). For each stage the ledger knows whether it is *trained*, *labe
   those);
 * each round's pseudo-label store, complete once its manifest (with every file's sha256) is
   written;
+* each online round's final online state (student, teacher, optimiser, threshold window, RNG),
+  recorded with its digest in the round's ``trained`` entry: the next online round starts from
+  it, and a round whose state is missing or damaged counts as not trained;
 * ``config.json``: the configuration that wrote the folder (the seed's, with its seed and
   city: :func:`cbst_jax.config_lib.seed_record`); another configuration is refused (launch keys
   aside), except for the optimiser, logging and collapse-guard settings a ``resume_from_stage``
@@ -54,7 +57,7 @@ from cbst_jax import sharding as shd
 from cbst_jax.atomic_files import atomic_write_bytes, atomic_write_json
 from cbst_jax.errors import RunError, notice
 from cbst_jax.failpoints import failpoint
-from cbst_jax.methods import Stage
+from cbst_jax.methods import SOURCE, Stage
 from cbst_jax.pseudo_label_store import PseudoLabelStore
 from cbst_jax.workdir import LAYOUT, LayoutError, RunDir, SeedDir, WorkdirError
 
@@ -84,6 +87,7 @@ class Progress:
     iterator: dict
     recent_losses: list
     loss_windows: list = dataclasses.field(default_factory=list)
+    tally: dict | None = None  # an online round's pseudo-label tally so far (online_pseudo_labels.Tally.state)
 
 
 def file_sha256(path: str) -> str:
@@ -120,8 +124,21 @@ class RunLedger:
 
     # ------------------------------------------------------------------ questions
     def trained(self, stage: Stage) -> bool:
-        """Trained, with a weights file that matches its recorded digest."""
-        return shd.agree(self._weights_ok(stage))
+        """Trained, with a weights file that matches its recorded digest (an online round: and
+        its online state, which the next round starts from)."""
+        return shd.agree(self._weights_ok(stage) and self._online_state_ok(stage))
+
+    def online_state(self, stage: Stage, like):
+        """The online state a trained online round ended with (``like``: a state of its structure,
+        for shapes, dtypes and shardings), read from its verified folder (``trained`` checked it)."""
+        states = checkpointing.RunCheckpoints(self.seed_dir.online_state(stage), max_to_keep=1)
+        try:
+            return states.restore(like, 0)[0]
+        except checkpointing.CheckpointError as e:
+            raise RunError(f"{e} (its digest matched: another configuration's state, e.g. another "
+                           f"self_training.optimizer after resume_from_stage)") from None
+        finally:
+            states.close()
 
     def labelled(self, stage: Stage) -> bool:
         """Labelled, with every pseudo-label file present and matching its manifest."""
@@ -166,9 +183,15 @@ class RunLedger:
 
     def labels_digest(self, stage: Stage) -> str | None:
         """sha256 over the file digests of a round's pseudo-label manifest (None for the source
-        stage): what a round's training checkpoints trained on."""
+        stage): what a round's training checkpoints trained on. An online round has no store: its
+        checkpoints continue the state it started from, the recorded digest of the previous
+        round's online state (of the source model's weights for round 0)."""
         if stage.round is None:
             return None
+        if stage.online:
+            before = SOURCE if stage.round == 0 else Stage(stage.method, stage.round - 1)
+            trained = self._stage_doc(before).get("trained", {})
+            return trained.get("online_state_sha256") or trained.get("sha256")
         files = self.pseudo_labels(stage).manifest().files
         return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
@@ -184,7 +207,7 @@ class RunLedger:
                 notice(f"{e}; trying an older one")
                 continue
             return Progress(state, int(meta["step"]), meta["iterator"], list(meta.get("recent_losses", [])),
-                            list(meta.get("loss_windows", [])))
+                            list(meta.get("loss_windows", [])), meta.get("tally"))
         return None
 
     def last_trained(self) -> Stage | None:
@@ -203,10 +226,12 @@ class RunLedger:
 
     # ------------------------------------------------------------------ what happened
     def save_progress(self, stage: Stage, state, step: int, iterator: dict, recent_losses: list,
-                      loss_windows=()) -> None:
+                      loss_windows=(), tally: dict | None = None) -> None:
         index = max([int(i) for i in self._doc["checkpoints"]] + self._checkpoints.indices() + [0]) + 1
         meta = {"stage": stage.key, "step": int(step), "iterator": iterator, "recent_losses": list(recent_losses),
                 "loss_windows": list(loss_windows)}
+        if tally is not None:
+            meta["tally"] = tally
         labels = self.labels_digest(stage) if jax.process_index() == 0 else None
         digest = self._checkpoints.save(index, state, meta)
         kept = set(self._checkpoints.indices())
@@ -215,15 +240,29 @@ class RunLedger:
                                                 "labels": labels}
         self._write()
 
-    def stage_trained(self, stage: Stage, variables, metadata: dict, summary) -> None:
+    def stage_trained(self, stage: Stage, variables, metadata: dict, summary, online_state=None) -> None:
         """Writes the stage's weights file (``metadata``: its weights-file metadata) and records
         it with what its training did (``summary``: a ``cbst_jax.trainer.TrainingSummary``, its
         steps, final loss and logged loss-window means, the collapse guard's signal), which makes
-        the stage trained; its training checkpoints are then dropped."""
+        the stage trained; its training checkpoints are then dropped. An online round's
+        ``online_state`` (student, teacher, optimiser, window, RNG: what the next round starts
+        from) is written first, into its own folder, and recorded with its digest."""
         from cbst_jax import models
 
         path = self.seed_dir.weights(stage)
-        digest = None
+        digest, carried = None, {}
+        if online_state is not None:
+            folder = self.seed_dir.online_state(stage)
+            if jax.process_index() == 0 and os.path.exists(folder):
+                shutil.rmtree(folder)  # a kill between this write and the ledger's left it unrecorded
+            shd.barrier("online-state-clear")
+            states = checkpointing.RunCheckpoints(folder, max_to_keep=1)
+            try:
+                carried = {"online_state": self.seed_dir.relative(folder),
+                           "online_state_sha256": states.save(0, online_state, {"stage": stage.key})}
+            finally:
+                states.close()
+            self._verified[folder] = carried["online_state_sha256"]
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             host = jax.tree.map(shd.replicated_to_host, variables)
@@ -238,7 +277,7 @@ class RunLedger:
         failpoint("ledger.weights_written")
         self._stage_doc(stage)["trained"] = {"weights": self.seed_dir.relative(path), "sha256": digest,
                                              "steps": summary.steps, "train_loss": summary.loss,
-                                             "loss_windows": list(summary.loss_windows)}
+                                             "loss_windows": list(summary.loss_windows), **carried}
         self._write()
         shd.barrier("stage-trained")
         self._checkpoints.delete_all_but(set())
@@ -303,6 +342,20 @@ class RunLedger:
         self._verified[path] = trained["sha256"]
         return True
 
+    def _online_state_ok(self, stage: Stage) -> bool:
+        trained = self._stage_doc(stage).get("trained") or {}
+        if "online_state" not in trained or jax.process_index() != 0:
+            return True
+        folder = self.seed_dir.absolute(trained["online_state"])
+        if self._verified.get(folder) == trained["online_state_sha256"]:
+            return True
+        if not os.path.isdir(folder) or checkpointing.directory_digest(folder) != trained["online_state_sha256"]:
+            notice(f"{folder} is missing or does not match the digest recorded when it was written: stage "
+                   f"{stage.key} is trained again")
+            return False
+        self._verified[folder] = trained["online_state_sha256"]
+        return True
+
     def _candidates(self, stage: Stage) -> list[int]:
         """Recorded checkpoints of ``stage``, newest first, whose files match their digest and
         which trained on the round's current pseudo-labels (process 0's answer for all processes)."""
@@ -359,6 +412,7 @@ class RunLedger:
             os.makedirs(aside.path, exist_ok=True)
             moved = [self.seed_dir.checkpoints, self.seed_dir.config]
             moved += [self.seed_dir.weights(s) for s in later] + [self.seed_dir.pseudo_labels(s) for s in later]
+            moved += [self.seed_dir.online_state(s) for s in later]
             for path in moved:
                 if os.path.exists(path):
                     target = aside.absolute(self.seed_dir.relative(path))

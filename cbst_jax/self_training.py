@@ -4,8 +4,12 @@
     for each method (ST, ST-SP, CBST, CBST-SP, CRST variants: cbst_jax.methods), from that model:
         for round r = 0 .. R-1:
             p_r = min(p0 + r·Δp, p_max)                          self-paced portion
-            label the target: λ at p_r, ŷ = argmax q·p/λ where ≥ 1 (cbst_jax.pseudo_labelling)
-            retrain on the round's source subset + pseudo-labelled target (cbst_jax.trainer)
+            offline methods:
+                label the target: λ at p_r, ŷ = argmax q·p/λ where ≥ 1 (cbst_jax.pseudo_labelling)
+                retrain on the round's source subset + pseudo-labelled target (cbst_jax.trainer)
+            online methods (docs/online.md), continuing the previous round's online state:
+                train online: each step's EMA teacher labels its target batch (fixed τ, or λ_c at
+                p_r over a window of recent batches), ClassMix, one jitted step (cbst_jax.online_step)
             evaluate on the target evaluation split (cbst_jax.evaluation)
             record the round (cbst_jax.run_ledger, cbst_jax.run_report)
             judge its health from training-side signals only (cbst_jax.collapse_guard):
@@ -42,7 +46,7 @@ from cbst_jax.evaluation import evaluate
 from cbst_jax.methods import SOURCE, Stage, stages
 from cbst_jax.pseudo_labelling import label_target
 from cbst_jax.run_ledger import RunLedger
-from cbst_jax.trainer import Trainer, TrainingSummary, mixed_iterator, variables_of
+from cbst_jax.trainer import Trainer, TrainingSummary, mixed_iterator, online_iterator, variables_of
 from cbst_jax.workdir import RunDir, SeedDir
 
 
@@ -104,20 +108,24 @@ def self_train(exp, ledger: RunLedger, on_started=None) -> tuple[list, list]:
     for method in exp.methods:
         if not method.self_trains:
             continue
-        variables = source                                           # each method from the source model
+        variables, online = source, None                             # each method from the source model
         for r in range(exp.round_phase.rounds):
             stage = Stage(method.name, r)
             portion = exp.labelling.portion_at(r)                    # p_r
             if ledger.trained(stage):                                # finished before a restart
-                variables = loop.complete(stage, method)
+                variables, online = loop.complete(stage, method), None
                 loop.guard(stage)
                 continue
-            if variables is None:
-                variables = ledger.trained_variables(previous_stage(stage))
-            store = loop.label(stage, method, variables, portion)    # pseudo-labels at p_r, by the previous model
-            state, summary = loop.retrain(stage, method, variables, store)  # then its optimiser state
+            if method.online:                                        # the teacher labels every batch, at p_r
+                state, summary = loop.train_online(stage, method, online, variables)
+                online, store = state, None
+            else:
+                if variables is None:
+                    variables = ledger.trained_variables(previous_stage(stage))
+                store = loop.label(stage, method, variables, portion)  # pseudo-labels at p_r, by the previous model
+                state, summary = loop.retrain(stage, method, variables, store)  # then its optimiser state
             variables = variables_of(state)
-            ledger.stage_trained(stage, variables, exp.weights_metadata, summary)
+            ledger.stage_trained(stage, variables, exp.weights_metadata, summary, online_state=online)
             loop.health(stage)                                       # training-side signals, before evaluation
             loop.evaluate_and_record(stage, method, variables, store, portion=portion, steps=summary.steps,
                                      train_loss=summary.loss)
@@ -227,6 +235,29 @@ class RoundLoop:
         training = self.trainer.round_phase(stage, method, phase.steps(it.sampler.batches_per_epoch()))
         return self.trainer.resume(training, it, lambda: self.trainer.round_state(previous, stage))
 
+    def train_online(self, stage: Stage, method, carried, source):
+        """An online round: ``steps_per_round`` online steps (``Trainer.online_phase``) from its
+        newest checkpoint, else from the state the previous round ended with (``carried`` when at
+        hand, else read from the ledger), else, for round 0, from the source model's variables
+        ``source`` as student and teacher. Records the round's pseudo-label row (from the steps'
+        counts) before the round counts as trained; returns ``(state, TrainingSummary)``."""
+        exp, ledger, trainer = self.exp, self.ledger, self.trainer
+        phase = trainer.online_phase(stage, method)
+
+        def start():
+            if carried is not None:
+                return carried
+            if stage.round == 0:
+                return trainer.online_state(source if source is not None else ledger.trained_variables(SOURCE),
+                                            method, stage)
+            return ledger.online_state(previous_stage(stage), phase.like())
+
+        state, summary = trainer.resume(phase, online_iterator(exp, stage), start)
+        if not ledger.recorded(stage, "pseudo_labels"):
+            portion = exp.labelling.portion_at(stage.round) if method.online == "class_balanced" else None
+            ledger.record(stage, summary.tally.row(exp.seed, method.name, stage.round, portion))
+        return state, summary
+
     def eval_slots(self, stage: Stage) -> list[str]:
         """The evaluation rows a stage gets: "eval", and "eval+mst" for ``evaluate.mst_methods``."""
         return ["eval"] + (["eval+mst"] if stage.method in self.exp.evaluation.mst_methods else [])
@@ -235,7 +266,7 @@ class RoundLoop:
         """The files a stage owns besides its weights, by kind: its kept predictions and, for a
         round, its pseudo-label figure."""
         files = {"predictions": self.exp.seed_dir.predictions(stage)}
-        if stage.round is not None:
+        if stage.round is not None and not stage.online:
             files["figure"] = self.exp.seed_dir.pseudo_label_figure(stage)
         return files
 

@@ -5,8 +5,8 @@ what every training phase shares, the collapse guard and the report. The loop an
 ``cbst_jax.run_report``, ``cbst_jax.collapse_guard``) take these records, never the
 configuration; the seed and the NTHU city a run is for are arguments, never written into it.
 
-An online phase (``docs/online.md``) would add its record here, beside :class:`SourcePhase` and
-:class:`RoundPhase`.
+The online methods' rounds (``docs/online.md``) add :class:`Online`: what differs from an
+offline round's training (the per-step batches, the teacher, the mixing, the threshold window).
 """
 from __future__ import annotations
 
@@ -106,6 +106,39 @@ class RoundPhase:
         return pipeline.round_sampler(num_source, num_target, round_idx, batch_size=self.batch_size,
                                       mode=self.sampler_mode, source_per_batch=self.source_per_batch, s0=s0, ds=ds,
                                       s_max=smax, subset_schedule=self.subset_schedule, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Online:
+    """An online method's round (``online.*``): ``RoundPhase.steps_per_round`` online steps, each a
+    source batch and a target batch of ``batch_size`` crops (``cbst_jax.data.online_batches``) and
+    one jitted step (``cbst_jax.online_step``) at the round's learning rate and portion p_r."""
+    batch_size: int         # global rows of the source batch and of the target batch of a step
+    alpha: float            # EMA weight of the teacher
+    tau: float              # the fixed policy's confidence threshold
+    ignore_top: int         # rows of the crop whose pseudo-weight is 0 (fixed policy)
+    ignore_bottom: int
+    window_batches: int     # class-balanced: target batches in the threshold window
+    color_jitter_strength: float
+    color_jitter_probability: float
+    blur: bool
+    rcs_temperature: float  # rare-class sampling of source images (0: uniform)
+    rcs_min_pixels: int
+    rcs_min_crop_ratio: float
+    fd_weight: float        # ImageNet feature distance on thing classes (0: off)
+    fd_layer: tuple         # the network's module path of the features FD compares
+    seed: int
+
+    def step_config(self, num_classes: int, policy: str, training: "Training", stride: int):
+        """The jitted step's options (``online_step.OnlineConfig``) for threshold policy ``policy``."""
+        from cbst_jax.online_step import OnlineConfig
+
+        return OnlineConfig(num_classes=num_classes, policy=policy, alpha=self.alpha, tau=self.tau,
+                            ignore_top=self.ignore_top, ignore_bottom=self.ignore_bottom,
+                            window_batches=self.window_batches, color_jitter_strength=self.color_jitter_strength,
+                            color_jitter_probability=self.color_jitter_probability, blur=self.blur,
+                            fd_weight=self.fd_weight, fd_layer=self.fd_layer,
+                            loss_resolution=training.loss_resolution, stride=stride, train_bn=training.train_bn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +258,17 @@ def reporting(config, methods) -> Reporting:
 def methods(config) -> tuple:
     """The methods of ``config.methods``, in the order they run: the method list parsed once per run."""
     return tuple(methods_lib.parse(config.methods))
+
+
+def online(config, seed: int) -> Online:
+    o = config.online
+    return Online(batch_size=o.batch_size or config.input.batch_size, alpha=float(o.alpha), tau=float(o.tau),
+                  ignore_top=int(o.ignore_top), ignore_bottom=int(o.ignore_bottom),
+                  window_batches=int(o.window_batches), color_jitter_strength=float(o.color_jitter_strength),
+                  color_jitter_probability=float(o.color_jitter_probability), blur=bool(o.blur),
+                  rcs_temperature=float(o.rcs_temperature), rcs_min_pixels=int(o.rcs_min_pixels),
+                  rcs_min_crop_ratio=float(o.rcs_min_crop_ratio), fd_weight=float(o.fd_weight),
+                  fd_layer=tuple(str(p) for p in o.fd_layer), seed=seed)
 
 
 def training(config) -> Training:

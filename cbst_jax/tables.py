@@ -77,7 +77,9 @@ def seed_aggregate_table(rows: Sequence[dict], class_names: Sequence[str], subse
 # The comparisons the seed's tables make, as (method, baseline): each round of the method against
 # the same round of the baseline (source-only has one row, used for every round).
 PAIRED = (("st", "source_only"), ("st_sp", "st"), ("cbst", "st"), ("cbst", "source_only"), ("cbst_sp", "cbst"),
-          ("cbst_sp+mst", "cbst_sp"), ("mrkld", "cbst"), ("lrent", "cbst"))
+          ("cbst_sp+mst", "cbst_sp"), ("mrkld", "cbst"), ("lrent", "cbst"),
+          ("online_fixed", "source_only"), ("online_cbst", "online_fixed"), ("online_cbst_sp", "online_cbst"),
+          ("online_cbst", "cbst"), ("online_cbst_sp", "cbst_sp"))
 
 
 def paired_differences_table(rows: Sequence[dict], pairs=PAIRED) -> str:
@@ -115,7 +117,8 @@ def pseudo_label_table(rows: Sequence[dict], class_names: Sequence[str], classes
     body = []
     for (method, rnd), rs in groups.items():
         share = np.mean([[r["share"][c] for c in classes] for r in rs], axis=0)
-        cells = [Stage(method, rnd).label, f"{np.mean([r['portion'] for r in rs]):.2f}",
+        portions = [r["portion"] for r in rs if r.get("portion") is not None]  # None: online_fixed (no p)
+        cells = [Stage(method, rnd).label, f"{np.mean(portions):.2f}" if portions else "–",
                  f"{100 * np.mean([r['selected_fraction'] for r in rs]):.1f}"]
         for j, c in enumerate(classes):
             prec = [none_as_nan(r["precision"][c]) for r in rs if "precision" in r]
@@ -129,7 +132,10 @@ def pseudo_label_table(rows: Sequence[dict], class_names: Sequence[str], classes
     return (_markdown(["method", "p", "selected %"] + [class_names[c] for c in classes], body)
             + f"\n\nShare of the selected pseudo-label pixels per class in %, and (in brackets) their precision in "
               f"% against the hidden target labels, mean over seeds {seeds} (precision: over the seeds that "
-              f"selected the class; – none did).")
+              f"selected the class; – none did)."
+            + (" Online rows count every target batch the round's teacher labelled; selected: pixel weight > 0 "
+               "(online_fixed: every pixel outside the ignored rows once any pixel reaches tau)."
+               if any(r.get("online") for r in rows) else ""))
 
 
 def health_table(rows: Sequence[dict], class_names: Sequence[str]) -> str:

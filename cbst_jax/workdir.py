@@ -19,6 +19,7 @@ finished run opens is built here, and every file a run leaves behind is named he
         models/<slug>.npz          each trained stage's weights
         predictions/<slug>.npz     each evaluated stage's kept predictions
         pseudo_labels/<slug>/      each round's pseudo-label store (cbst_jax.pseudo_label_store)
+        online_states/<slug>/0/    each online round's final state, the next online round's start
         figures/pseudo_labels_<slug>.png, figures/<figure>.png (miou_per_round, pseudo_label_stats,
                                    predictions)
         results.md, eval_overlap.json, spatial_prior.npz
@@ -136,6 +137,10 @@ class SeedDir:
         """The folder of a round's pseudo-label store."""
         return self._at("pseudo_labels", stage.slug)
 
+    def online_state(self, stage: Stage) -> str:
+        """The folder of an online round's final state (a one-checkpoint ``cbst_jax.checkpointing`` folder)."""
+        return self._at("online_states", stage.slug)
+
     def pseudo_label_figure(self, stage: Stage) -> str:
         return self._at("figures", f"pseudo_labels_{stage.slug}.png")
 
@@ -197,6 +202,13 @@ class SeedDir:
         if top in ("models", "predictions") and len(rest) == 1 and name.endswith(".npz"):
             stage = _stage_of(name[:-len(".npz")])
             return Claim("weights" if top == "models" else "predictions", stage) if stage else None
+        if top == "online_states" and len(rest) > 2:
+            from cbst_jax.checkpointing import TMP_MARKER
+
+            stage = _stage_of(rest[0])
+            if stage is None or not stage.online:
+                return None
+            return Claim("temporary" if TMP_MARKER in rest[1] else "online_state", stage)
         if top == "pseudo_labels" and len(rest) == 2:
             from cbst_jax.pseudo_label_store import PseudoLabelStore
 

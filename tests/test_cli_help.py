@@ -65,7 +65,7 @@ def test_synthetic_help_names_its_variants():
     assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
     names = [line.split()[0] for line in res.stdout.splitlines() if line.startswith("  ")
              and line.split()[0] in synthetic.VARIANTS]
-    assert names == ["quick", "gpu", "camera_shift"]
+    assert names == ["quick", "gpu", "camera_shift", "online"]
     assert "default: none, the recipe as the file sets it" in res.stdout
     assert "  methods = 'source_only,st,st_sp,cbst,cbst_sp,mrkld'" in res.stdout
 

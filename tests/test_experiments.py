@@ -288,6 +288,36 @@ def test_gta5_cityscapes_daformer_variant_on_fixture_folders(tmp_path):
     assert not np.allclose(stats["fuse_layer"]["bottleneck"]["bn"]["mean"], 0)  # trained BN statistics
 
 
+def test_gta5_cityscapes_daformer_online_variant_on_fixture_folders(tmp_path):
+    """DAFormer's online recipe end to end on fixture folders at tiny sizes with MiT-B0: EMA
+    teacher, ClassMix, jitter and blur, rare-class sampling (min_pixels shrunk to the 32x64
+    fixtures), the ImageNet feature distance at the encoder's last stage (the initial network as
+    the ImageNet model), the class-balanced thresholds with the spatial prior, trained decoder BN;
+    the round's student is the stage's weights file and its online state is recorded."""
+    make_gta5(tmp_path / "gta5", n=8, size=(32, 64))
+    make_cityscapes(tmp_path / "cityscapes", n_train=4, n_val=2, size=(32, 64))
+    work = run_experiment("experiments.gta5_cityscapes", tmp_path, "--config=daformer_online",
+                          f"--config.source.root={tmp_path / 'gta5'}",
+                          f"--config.target.root={tmp_path / 'cityscapes'}",
+                          "--config.model.name=daformer_mit_b0", "--config.methods=online_cbst_sp",
+                          "--config.source_training.steps=1", "--config.input.eval_size=(64, 128)",
+                          "--config.online.rcs_min_pixels=10", "--config.online.ignore_bottom=8",
+                          tiny=[a for a in TINY if not a.startswith("--config.input.eval_size=")])
+    seed = work / "seed_0"
+    config = json.loads((seed / "config.json").read_text())
+    assert config["variant"] == "daformer_online" and config["online"]["fd_weight"] == 0.005
+    assert config["online"]["fd_layer"] == ["backbone", "norm4"] and config["model"]["train_bn"]
+    assert "online_cbst_sp r0" in (seed / "results.md").read_text()
+    trained = json.loads((seed / "ledger.json").read_text())["stages"]["online_cbst_sp/r0"]["trained"]
+    assert trained["online_state"] == "online_states/online_cbst_sp_r0" and trained["steps"] == 1
+    from cbst_jax import models
+    meta = models.read_metadata(seed / "models" / "online_cbst_sp_r0.npz")
+    assert (meta["architecture"], meta["stage"]) == ("daformer_mit_b0", "online_cbst_sp/r0")
+    pl = [json.loads(line) for line in (seed / "metrics.jsonl").read_text().splitlines()]
+    pl = [r for r in pl if r["kind"] == "pseudo_labels"]
+    assert len(pl) == 1 and pl[0]["online"] and sum(pl[0]["predicted"]) == 2 * 32 * 64
+
+
 def test_synthia_cityscapes_on_fixture_folders(tmp_path):
     """16 classes, mIoU and mIoU* in the seed's table and in the table over seeds; CRST's
     lanemarking-as-road reaches the SYNTHIA reader."""

@@ -151,7 +151,7 @@ def round_sampler(num_source: int, num_target: int, round_idx: int, *, batch_siz
                         seed=int(np.random.SeedSequence([seed, round_idx]).generate_state(1)[0]))
 
 
-def _host_rows(global_batch: int, process_index, process_count) -> slice:
+def host_rows(global_batch: int, process_index, process_count) -> slice:
     import jax  # only here: the pipeline itself never touches devices
 
     pi = jax.process_index() if process_index is None else int(process_index)
@@ -185,7 +185,7 @@ def _grain():
     return grain
 
 
-class _ThreadPrefetcher:
+class ThreadPrefetcher:
     """Builds ``make(k)`` for the next keys k, k+1, ... ahead on a thread pool, strictly in order."""
 
     def __init__(self, make: Callable, depth: int, workers: int, stop: int | None = None):
@@ -277,7 +277,7 @@ def _parallelism(prefetch: int, workers: int | None, processes: bool | None) -> 
 
 
 # ----------------------------------------------------------------- training iterator
-class _Closing:
+class Closing:
     """Context-manager support for the iterators: closing stops their prefetch workers."""
 
     def close(self):
@@ -299,7 +299,7 @@ class _Record:
     table: np.ndarray | None = None
 
 
-def _read(source, index: int, label: bool, decoder: str) -> _Record:
+def read_record(source, index: int, label: bool, decoder: str) -> _Record:
     """Record ``index`` of ``source``: through ``raw_record`` when the source has one (folder
     readers: labels not yet remapped, so only the crop is; images decoded by ``decoder``), else
     ``source[index]``."""
@@ -338,9 +338,9 @@ class _CropBatches:
         = (image slot, label slot) when given."""
         soft = self.target_soft_labels is not None
         if domain == SOURCE:
-            rec = _read(self.source, index, True, self.decoder)
+            rec = read_record(self.source, index, True, self.decoder)
         else:
-            rec = _read(self.target, index, False, self.decoder)
+            rec = read_record(self.target, index, False, self.decoder)
             rec = _Record(rec.image, np.asarray(self.target_labels(index), np.uint8))
             if rec.label.shape != rec.image.shape[:2]:
                 raise ValueError(f"pseudo-label of target {index} has shape {rec.label.shape}, "
@@ -384,7 +384,7 @@ class _CropBatches:
         return out
 
 
-class MixedIterator(_Closing):
+class MixedIterator(Closing):
     """Infinite training stream of host batches for one self-training round.
 
     Yields ``{"image": uint8 (b, ch, cw, 3), "label": uint8 (b, ch, cw) (255 = ignore),
@@ -423,7 +423,7 @@ class MixedIterator(_Closing):
         self.sampler = sampler
         self.parallelism, n = _parallelism(prefetch, workers, processes)
         self._batches = _CropBatches(
-            source, target, sampler, _host_rows(sampler.batch_size, process_index, process_count),
+            source, target, sampler, host_rows(sampler.batch_size, process_index, process_count),
             tuple(int(c) for c in crop_size), target_labels, tuple(scale_range),
             tuple(scale_range if target_scale_range is None else target_scale_range), bool(flip),
             tuple(int(c) for c in mine_classes), float(p_mine), tuple(int(d) for d in mine_domains),
@@ -431,7 +431,7 @@ class MixedIterator(_Closing):
             decoder="pillow" if self.parallelism == "threads" else "pyspng")  # pyspng holds the GIL
         self._epoch, self._step = 0, 0
         self._prefetch = (_ProcessPrefetcher(self._batches, prefetch, n) if self.parallelism == "processes"
-                          else _ThreadPrefetcher(self._batches, prefetch if n else 0, n))
+                          else ThreadPrefetcher(self._batches, prefetch if n else 0, n))
 
     @property
     def scale_range(self) -> tuple:
@@ -468,7 +468,7 @@ class MixedIterator(_Closing):
 
 
 # ----------------------------------------------------------------- evaluation / pseudo-labelling
-class EvalIterator(_Closing):
+class EvalIterator(Closing):
     """One pass over a source in fixed-shape, padded batches (nothing recompiles).
 
     Yields ``{"image": uint8 (b, H, W, 3), "label": uint8 (b, H, W), "valid": bool (b, H, W),
@@ -490,10 +490,10 @@ class EvalIterator(_Closing):
         if label_key is None and getattr(source, "has_labels", True):
             label_key = "label"
         self.label_key = label_key
-        self.rows = _host_rows(self.batch_size, process_index, process_count)
+        self.rows = host_rows(self.batch_size, process_index, process_count)
         self.num_batches = max(1, math.ceil(len(source) / self.batch_size))
         self._batch = 0
-        self._prefetch = _ThreadPrefetcher(self._make, prefetch, workers, stop=self.num_batches)
+        self._prefetch = ThreadPrefetcher(self._make, prefetch, workers, stop=self.num_batches)
 
     def __len__(self) -> int:
         return self.num_batches

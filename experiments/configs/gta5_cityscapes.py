@@ -192,4 +192,22 @@ def daformer_mit_b5(c):
     c.evaluate.flip = False                    # flip=False
 
 
-VARIANTS = {"crst_deeplabv2": crst_deeplabv2, "cbst_resnet38": cbst_resnet38, "daformer_mit_b5": daformer_mit_b5}
+def daformer_online(c):
+    """DAFormer's online recipe on MiT-B5 (``daformer_mit_b5`` above for the network, AdamW and its
+    rates), with DAFormer's fixed τ and the seed's class-balanced λ_c online (+ spatial prior):
+    EMA teacher α 0.999, ClassMix, colour jitter and blur, rare-class sampling (T 0.01, 3000 px,
+    crop ratio 0.5), ImageNet feature distance 0.005 on thing classes at the encoder's last stage,
+    pseudo-weight 0 in the top 15 / bottom 120 rows (DAF uda; docs/online.md cites each value).
+    Source and target crops per step: 2 + 2 (DAF data samples_per_gpu=2). Rounds: this project's
+    (3 x steps_per_round iterations, p_r on the seed's schedule); DAFormer trains 40,000
+    iterations from ImageNet weights in one go, here the rounds start from the source model."""
+    daformer_mit_b5(c)
+    c.methods = "source_only,online_fixed,online_cbst,online_cbst_sp"
+    c.online.batch_size = 2                    # DAF data samples_per_gpu=2 (each domain)
+    c.online.fd_weight = 0.005                 # DAF uda imnet_feature_dist_lambda=0.005
+    c.online.fd_layer = ("backbone", "norm4")  # DAF uda imnet_feature_dist: the encoder's last stage
+    c.self_training.steps_per_round = 4000     # project choice: 3 rounds of 4000 online iterations
+
+
+VARIANTS = {"crst_deeplabv2": crst_deeplabv2, "cbst_resnet38": cbst_resnet38, "daformer_mit_b5": daformer_mit_b5,
+            "daformer_online": daformer_online}

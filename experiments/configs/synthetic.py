@@ -10,7 +10,9 @@ cameras, as GTA5 and Cityscapes). Variants (`--config=<variant>` with the launch
 `--config=experiments/configs/synthetic.py:<variant>`): `quick` shrinks everything to a smoke
 run (used by the tests); `camera_shift` raises the target camera (the case where a spatial
 prior's shared-layout assumption fails) and runs source-only, CBST and CBST-SP; `gpu` is a
-256x512 version for a lent GPU.
+256x512 version for a lent GPU; `online` puts the online teacher-student rows (DAFormer's fixed τ,
+the seed's class-balanced λ_c online, + spatial prior: docs/online.md) beside source-only, CBST
+and CBST-SP, at the same rounds, steps and images per step.
 """
 from cbst_jax import config_lib
 
@@ -93,4 +95,17 @@ def _gpu(c):
     c.input.workers = -1                       # every core but one renders the pair (once per run) and crops
 
 
-VARIANTS = {"quick": _quick, "gpu": _gpu, "camera_shift": _camera_shift}
+def _online(c):
+    """Online teacher-student beside the offline rows, one setting for all (docs/online.md): every
+    self-training method gets 2 rounds of 60 steps of 2 source + 2 target images (the offline
+    rounds' paired batch of 4), at the same learning rate, schedule and portions p_r; the online
+    methods keep DAFormer's published values except where they are sizes of GTA5/Cityscapes."""
+    c.methods = "source_only,cbst,cbst_sp,online_fixed,online_cbst,online_cbst_sp"
+    c.evaluate.mst_methods = ""
+    c.online.batch_size = 2                    # 2 source + 2 target crops per step, as the paired batch 4
+    c.online.rcs_min_pixels = 12               # DAFormer's 3000 px of a 1914x1052 GTA5 image, scaled to 64x128
+    c.online.ignore_top = c.online.ignore_bottom = 0   # DAFormer's rows hide Cityscapes' ego car and
+                                               # rectification border, which the embedded target has not
+
+
+VARIANTS = {"quick": _quick, "gpu": _gpu, "camera_shift": _camera_shift, "online": _online}

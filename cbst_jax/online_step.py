@@ -48,6 +48,7 @@ from cbst_jax.device_thresholds import portion_words
 from cbst_jax.labels import IGNORE_INDEX
 from cbst_jax.sharding import batch_sharded, replicated
 from cbst_jax.strong_augment import COLOR_JITTER_PROBABILITY, COLOR_JITTER_STRENGTH, strong_augment
+from cbst_jax.train_step import state_inputs
 
 
 @struct.dataclass
@@ -134,12 +135,7 @@ def online_state_initializer(tx, mesh, config: OnlineConfig, target_shape):
     repl = replicated(mesh)
 
     def init(variables, rng) -> OnlineTrainState:
-        if isinstance(rng, int):
-            rng = jax.random.key(rng)
-        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            rng = jax.random.key_data(rng)
-        params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        return jitted(*jax.device_put((params, batch_stats, rng), repl))
+        return jitted(*state_inputs(variables, rng, repl))
 
     return init
 

@@ -167,14 +167,20 @@ def state_initializer(tx, mesh):
     jitted = jax.jit(build, out_shardings=repl)
 
     def init(variables, rng) -> TrainState:
-        if isinstance(rng, int):
-            rng = jax.random.key(rng)
-        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            rng = jax.random.key_data(rng)
-        params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        return jitted(*jax.device_put((params, batch_stats, rng), repl))
+        return jitted(*state_inputs(variables, rng, repl))
 
     return init
+
+
+def state_inputs(variables, rng, sharding):
+    """``(params, batch_stats, raw key data)`` of a fresh state, placed with ``sharding``:
+    ``variables`` {'params', optional 'batch_stats'}; ``rng`` a typed key, raw key data or an
+    int seed (a state keeps the raw key data)."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return jax.device_put((variables["params"], variables.get("batch_stats", {}), rng), sharding)
 
 
 def create_train_state(variables, tx, rng, mesh) -> TrainState:

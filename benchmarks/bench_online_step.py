@@ -17,7 +17,7 @@ runs). Every row carries XLA's cost analysis (FLOPs, bytes accessed) and memory 
 (argument / output / temp bytes, per device) of its program; a last row gives the same for the
 offline step of the same network, size and 2·batch rows (``benchmarks.bench_train_step``'s project
 step, AdamW, compiled for abstract inputs; ``--offline off`` skips it) and each online row its
-``flop_ratio_to_offline``.
+``flop_ratio_to_offline`` (compiled) and ``lowered_flop_ratio_to_offline``. The offline row comes first.
 
 Each row also states the window the state holds: ``window_bytes`` (all its leaves, global) and
 ``window_layout`` (leaf: shape, dtype).
@@ -120,6 +120,12 @@ class OnlineVariant:
         if cost:
             row["tflop_per_step"] = cost.get("flops", float("nan")) / 1e12
             row["gb_accessed"] = cost.get("bytes accessed", float("nan")) / 1e9
+        # the program JAX emits, before the backend's rewrites (XLA's CPU backend counts a depthwise
+        # convolution's kernel gradient as a dense one: docs/performance.md, transformer networks)
+        lowered = self.lowered.cost_analysis()
+        lowered = lowered[0] if isinstance(lowered, (list, tuple)) else lowered
+        if lowered and "flops" in lowered:
+            row["tflop_per_step_lowered"] = lowered["flops"] / 1e12
         mem = self.compiled.memory_analysis()
         if mem is not None:
             for field in ("argument", "output", "alias", "temp"):
@@ -135,7 +141,8 @@ def offline_row(model, batch, dtype, hw):
                                  abstract=True, optimizer="adam")
     r = bench_train_step.aot_row(v)
     out = dict(step="offline", model=model, batch=batch, hw=list(hw), dtype=dtype, optimizer="adam",
-               compile_s=r["compile_s"], tflop_per_step=r.get("tflop_per_step"), gb_accessed=r.get("gb_accessed"),
+               compile_s=r["compile_s"], tflop_per_step=r.get("tflop_per_step"),
+               tflop_per_step_lowered=r.get("tflop_per_image_lowered", float("nan")) * batch, gb_accessed=r.get("gb_accessed"),
                device=r["device"], jax=r["jax"])
     for field in ("argument", "output", "alias", "temp"):
         if f"{field}_gib" in r:
@@ -192,24 +199,30 @@ def main(argv=None):
     args = parse_args(argv)
     hw = tuple(int(v) for v in args.size.split(","))
     dtype = resolve_dtype(args.dtype)
-    rows, variants = [], []
+    out_path = os.path.join(os.environ.get("OUT", "."), "bench_online.json")
+    rows, variants, offline = [], [], None
+
+    def emit(new_rows):  # print and save as they come (a long compile cut short keeps the rows so far)
+        for r in new_rows:
+            if offline is not None and r is not offline:
+                r["flop_ratio_to_offline"] = r["tflop_per_step"] / offline["tflop_per_step"]
+                r["lowered_flop_ratio_to_offline"] = r["tflop_per_step_lowered"] / offline["tflop_per_step_lowered"]
+            print(json.dumps(r), flush=True)
+        rows.extend(new_rows)
+        with open(out_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+    if args.offline == "on":
+        offline = dict(offline_row(args.model, 2 * args.batch, dtype, hw), aot=True)
+        emit([offline])
     for policy in args.policy.split(","):
         v = OnlineVariant(args.model, policy, args.batch, dtype, hw, args.window, args.fd == "on", abstract=args.aot)
         if args.aot:
-            rows.append(dict(v.accounting(), aot=True))
+            emit([dict(v.accounting(), aot=True)])
         else:
             variants.append(v)
     if variants:
-        rows += timed_rows(variants, args.steps, args.warmup, args.rounds)
-    if args.offline == "on":
-        offline = dict(offline_row(args.model, 2 * args.batch, dtype, hw), aot=True)
-        for r in rows:
-            r["flop_ratio_to_offline"] = r["tflop_per_step"] / offline["tflop_per_step"]
-        rows.append(offline)
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "bench_online.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        emit(timed_rows(variants, args.steps, args.warmup, args.rounds))
     return rows
 
 

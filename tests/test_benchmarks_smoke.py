@@ -198,7 +198,7 @@ def gpu_session_lines():
 def test_gpu_session_script_commands_are_valid():
     """The GPU call's script: shell syntax, the train-step lines' flags, the synthetic round's keys,
     the real-size round's flags, the peer's anchor."""
-    from benchmarks import bench_train_step
+    from benchmarks import bench_online_step, bench_train_step
     from cbst_jax import config_lib
     from experiments.configs import synthetic
 
@@ -221,6 +221,10 @@ def test_gpu_session_script_commands_are_valid():
     round_line = next(l for l in lines if "benchmarks.real_size_round" in l)
     assert "--step-bench" in round_line and "item real_size_round" in round_line
     assert "item peer" in text and "benchmarks.peer_step .devcarry/anchor_torch_deeplabv2.py" in text
+    online = next(l for l in lines if "benchmarks.bench_online_step" in l)
+    parsed = bench_online_step.parse_args(online.split("python3 -m benchmarks.bench_online_step", 1)[1].split())
+    assert (parsed.model, parsed.size, parsed.batch, parsed.dtype) == ("daformer_mit_b5", "512,512", 2, "bfloat16")
+    assert parsed.policy == "fixed,class_balanced" and "item online_step" in online
     assert not any(re.search(r"\bgit\b", l) for l in text.splitlines() if not l.lstrip().startswith("#"))
 
 

@@ -173,6 +173,12 @@ def parse_args(argv=None):
     for policy in args.policy.split(","):
         if policy not in ("fixed", "class_balanced"):
             parser.error(f"--policy: {policy!r} is not one of fixed, class_balanced")
+    size = args.size.split(",")
+    if len(size) != 2 or not all(v.isdigit() and int(v) > 0 for v in size):
+        parser.error(f"--size: {args.size!r} is not H,W (two positive integers)")
+    for name in ("batch", "window", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: {getattr(args, name)} is not a positive integer")
     return args
 
 

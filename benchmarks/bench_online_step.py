@@ -34,7 +34,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import bench_train_step
@@ -142,7 +141,8 @@ def offline_row(model, batch, dtype, hw):
     r = bench_train_step.aot_row(v)
     out = dict(step="offline", model=model, batch=batch, hw=list(hw), dtype=dtype, optimizer="adam",
                compile_s=r["compile_s"], tflop_per_step=r.get("tflop_per_step"),
-               tflop_per_step_lowered=r.get("tflop_per_image_lowered", float("nan")) * batch, gb_accessed=r.get("gb_accessed"),
+               tflop_per_step_lowered=r.get("tflop_per_image_lowered", float("nan")) * batch,
+               gb_accessed=r.get("gb_accessed"),
                device=r["device"], jax=r["jax"])
     for field in ("argument", "output", "alias", "temp"):
         if f"{field}_gib" in r:
@@ -195,7 +195,8 @@ def timed_rows(variants, steps, warmup, rounds):
     for v, ts in zip(variants, times):
         ms = 1000 * float(np.median(ts))
         images = v.row["batch_source"] + v.row["batch_target"]
-        rows.append(dict(v.accounting(), ms_median=ms, ms_min=1000 * min(ts), steps=len(ts), img_per_s=images * 1000 / ms,
+        rows.append(dict(v.accounting(), ms_median=ms, ms_min=1000 * min(ts), steps=len(ts),
+                         img_per_s=images * 1000 / ms,
                          process_peak_mem_gib=bench_train_step.peak_memory_gib(),
                          loss=float(v.metrics["loss"]), finite=bool(v.metrics["finite"])))
     return rows

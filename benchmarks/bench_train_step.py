@@ -117,7 +117,7 @@ class Variant:
             config = train_step.TrainConfig(loss_resolution=loss, stride=module.output_stride)
             step = train_step.make_train_step(module, tx, config, mesh, groups)
             init_state = lambda v: train_step.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                                                    batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
+                                                    batch_stats=v.get("batch_stats", {}), opt_state=tx.init(v["params"]),
                                                     rng=jax.random.key_data(jax.random.key(0)))
             state = jax.eval_shape(init_state, variables) if abstract else train_step.create_train_state(variables, tx, 0, mesh)
             data = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host) if abstract

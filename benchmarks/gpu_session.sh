@@ -127,6 +127,12 @@ item step8_dilated 60 python3 -m benchmarks.bench_train_step --configs 8:bfloat1
     --loss upsample --steps 10 --rounds 2 --warmup 2
 item parity 60 python3 -m benchmarks.check_parity_gpu
 item pipeline 45 python3 -m benchmarks.bench_pipeline --old-ref "" --workers 4,15 --images 3 --rounds 8
+# 7. as time allows (issue 21): the online teacher-student step, MiT-B5 at 512x512, 2 source + 2
+#    target crops, bf16, both threshold policies timed in interleaved rounds (compile s, ms/step,
+#    img/s, the GPU program's FLOPs and memory); the offline step of the same network is mit_step's
+#    batch-4 row. Cut to the time left like every item: skipped when the items above take their limits
+item online_step 120 python3 -m benchmarks.bench_online_step --model daformer_mit_b5 --size 512,512 --batch 2 \
+    --dtype bfloat16 --policy fixed,class_balanced --window 8 --fd off --offline off --steps 10 --rounds 2 --warmup 2
 
 du -sh "$JAX_COMPILATION_CACHE_DIR" 2>/dev/null | tee -a "$LOG"
 tar -czf "$WORK/jax_cache.tgz" -C "$JAX_COMPILATION_CACHE_DIR" . 2>/dev/null \

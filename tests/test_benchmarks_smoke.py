@@ -47,6 +47,36 @@ def test_train_step_benchmark_aot_accounting(tmp_path):
         assert set(r["hlo"]["lowered_convolutions"]) == {"bf16xbf16xbf16"}  # bfloat16 compute throughout
 
 
+def test_online_step_benchmark_smoke(tmp_path):
+    """Both policies' online steps timed on the demo network, the offline row beside them, and the
+    window the class-balanced state carries: conf float32 + pred uint8 per pixel of W batches."""
+    env = dict(cpu_env(tmp_path), XLA_FLAGS="--xla_backend_optimization_level=0")  # compiles in half the time
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_online_step", "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert [(r["step"], r.get("policy")) for r in rows] == [("offline", None), ("online", "fixed"),
+                                                            ("online", "class_balanced")]
+    offline, fixed, balanced = rows
+    assert offline["batch"] == 4 and offline["tflop_per_step"] > 0 and "ms_median" not in offline
+    for r in (fixed, balanced):
+        assert r["finite"] and r["steps"] == 4 and r["ms_median"] >= r["ms_min"] > 0 and r["compile_s"] > 0
+        assert np.isclose(r["img_per_s"], 4000 / r["ms_median"])
+        assert r["tflop_per_step"] > 0 and r["temp_bytes"] > 0 and r["argument_bytes"] > 0
+    # one more forward of half the rows (the teacher's) than the offline step's forward + backward
+    # (about 3 forwards) of all rows: 1 + 2 / (4 * 3) = 1.17
+    assert 1.1 < fixed["lowered_flop_ratio_to_offline"] < 1.3
+    W, B, H, Wd = 2, 2, 32, 64
+    assert fixed["window_bytes"] == 0 and balanced["window_batches"] == W
+    assert balanced["window_layout"] == {"conf": [[W, B, H, Wd], "float32"], "pred": [[W, B, H, Wd], "uint8"],
+                                         "filled": [[W], "bool"], "cursor": [[], "int32"]}
+    assert balanced["window_bytes"] == W * B * H * Wd * 5 + W + 4
+    # what the compiled programs take: the window, and the portion's two uint32 words, which the
+    # fixed policy's program never reads (jit drops unused arguments)
+    assert balanced["argument_bytes"] - fixed["argument_bytes"] == balanced["window_bytes"] + 8
+    assert json.loads((tmp_path / "bench_online.json").read_text()) == rows
+
+
 def test_pseudo_label_benchmark_smoke(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="", PYTHONPATH=ROOT,
                OUT=str(tmp_path))
@@ -168,7 +198,7 @@ def gpu_session_lines():
 def test_gpu_session_script_commands_are_valid():
     """The GPU call's script: shell syntax, the train-step lines' flags, the synthetic round's keys,
     the real-size round's flags, the peer's anchor."""
-    from benchmarks import bench_train_step
+    from benchmarks import bench_online_step, bench_train_step
     from cbst_jax import config_lib
     from experiments.configs import synthetic
 
@@ -191,6 +221,10 @@ def test_gpu_session_script_commands_are_valid():
     round_line = next(l for l in lines if "benchmarks.real_size_round" in l)
     assert "--step-bench" in round_line and "item real_size_round" in round_line
     assert "item peer" in text and "benchmarks.peer_step .devcarry/anchor_torch_deeplabv2.py" in text
+    online = next(l for l in lines if "benchmarks.bench_online_step" in l)
+    parsed = bench_online_step.parse_args(online.split("python3 -m benchmarks.bench_online_step", 1)[1].split())
+    assert (parsed.model, parsed.size, parsed.batch, parsed.dtype) == ("daformer_mit_b5", "512,512", 2, "bfloat16")
+    assert parsed.policy == "fixed,class_balanced" and "item online_step" in online
     assert not any(re.search(r"\bgit\b", l) for l in text.splitlines() if not l.lstrip().startswith("#"))
 
 

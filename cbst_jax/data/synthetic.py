@@ -467,12 +467,17 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, i: int) -> dict:
+    def _index(self, i) -> int:
+        """``i`` as a record index in [0, num_images), negative counting from the end."""
         i = int(i)
         if i < 0:
             i += self.num_images
         if not 0 <= i < self.num_images:
             raise IndexError(f"index {i} out of range for {self.num_images} images")
+        return i
+
+    def __getitem__(self, i: int) -> dict:
+        i = self._index(i)
         image, label = render(self.domain, self.split, i, height=self.height, width=self.width, seed=self.seed,
                               camera_shift=self.camera_shift)
         return {"image": image, self.label_key: label, "name": self._name(i)}
@@ -531,11 +536,7 @@ class RenderedSource(SyntheticSource):
         self.images.flags.writeable = self.labels.flags.writeable = False
 
     def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        if i < 0:
-            i += self.num_images
-        if not 0 <= i < self.num_images:
-            raise IndexError(f"index {i} out of range for {self.num_images} images")
+        i = self._index(i)
         return {"image": self.images[i], self.label_key: self.labels[i], "name": self._name(i)}
 
     def __repr__(self) -> str:

@@ -74,19 +74,14 @@ def torch_to_flat(state: dict[str, np.ndarray], prefix: str = "",
     ('batch_stats', 'layer3_5', 'downsample_1', 'var'); integer tokens join the previous one.
 
     Returns (flat variables, dropped names, names that could not be mapped)."""
-    flat, dropped, bad = {}, [], []
+    renamed, dropped = {}, []
     for name, w in state.items():
         key = name[len(prefix):] if prefix and name.startswith(prefix) else name
         if re.search(skip, key):
             dropped.append(name)
-            continue
-        tokens = _tokens(key)
-        try:
-            collection, leaf, value = _torch_leaf(tokens, np.asarray(w))
-        except KeyError:
-            bad.append(name)
-            continue
-        flat[(collection, *tokens[:-1], leaf)] = value
+        else:
+            renamed[key] = (name, w)
+    flat, bad = _renamed_to_flat(renamed)
     return flat, dropped, bad
 
 
